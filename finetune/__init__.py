@@ -1,0 +1,1 @@
+"""Fine-tuning heads on frozen backbone features."""

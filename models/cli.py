@@ -1,0 +1,237 @@
+"""`vfm models`, `vfm predict`, `vfm weights`: the zoo from the command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+TASKS = ("classify", "detect", "embed", "segment")
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    models = sub.add_parser("models", help="list and describe the models of the zoo")
+    msub = models.add_subparsers(dest="models_command", metavar="SUBCOMMAND", required=True)
+    p = msub.add_parser("list", help="list models, optionally filtered by a wildcard (e.g. 'sam_*')")
+    p.add_argument("pattern", nargs="?", help="shell-style wildcard")
+    p.add_argument("--task", choices=TASKS, help="only models that can do this task")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_models_list)
+    p = msub.add_parser("info", help="describe one model")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_models_info)
+
+    p = sub.add_parser("predict", help="run a model on image files (or on a running server with --url)")
+    p.add_argument("name", help="model name (see `vfm models list`)")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument("--task", choices=TASKS, help="task to run (default: the model's main task)")
+    p.add_argument("--top-k", type=int, default=5, help="classify: how many labels (default 5)")
+    p.add_argument("--score-threshold", type=float, default=0.5, help="detect: minimum score (default 0.5)")
+    p.add_argument("--iou-threshold", type=float, default=0.5, help="detect: NMS IoU (default 0.5)")
+    p.add_argument("--max-detections", type=int, default=100, help="detect: at most this many boxes")
+    p.add_argument("--normalize", action="store_true", help="embed: L2-normalise the features")
+    p.add_argument("--point", action="append", default=[], metavar="X,Y[,LABEL]",
+                   help="segment: a point prompt in pixels (label 1 foreground, 0 background); repeatable")
+    p.add_argument("--box", metavar="X0,Y0,X1,Y1", help="segment: a box prompt in pixels")
+    p.add_argument("--multimask", action="store_true", help="segment: return 3 candidate masks")
+    p.add_argument("--out", type=Path, default=Path("."), help="segment: folder for the mask PNGs (default .)")
+    p.add_argument("--backend", choices=("torch", "onnx"), default="torch")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--weights", help="weights source: a path, hf:org/name, https://...#sha256=..., or random")
+    p.add_argument("--url", help="call a running vfm server at this URL instead of loading the model here")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_predict)
+
+    weights = sub.add_parser("weights", help="where model weights come from")
+    wsub = weights.add_subparsers(dest="weights_command", metavar="SUBCOMMAND", required=True)
+    p = wsub.add_parser("where", help="where to put a model's weights for offline use")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_weights_where)
+
+
+# ---- models ------------------------------------------------------------------------------
+
+def _spec(name: str):
+    from vfm.cli import UsageError
+
+    from .registry import UnknownModel, get_spec
+
+    try:
+        return get_spec(name)
+    except UnknownModel as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from .registry import get_spec, list_models
+    from .weights import describe_source
+
+    names = list_models(args.pattern, task=args.task)
+    if args.json:
+        print(json.dumps([get_spec(n).to_json() for n in names], indent=2))
+        return 0
+    if not names:
+        print(f"no model matches {args.pattern!r}", file=sys.stderr)
+        return 1
+    rows = [(n, ",".join(get_spec(n).tasks), "random" if get_spec(n).random_weights
+             else describe_source(get_spec(n).weights) or "-") for n in names]
+    width = max(len(r[0]) for r in rows)
+    twidth = max(len(r[1]) for r in rows)
+    for name, tasks, source in rows:
+        print(f"{name:<{width}}  {tasks:<{twidth}}  {source}")
+    return 0
+
+
+def cmd_models_info(args: argparse.Namespace) -> int:
+    spec = _spec(args.name)
+    info = spec.to_json()
+    if spec.labels:
+        info["labels_preview"] = list(spec.labels[:10])
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            print(f"{key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+    return 0
+
+
+def cmd_weights_where(args: argparse.Namespace) -> int:
+    from .weights import where_weights
+
+    spec = _spec(args.name)
+    print(where_weights(spec.name, spec.weights))
+    return 0
+
+
+# ---- predict -----------------------------------------------------------------------------
+
+def _floats(text: str, n: tuple[int, ...], what: str) -> list[float]:
+    from vfm.cli import UsageError
+
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{what} {text!r} is not a comma-separated list of numbers") from None
+    if len(values) not in n or not all(math.isfinite(v) for v in values):
+        raise UsageError(f"{what} {text!r} needs {' or '.join(map(str, n))} finite numbers")
+    return values
+
+
+def prompt_from_args(args: argparse.Namespace):
+    """--point/--box -> a models.results.Prompt (None when neither is given)."""
+    import numpy as np
+
+    from .results import Prompt
+
+    points, labels = [], []
+    for text in args.point:
+        values = _floats(text, (2, 3), "--point")
+        points.append(values[:2])
+        labels.append(int(values[2]) if len(values) == 3 else 1)
+    box = np.asarray(_floats(args.box, (4,), "--box"), np.float32) if args.box else None
+    if not points and box is None:
+        return None
+    return Prompt(points=np.asarray(points, np.float32) if points else None,
+                  point_labels=np.asarray(labels, np.int64) if points else None, box=box, multimask=args.multimask)
+
+
+def _read_images(paths: list[str]) -> list[Any]:
+    from .images import InvalidImage, decode_image
+
+    images = []
+    for path in paths:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise OSError(f"cannot read {path}: {exc.strerror or exc}") from None
+        try:
+            images.append(decode_image(data))
+        except InvalidImage as exc:
+            raise InvalidImage(exc.code, f"{path}: {exc}") from None
+    return images
+
+
+def run_predict(runner, task: str, images: list, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Run one task over decoded images; results as JSON-ready dicts, one per image."""
+    from vfm.cli import UsageError
+
+    if task == "classify":
+        if args.top_k < 1:
+            raise UsageError("--top-k must be at least 1")
+        return [r.to_json() for r in runner.classify(images, top_k=args.top_k)]
+    if task == "detect":
+        return [r.to_json() for r in runner.detect(images, score_threshold=args.score_threshold,
+                                                   iou_threshold=args.iou_threshold,
+                                                   max_detections=args.max_detections)]
+    if task == "embed":
+        feats = runner.embed(images, normalize=args.normalize)
+        return [{"embedding": [round(float(v), 6) for v in row], "dim": int(feats.shape[1])} for row in feats]
+    prompt = prompt_from_args(args)
+    if prompt is None:
+        raise UsageError("segment needs a prompt: --point X,Y[,LABEL] and/or --box X0,Y0,X1,Y1")
+    return [_segment_one(runner, image, prompt, path, args.out) for image, path in zip(images, args.images)]
+
+
+def _segment_one(runner, image, prompt, path: str, out_dir: Path) -> dict[str, Any]:
+    from PIL import Image
+
+    from .masks import mask_bbox
+
+    embedding = runner.encode([image])[0]
+    masks = runner.segment(embedding, [prompt])[0]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for i, (mask, score) in enumerate(zip(masks.masks, masks.scores)):
+        target = out_dir / f"{Path(path).stem}.mask{i}.png"
+        Image.fromarray(mask.astype("uint8") * 255, "L").save(target)
+        results.append({"png": str(target), "score": round(float(score), 6), "area": int(mask.sum()),
+                        "bbox": mask_bbox(mask)})
+    return {"masks": results, "image_size": {"height": image.shape[0], "width": image.shape[1]}}
+
+
+def _print_human(task: str, path: str, result: dict[str, Any]) -> None:
+    print(path)
+    if task == "classify":
+        for p in result["predictions"]:
+            print(f"  {p['score']:.4f}  {p['label']}")
+    elif task == "detect":
+        if not result["detections"]:
+            print("  no detections")
+        for d in result["detections"]:
+            print(f"  {d['score']:.4f}  {d['label']:<12} box={d['box']}")
+    elif task == "embed":
+        v = result["embedding"]
+        print(f"  dim={result['dim']} [{', '.join(f'{x:.4f}' for x in v[:6])}{', ...' if len(v) > 6 else ''}]")
+    else:
+        for m in result["masks"]:
+            print(f"  score={m['score']:.4f} area={m['area']} bbox={m['bbox']} -> {m.get('png', '(rle)')}")
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from vfm.cli import UsageError
+
+    from .runner import load_model
+
+    spec = _spec(args.name)
+    task = args.task or spec.task
+    if task not in spec.tasks:
+        raise UsageError(f"model {spec.name!r} does not {task}; it supports: {', '.join(spec.tasks)}")
+    if args.url:
+        # The HTTP client lives with the service; the dispatcher wires it in (models never imports service).
+        remote = getattr(args, "remote_predict", None)
+        if remote is None:
+            raise UsageError("--url needs the service package (pip install vfm)")
+        results = remote(args, task)
+    else:
+        images = _read_images(args.images)
+        runner = load_model(spec.name, backend=args.backend, device=args.device, weights=args.weights)
+        results = run_predict(runner, task, images, args)
+    if args.json:
+        print(json.dumps([{"image": p, **r} for p, r in zip(args.images, results)], indent=2))
+    else:
+        for path, result in zip(args.images, results):
+            _print_human(task, path, result)
+    return 0

@@ -1,0 +1,1 @@
+"""Ray Serve service: HTTP API, deployments, config."""
