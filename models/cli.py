@@ -28,10 +28,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("name", help="model name (see `vfm models list`)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     p.add_argument("--task", choices=TASKS, help="task to run (default: the model's main task)")
-    p.add_argument("--top-k", type=int, default=5, help="classify: how many labels (default 5)")
-    p.add_argument("--score-threshold", type=float, default=0.5, help="detect: minimum score (default 0.5)")
-    p.add_argument("--iou-threshold", type=float, default=0.5, help="detect: NMS IoU (default 0.5)")
-    p.add_argument("--max-detections", type=int, default=100, help="detect: at most this many boxes")
+    p.add_argument("--top-k", type=int, help="classify: how many labels (default 5)")
+    p.add_argument("--score-threshold", type=float, help="detect: minimum score (default 0.5)")
+    p.add_argument("--iou-threshold", type=float, help="detect: NMS IoU (default 0.5)")
+    p.add_argument("--max-detections", type=int, help="detect: at most this many boxes (default 100)")
     p.add_argument("--normalize", action="store_true", help="embed: L2-normalise the features")
     p.add_argument("--point", action="append", default=[], metavar="X,Y[,LABEL]",
                    help="segment: a point prompt in pixels (label 1 foreground, 0 background); repeatable")
@@ -154,24 +154,56 @@ def _read_images(paths: list[str]) -> list[Any]:
     return images
 
 
+def task_options(task: str | None, args: argparse.Namespace) -> dict[str, Any]:
+    """The options the user gave for ``task`` (None: the server decides the task), checked."""
+    from vfm.cli import UsageError
+
+    opts: dict[str, Any] = {}
+    if task in ("classify", None) and args.top_k is not None:
+        if args.top_k < 1:
+            raise UsageError("--top-k must be at least 1")
+        opts["top_k"] = args.top_k
+    if task in ("detect", None):
+        for key in ("score_threshold", "iou_threshold"):
+            value = getattr(args, key)
+            if value is not None:
+                if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+                    raise UsageError(f"--{key.replace('_', '-')} must be between 0 and 1")
+                opts[key] = value
+        if args.max_detections is not None:
+            if args.max_detections < 1:
+                raise UsageError("--max-detections must be at least 1")
+            opts["max_detections"] = args.max_detections
+    if task == "embed" and args.normalize:
+        opts["normalize"] = True
+    if task == "segment":
+        prompt = prompt_from_args(args)
+        if prompt is None:
+            raise UsageError("segment needs a prompt: --point X,Y[,LABEL] and/or --box X0,Y0,X1,Y1")
+        if prompt.points is not None:
+            opts["points"] = prompt.points.tolist()
+            opts["point_labels"] = prompt.point_labels.tolist()
+        if prompt.box is not None:
+            opts["box"] = prompt.box.tolist()
+        opts["multimask"] = bool(prompt.multimask)
+    return opts
+
+
 def run_predict(runner, task: str, images: list, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Run one task over decoded images; results as JSON-ready dicts, one per image."""
     from vfm.cli import UsageError
 
+    opts = task_options(task, args)
     if task == "classify":
-        if args.top_k < 1:
-            raise UsageError("--top-k must be at least 1")
-        return [r.to_json() for r in runner.classify(images, top_k=args.top_k)]
+        return [r.to_json() for r in runner.classify(images, top_k=opts.get("top_k", 5))]
     if task == "detect":
-        return [r.to_json() for r in runner.detect(images, score_threshold=args.score_threshold,
-                                                   iou_threshold=args.iou_threshold,
-                                                   max_detections=args.max_detections)]
+        return [r.to_json() for r in runner.detect(images, score_threshold=opts.get("score_threshold", 0.5),
+                                                   iou_threshold=opts.get("iou_threshold", 0.5),
+                                                   max_detections=opts.get("max_detections", 100))]
     if task == "embed":
         feats = runner.embed(images, normalize=args.normalize)
         return [{"embedding": [round(float(v), 6) for v in row], "dim": int(feats.shape[1])} for row in feats]
-    prompt = prompt_from_args(args)
-    if prompt is None:
-        raise UsageError("segment needs a prompt: --point X,Y[,LABEL] and/or --box X0,Y0,X1,Y1")
+    prompt = prompt_from_args(args)  # task_options above refused a missing prompt
     return [_segment_one(runner, image, prompt, path, args.out) for image, path in zip(images, args.images)]
 
 
@@ -190,6 +222,13 @@ def _segment_one(runner, image, prompt, path: str, out_dir: Path) -> dict[str, A
         results.append({"png": str(target), "score": round(float(score), 6), "area": int(mask.sum()),
                         "bbox": mask_bbox(mask)})
     return {"masks": results, "image_size": {"height": image.shape[0], "width": image.shape[1]}}
+
+
+def _result_task(result: dict[str, Any]) -> str:
+    for key, task in (("predictions", "classify"), ("detections", "detect"), ("embedding", "embed")):
+        if key in result:
+            return task
+    return "segment"
 
 
 def _print_human(task: str, path: str, result: dict[str, Any]) -> None:
@@ -215,17 +254,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from .runner import load_model
 
-    spec = _spec(args.name)
-    task = args.task or spec.task
-    if task not in spec.tasks:
-        raise UsageError(f"model {spec.name!r} does not {task}; it supports: {', '.join(spec.tasks)}")
     if args.url:
         # The HTTP client lives with the service; the dispatcher wires it in (models never imports service).
+        # The server knows its served names (which may alias registry models), so no local lookup here.
         remote = getattr(args, "remote_predict", None)
         if remote is None:
             raise UsageError("--url needs the service package (pip install vfm)")
-        results = remote(args, task)
+        results = remote(args.url, args.name, args.images, task_options(args.task, args), args.task)
     else:
+        spec = _spec(args.name)
+        task = args.task or spec.task
+        if task not in spec.tasks:
+            raise UsageError(f"model {spec.name!r} does not {task}; it supports: {', '.join(spec.tasks)}")
         images = _read_images(args.images)
         runner = load_model(spec.name, backend=args.backend, device=args.device, weights=args.weights)
         results = run_predict(runner, task, images, args)
@@ -233,5 +273,5 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(json.dumps([{"image": p, **r} for p, r in zip(args.images, results)], indent=2))
     else:
         for path, result in zip(args.images, results):
-            _print_human(task, path, result)
+            _print_human(_result_task(result), path, result)
     return 0

@@ -42,11 +42,20 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
+def _remote_predict(url: str, name: str, images: Sequence[str], options: dict, task: str | None) -> list[dict]:
+    """`vfm predict --url`: the dispatcher sits above models and service, so it joins them here."""
+    from service.client import remote_predict
+
+    return remote_predict(url, name, images, options, task=task)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "url", None):
+        args.remote_predict = _remote_predict
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2

@@ -1,0 +1,252 @@
+"""Build and run the Serve application of a config (the driver side).
+
+``plan_service`` decides, before anything is deployed, which models can serve: it resolves
+every model's weights here in the driver, so a model whose weights cannot be had is listed as
+``unavailable`` with the one-sentence reason instead of crashing the application.
+``build_application`` binds one ``ModelServer`` deployment per available model, the metrics
+hub and the FastAPI ingress; ``start_service`` starts (or joins) Ray and runs it.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, ModelConfig, ServiceConfig
+from .ingress import ModelEntry
+
+log = logging.getLogger(__name__)
+
+INGRESS_NAME = "ingress"
+
+
+@dataclass
+class ServicePlan:
+    cfg: ServiceConfig
+    entries: dict[str, ModelEntry]
+
+    @property
+    def deployable(self) -> list[str]:
+        return [n for n, e in self.entries.items() if e.status == "ready"]
+
+    @property
+    def unavailable(self) -> dict[str, str]:
+        return {n: e.reason or "" for n, e in self.entries.items() if e.status != "ready"}
+
+
+def deployment_name(served: str, taken: set[str]) -> str:
+    """A Serve deployment name for a served model name (which may hold '/')."""
+    name = "model_" + re.sub(r"[^A-Za-z0-9_-]", "_", served)
+    if name in taken:
+        name += "_" + hashlib.sha1(served.encode()).hexdigest()[:8]
+    taken.add(name)
+    return name
+
+
+def _is_local_path(weights: str) -> bool:
+    return not (weights.startswith(("hf:", "https://", "http://")) or weights.strip().lower() == "random")
+
+
+def absolutize(cfg: ServiceConfig, base: Path | None = None) -> ServiceConfig:
+    """Relative paths (heads folder, local weights) made absolute, since replicas run elsewhere."""
+    base = base or Path.cwd()
+    models = {name: mc.model_copy(update={"weights": str((base / mc.weights).resolve())})
+              if mc.weights and _is_local_path(mc.weights) else mc for name, mc in cfg.models.items()}
+    return cfg.model_copy(update={"heads_dir": str((base / cfg.heads_dir).resolve()), "models": models})
+
+
+def _serving(mc: ModelConfig) -> dict[str, Any]:
+    return mc.model_dump(exclude={"model", "health_check_period_s"}, exclude_none=True)
+
+
+def _availability(cfg: ServiceConfig, served: str) -> str | None:
+    """``None`` when the model can be loaded, else the reason it cannot."""
+    from models import UnsafeCheckpoint, WeightsUnavailable, get_spec, resolve_weights
+
+    mc = cfg.models[served]
+    registry = cfg.registry_name(served)
+    if mc.backend == "onnx":
+        try:
+            import onnxruntime  # noqa: F401
+
+            from models.backends import onnx  # noqa: F401
+        except ImportError as exc:
+            return f"the ONNX backend cannot run here ({exc}); install onnxruntime or use backend: torch."
+    try:
+        resolve_weights(registry, get_spec(registry).weights, mc.weights)
+    except (WeightsUnavailable, UnsafeCheckpoint, ValueError) as exc:
+        return " ".join(str(exc).split())
+    return None
+
+
+def plan_service(cfg: ServiceConfig) -> ServicePlan:
+    """Every configured model with its status; weights are resolved in parallel."""
+    from models import get_spec, list_models
+
+    list_models()  # import every family once, here, before the threads below look models up
+    names = list(cfg.models)
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(names)))) as pool:
+        reasons = dict(zip(names, pool.map(lambda n: _availability(cfg, n), names)))
+    entries = {}
+    for served in names:
+        spec = get_spec(cfg.registry_name(served))
+        reason = reasons[served]
+        if reason:
+            log.warning("%s is unavailable: %s", served, reason)
+        mc = cfg.models[served]
+        if mc.max_ongoing_requests < mc.max_batch_size:
+            log.warning("%s: max_ongoing_requests (%d) is below max_batch_size (%d), so a replica never fills a "
+                        "batch and each request waits batch_wait_timeout_s", served, mc.max_ongoing_requests,
+                        mc.max_batch_size)
+        entries[served] = ModelEntry(served=served, registry=spec.name, status="unavailable" if reason else "ready",
+                                     reason=reason, spec=spec.to_json(), serving=_serving(cfg.models[served]),
+                                     labels=list(spec.labels) if spec.labels else None)
+    return ServicePlan(cfg, entries)
+
+
+def build_application(plan: ServicePlan) -> Any:
+    """The Serve application: ingress -> one deployment per available model, + the metrics hub."""
+    from ray import serve
+
+    from .deployments import ModelServer
+    from .ingress import Ingress
+    from .metrics import MetricsHubDeployment
+
+    cfg = plan.cfg
+    hub = MetricsHubDeployment.bind()
+    taken: set[str] = {INGRESS_NAME, "metrics"}
+    handles = {}
+    model_deployment = serve.deployment(ModelServer)
+    for served in plan.deployable:
+        options = cfg.models[served].serve_options()
+        # The ingress logs each HTTP request; a second line per request from the replica adds nothing.
+        handles[served] = model_deployment.options(name=deployment_name(served, taken),
+                                                   logging_config={"enable_access_log": False}, **options).bind(
+            served, cfg, hub)
+    ingress = serve.deployment(serve.ingress()(Ingress)).options(
+        name=INGRESS_NAME, num_replicas=cfg.ingress.replicas, ray_actor_options={"num_cpus": cfg.ingress.num_cpus},
+        max_ongoing_requests=cfg.ingress.max_ongoing_requests, max_queued_requests=-1)
+    return ingress.bind(cfg, plan.entries, handles, hub)
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """The application builder of Serve config files (``serve deploy``, KubeRay's serveConfigV2):
+    ``import_path: service.app:build_app`` with the service config as ``args`` (``vfm serve --render
+    serve``). It runs inside the cluster, so weights are resolved and paths made absolute there."""
+    from .config import parse_config
+
+    return build_application(plan_service(absolutize(parse_config(args, source="the serve config's args"))))
+
+
+def http_options(cfg: ServiceConfig, host: str | None = None) -> dict[str, Any]:
+    """Serve's HTTP proxy options; its own timeout (408 in plain text) sits behind ours (504, in the ingress)."""
+    slowest = max([cfg.timeout_for(n) for n in cfg.models] + [cfg.request_timeout_s])
+    return {"host": host or cfg.host, "port": cfg.port, "request_timeout_s": slowest + 30}
+
+
+def required_resources(plan: ServicePlan) -> dict[str, float]:
+    """CPUs and GPUs the application reserves at its start (autoscaled models: their initial replicas)."""
+    cpus, gpus = plan.cfg.ingress.num_cpus * plan.cfg.ingress.replicas, 0.0
+    for served in plan.deployable:
+        mc = plan.cfg.models[served]
+        replicas = max(mc.autoscaling.min, 1) if mc.autoscaling else (mc.replicas or 1)
+        cpus += mc.num_cpus * replicas
+        gpus += mc.num_gpus * replicas
+    return {"CPU": cpus, "GPU": gpus}
+
+
+@dataclass
+class RunningService:
+    """A running application; ``stop()`` removes it and the Ray it started (if it started one)."""
+
+    url: str
+    plan: ServicePlan
+    started_ray: bool
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        try:
+            if self.started_ray:
+                serve.shutdown()
+            else:  # a shared cluster: remove our application, leave Serve and the other apps running
+                try:
+                    serve.delete(self.plan.cfg.app_name)
+                except Exception as exc:
+                    log.warning("could not delete application %s: %s", self.plan.cfg.app_name, exc)
+        finally:
+            if self.started_ray and ray.is_initialized():
+                ray.shutdown()
+
+
+def _init_ray(plan: ServicePlan, address: str | None, ray_options: dict[str, Any]) -> bool:
+    """Connect to ``address`` or start a local Ray sized for the plan; True when Ray was started here."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    need = required_resources(plan)
+    if address:
+        ray.init(address=address, **ray_options)
+        return False
+    cores = os.cpu_count() or 1
+    num_cpus = max(cores, math.ceil(need["CPU"]))
+    if num_cpus > cores:
+        log.info("models reserve %.2f CPUs on a %d-core machine; the local Ray shares the cores", need["CPU"], cores)
+    ray_options = {"include_dashboard": False, **ray_options}
+    ray.init(num_cpus=num_cpus, **ray_options)
+    return True
+
+
+def _check_gpus(plan: ServicePlan) -> None:
+    import ray
+
+    need = required_resources(plan)["GPU"]
+    have = ray.cluster_resources().get("GPU", 0.0)
+    if need > have:
+        raise ConfigError(f"The models ask for {need:g} GPUs and this Ray cluster has {have:g}; set num_gpus: 0 "
+                          "and device: cpu, or add GPU nodes.")
+
+
+def connect(cfg: ServiceConfig, address: str | None = None, ray_options: dict[str, Any] | None = None,
+            ) -> tuple[ServicePlan, bool]:
+    """Plan the config and start (or join) Ray; returns the plan and whether Ray was started here."""
+    plan = plan_service(absolutize(cfg))
+    started = _init_ray(plan, address or cfg.address, dict(ray_options or {}))
+    if started:
+        try:
+            _check_gpus(plan)
+        except BaseException:
+            RunningService("", plan, started).stop()
+            raise
+    return plan, started
+
+
+def deploy(plan: ServicePlan, started_ray: bool) -> RunningService:
+    """Start Serve's HTTP proxy on cfg.host:cfg.port and run the application (Ray must be up)."""
+    from ray import serve
+
+    cfg = plan.cfg
+    try:
+        serve.start(http_options=http_options(cfg))
+        serve.run(build_application(plan), name=cfg.app_name, route_prefix="/")
+    except BaseException:
+        RunningService("", plan, started_ray).stop()
+        raise
+    url = f"http://{cfg.host}:{cfg.port}"
+    log.info("vfm serving %d model(s) at %s (%s unavailable)", len(plan.deployable), url,
+             ", ".join(plan.unavailable) or "none")
+    return RunningService(url, plan, started_ray)
+
+
+def start_service(cfg: ServiceConfig, address: str | None = None, ray_options: dict[str, Any] | None = None,
+                  ) -> RunningService:
+    """Plan, start or join Ray, and deploy: the whole service, running when this returns."""
+    return deploy(*connect(cfg, address, ray_options))

@@ -1,0 +1,217 @@
+"""A small client of the vfm HTTP API (httpx), sync and async, for scripts, tests and benchmarks.
+
+    >>> with VfmClient("http://127.0.0.1:8000") as vfm:
+    ...     vfm.predict("efficientnet_lite0", "cat.jpg", top_k=3)["predictions"][0]["label"]
+    'tiger cat'
+
+Images may be bytes, a path, a PIL image or an HxWx3 uint8 array; ``transport`` picks how they
+travel (``multipart``, ``json`` or ``raw``). A non-2xx answer raises ``VfmError`` carrying the
+server's error ``type`` and ``message``.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import httpx
+
+Transport = Literal["multipart", "json", "raw"]
+ImageLike = Any  # bytes | str | Path | PIL.Image.Image | np.ndarray
+
+
+class VfmError(RuntimeError):
+    """An error answer: ``status``, and the ``type``/``message`` of its body."""
+
+    def __init__(self, status: int, type: str, message: str):
+        super().__init__(f"HTTP {status} {type}: {message}")
+        self.status = status
+        self.type = type
+        self.message = message
+
+
+def image_bytes(image: ImageLike) -> bytes:
+    """Encoded image bytes from bytes, a path, a PIL image or an array (arrays and PIL images become PNG)."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image)
+    if isinstance(image, (str, Path)):
+        return Path(image).read_bytes()
+    from PIL import Image
+
+    pil = image if isinstance(image, Image.Image) else Image.fromarray(image)
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def request_parts(image: ImageLike | None, options: dict[str, Any], transport: Transport = "multipart"
+                  ) -> dict[str, Any]:
+    """``httpx`` keyword arguments that send ``image`` and ``options`` with ``transport``."""
+    options = {k: v for k, v in options.items() if v is not None}
+    data = image_bytes(image) if image is not None else None
+    if transport == "json":
+        body = dict(options)
+        if data is not None:
+            body["image"] = base64.b64encode(data).decode("ascii")
+        return {"json": body}
+    if transport == "multipart":
+        if data is None:
+            return {"json": options}  # no file to upload: JSON carries the options
+        return {"files": {"image": ("image", data, _sniff(data))},
+                "data": {k: _text(v) for k, v in options.items()}}
+    if transport == "raw":
+        params = {k: _text(v) for k, v in options.items()}
+        if data is None:
+            return {"params": params}
+        return {"content": data, "params": params, "headers": {"Content-Type": _sniff(data)}}
+    raise ValueError(f"Unknown transport {transport!r}; use multipart, json or raw.")
+
+
+def _sniff(data: bytes) -> str:
+    signatures = {b"\x89PNG": "image/png", b"\xff\xd8": "image/jpeg", b"GIF8": "image/gif", b"BM": "image/bmp",
+                  b"RIFF": "image/webp", b"II*\x00": "image/tiff", b"MM\x00*": "image/tiff"}
+    for magic, media in signatures.items():
+        if data.startswith(magic):
+            return media
+    return "application/octet-stream"
+
+
+def _check(response: httpx.Response) -> Any:
+    if response.is_success:
+        return response.json()
+    try:
+        err = response.json()["error"]
+        raise VfmError(response.status_code, err["type"], err["message"])
+    except (ValueError, KeyError, TypeError):
+        raise VfmError(response.status_code, "http_error", response.text[:500]) from None
+
+
+def _model_path(name: str, route: str) -> str:
+    return f"/v1/models/{name}/{route}"
+
+
+class _Base:
+    def __init__(self, url: str, api_key: str | None, timeout: float, transport: Transport):
+        self.url = url.rstrip("/")
+        self.transport = transport
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.timeout = timeout
+
+
+class VfmClient(_Base):
+    """Blocking client; one connection pool; use as a context manager or call ``close()``."""
+
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = 60.0,
+                 transport: Transport = "multipart"):
+        super().__init__(url, api_key, timeout, transport)
+        self.http = httpx.Client(base_url=self.url, timeout=timeout, headers=self.headers)
+
+    def __enter__(self) -> "VfmClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.http.close()
+
+    def send(self, method: str, path: str, image: ImageLike | None = None, transport: Transport | None = None,
+             **options: Any) -> httpx.Response:
+        """The raw response (no status check): for callers that look at errors themselves."""
+        kwargs = request_parts(image, options, transport or self.transport) if (image is not None or options) else {}
+        return self.http.request(method, path, **kwargs)
+
+    def call(self, method: str, path: str, image: ImageLike | None = None, transport: Transport | None = None,
+             **options: Any) -> Any:
+        return _check(self.send(method, path, image, transport, **options))
+
+    def health(self) -> dict[str, Any]:
+        return self.call("GET", "/healthz")
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        response = self.http.get("/readyz")
+        return response.status_code == 200, response.json()
+
+    def models(self) -> list[dict[str, Any]]:
+        return self.call("GET", "/v1/models")["models"]
+
+    def model(self, name: str) -> dict[str, Any]:
+        return self.call("GET", f"/v1/models/{name}")
+
+    def predict(self, name: str, image: ImageLike, **options: Any) -> dict[str, Any]:
+        return self.call("POST", _model_path(name, "predict"), image, **options)
+
+    def embed(self, name: str, image: ImageLike, **options: Any) -> dict[str, Any]:
+        return self.call("POST", _model_path(name, "embed"), image, **options)
+
+    def encode(self, name: str, image: ImageLike) -> dict[str, Any]:
+        return self.call("POST", _model_path(name, "encode"), image)
+
+    def segment(self, name: str, image: ImageLike | None = None, **options: Any) -> dict[str, Any]:
+        return self.call("POST", _model_path(name, "segment"), image, **options)
+
+    def heads(self) -> list[dict[str, Any]]:
+        return self.call("GET", "/v1/heads")["heads"]
+
+    def head_predict(self, name: str, image: ImageLike, **options: Any) -> dict[str, Any]:
+        return self.call("POST", f"/v1/heads/{name}/predict", image, **options)
+
+    def reload_heads(self) -> dict[str, Any]:
+        return self.call("POST", "/v1/admin/heads/reload")
+
+    def metrics(self) -> str:
+        response = self.http.get("/metrics")
+        response.raise_for_status()
+        return response.text
+
+
+class AsyncVfmClient(_Base):
+    """The same calls for asyncio (concurrent load in benchmarks and tests)."""
+
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = 60.0,
+                 transport: Transport = "multipart", max_connections: int = 100):
+        super().__init__(url, api_key, timeout, transport)
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        self.http = httpx.AsyncClient(base_url=self.url, timeout=timeout, headers=self.headers, limits=limits)
+
+    async def __aenter__(self) -> "AsyncVfmClient":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.http.aclose()
+
+    async def send(self, method: str, path: str, image: ImageLike | None = None, transport: Transport | None = None,
+                   **options: Any) -> httpx.Response:
+        kwargs = request_parts(image, options, transport or self.transport) if (image is not None or options) else {}
+        return await self.http.request(method, path, **kwargs)
+
+    async def call(self, method: str, path: str, image: ImageLike | None = None,
+                   transport: Transport | None = None, **options: Any) -> Any:
+        return _check(await self.send(method, path, image, transport, **options))
+
+    async def predict(self, name: str, image: ImageLike, **options: Any) -> dict[str, Any]:
+        return await self.call("POST", _model_path(name, "predict"), image, **options)
+
+    async def embed(self, name: str, image: ImageLike, **options: Any) -> dict[str, Any]:
+        return await self.call("POST", _model_path(name, "embed"), image, **options)
+
+
+ROUTE_OF_TASK = {None: "predict", "classify": "predict", "detect": "predict", "embed": "embed", "segment": "segment"}
+
+
+def remote_predict(url: str, name: str, image_paths: Sequence[str | Path], options: dict[str, Any],
+                   task: str | None = None, api_key: str | None = None) -> list[dict[str, Any]]:
+    """`vfm predict --url`: run ``task`` (default: the model's predict route) on each image on a running
+    server; one answer per path, in order. The API key defaults to $VFM_API_KEY."""
+    if task not in ROUTE_OF_TASK:
+        raise ValueError(f"Unknown task {task!r}; use one of classify, detect, embed, segment.")
+    api_key = api_key if api_key is not None else os.environ.get("VFM_API_KEY")
+    with VfmClient(url, api_key=api_key) as client:
+        return [client.call("POST", _model_path(name, ROUTE_OF_TASK[task]), Path(p), **options) for p in image_paths]

@@ -1,0 +1,298 @@
+"""The ingress deployment: what each route does, between HTTP (``api.py``) and the model replicas.
+
+It holds one ``DeploymentHandle`` per served model, knows every configured model (the
+unavailable ones too, with their reason), checks auth, options and limits, calls replicas with
+the model's timeout, and maps Serve's overload and unavailability to 503 and timeouts to 504.
+"""
+from __future__ import annotations
+
+import asyncio
+import difflib
+import hmac
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from .config import ServiceConfig
+from .errors import ApiError, Failure, bad_request, not_found, timed_out, unauthorized, unavailable
+from .heads import HeadCatalog
+from .metrics import MetricsBuffer
+from .options import (ClassifyOptions, DetectOptions, EmbedOptions, EncodeOptions, HeadPredictOptions,
+                      SegmentOptions, parse_options)
+from .sam_cache import image_id_of
+from .transport import parse_image_request
+
+log = logging.getLogger(__name__)
+
+# What each model route needs the model to do.
+ROUTE_TASKS = {"predict": ("classify", "detect"), "embed": ("embed",), "encode": ("segment",),
+               "segment": ("segment",)}
+
+
+@dataclass
+class ModelEntry:
+    """A configured model as the API shows it; ``runtime`` comes from a replica once it answers."""
+
+    served: str
+    registry: str
+    status: str                         # ready | unavailable
+    reason: str | None
+    spec: dict[str, Any]
+    serving: dict[str, Any]
+    labels: list[str] | None = None
+    runtime: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.spec.get("tasks", []))
+
+    def summary(self) -> dict[str, Any]:
+        preprocess = self.spec.get("preprocess") or {}
+        out = {"name": self.served, "model": self.registry, "task": self.spec.get("task"), "tasks": self.tasks,
+               "status": self.status, "backend": self.runtime.get("backend", self.serving.get("backend")),
+               "device": self.runtime.get("device", self.serving.get("device")),
+               "input_size": preprocess.get("size"), "weights": self.spec.get("weights"),
+               "num_labels": self.spec.get("num_labels"), "feature_dim": self.spec.get("feature_dim")}
+        if self.reason:
+            out["reason"] = self.reason
+        return out
+
+    def detail(self) -> dict[str, Any]:
+        return {**self.summary(), "labels": self.labels, "preprocess": self.spec.get("preprocess"),
+                "weights_path": self.runtime.get("weights_path"), "description": self.spec.get("description"),
+                "serving": self.serving}
+
+
+class Ingress:
+    """Built by ``app.py``; ``__serve_build_asgi_app__`` returns the FastAPI app of ``api.py``."""
+
+    async def __init__(self, cfg: ServiceConfig, models: dict[str, ModelEntry], handles: dict[str, Any], hub: Any):
+        self.cfg = cfg
+        self.limits = cfg.limits
+        self.models = models
+        self.handles = handles
+        self.hub = hub
+        self.metrics = MetricsBuffer(hub, cfg.metrics_flush_s)
+        self.api_key = cfg.api_key()
+        self.heads = HeadCatalog(cfg.heads_dir)
+        if self.heads.folder.is_dir():
+            await asyncio.to_thread(self.heads.reload)
+        for name, entry in models.items():
+            self.metrics.set("vfm_model_ready", (name,), 1 if entry.status == "ready" else 0)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from .api import build_app
+
+        return build_app(self)
+
+    # ---- plumbing ----------------------------------------------------------------------------
+    def authorize(self, request: Request, scope: str | None) -> None:
+        """``scope``: ``admin`` routes need the key when set; ``api`` routes when api_key_scope is ``all``."""
+        if self.api_key is None or scope is None or (scope == "api" and self.cfg.api_key_scope != "all"):
+            return
+        given = request.headers.get("x-api-key") or ""
+        auth = request.headers.get("authorization", "")
+        if auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+        if not given:
+            raise unauthorized(f"This route needs the API key: send `Authorization: Bearer <key>` (the key is in "
+                               f"the server's ${self.cfg.api_key_env}).")
+        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+            raise unauthorized("The API key is wrong.")
+
+    def model(self, name: str, route: str | None = None) -> ModelEntry:
+        entry = self.models.get(name)
+        if entry is None:
+            close = difflib.get_close_matches(name, list(self.models), n=3, cutoff=0.5)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise not_found("unknown_model", f"No model {name!r} is served.{hint} GET /v1/models lists them.")
+        if route is not None and not set(ROUTE_TASKS[route]) & set(entry.tasks):
+            raise bad_request(f"Model {name!r} has no {route} route: it does {', '.join(entry.tasks)}.",
+                              type="unsupported_task")
+        if entry.status != "ready":
+            raise unavailable("model_unavailable", f"Model {name!r} is unavailable: {entry.reason}",
+                              self.cfg.retry_after_s)
+        return entry
+
+    async def call(self, name: str, method: str, *args: Any) -> Any:
+        """Call a replica method with the model's timeout; Failures and Serve errors become ApiErrors."""
+        from ray.exceptions import RayActorError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+
+        timeout = self.cfg.timeout_for(name)
+        response = getattr(self.handles[name], method).remote(*args)
+
+        async def wait() -> Any:
+            return await response
+
+        try:
+            result = await asyncio.wait_for(wait(), timeout)
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise timed_out(f"Model {name!r} did not answer within {timeout:g}s; retry later or with a smaller "
+                            "image.") from None
+        except BackPressureError:
+            raise unavailable("overloaded", f"Model {name!r} has too many requests queued; retry after "
+                              f"{self.cfg.retry_after_s}s.", self.cfg.retry_after_s) from None
+        except (DeploymentUnavailableError, ReplicaUnavailableError, RayActorError) as exc:
+            raise unavailable("model_unavailable", f"Model {name!r} has no healthy replica right now "
+                              f"({type(exc).__name__}).", self.cfg.retry_after_s) from None
+        if isinstance(result, Failure):
+            raise ApiError.from_failure(result)
+        return result
+
+    async def image_arg(self, name: str, data: bytes) -> bytes | np.ndarray:
+        """What a replica gets: the bytes, or the decoded array when the model decodes at the ingress."""
+        if self.cfg.models[name].decode_in == "replica":
+            return data
+        from models import ImageLimits, InvalidImage, decode_image
+
+        limits = ImageLimits(max_bytes=self.limits.max_body_bytes, max_pixels=self.limits.max_pixels)
+        try:
+            return await asyncio.to_thread(decode_image, data, limits)
+        except InvalidImage as exc:
+            raise ApiError(exc.status, exc.code, str(exc)) from None
+
+    async def runtime_info(self, entry: ModelEntry) -> None:
+        """Fill backend/device/labels from a replica the first time one answers."""
+        if entry.runtime or entry.status != "ready":
+            return
+        info = await self.call(entry.served, "info")
+        entry.runtime = {k: info.get(k) for k in ("backend", "device", "weights_path")}
+        entry.labels = info.get("labels")
+
+    # ---- routes ------------------------------------------------------------------------------
+    async def healthz(self, request: Request) -> dict[str, Any]:
+        return {"status": "ok"}
+
+    async def readyz(self, request: Request) -> Response:
+        states: dict[str, dict[str, Any]] = {}
+
+        async def probe(entry: ModelEntry) -> None:
+            state: dict[str, Any] = {"status": entry.status}
+            if entry.status == "ready":
+                try:
+                    await asyncio.wait_for(self.runtime_info(entry), 5.0)
+                except (ApiError, asyncio.TimeoutError) as exc:
+                    state = {"status": "not_ready", "reason": getattr(exc, "message", "") or "no replica answered"}
+            else:
+                state["reason"] = entry.reason
+            states[entry.served] = state
+
+        await asyncio.gather(*(probe(e) for e in self.models.values()))
+        ready = all(s["status"] == "ready" for s in states.values())
+        headers = None if ready else {"Retry-After": str(self.cfg.retry_after_s)}
+        return JSONResponse({"ready": ready, "models": states}, status_code=200 if ready else 503, headers=headers)
+
+    async def metrics_text(self, request: Request) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        await self.metrics.flush()
+        return Response(await self.hub.render.remote(), media_type=CONTENT_TYPE_LATEST)
+
+    async def list_models(self, request: Request) -> dict[str, Any]:
+        await asyncio.gather(*(self._try_info(e) for e in self.models.values()))
+        return {"models": [e.summary() for e in self.models.values()]}
+
+    async def get_model(self, request: Request, name: str) -> dict[str, Any]:
+        entry = self.models.get(name) or self.model(name)
+        await self._try_info(entry)
+        return entry.detail()
+
+    async def _try_info(self, entry: ModelEntry) -> None:
+        try:
+            await asyncio.wait_for(self.runtime_info(entry), 5.0)
+        except (ApiError, asyncio.TimeoutError):
+            pass  # the listing still answers from the config; /readyz says what is wrong
+
+    async def predict(self, request: Request, name: str) -> dict[str, Any]:
+        entry = self.model(name, "predict")
+        parsed = await parse_image_request(request, self.limits)
+        model = ClassifyOptions if "classify" in entry.tasks else DetectOptions
+        options = parse_options(model, parsed.options, self.limits)
+        result = await self.call(name, "predict", await self.image_arg(name, parsed.image), options.runner_kwargs())
+        return {"model": name, **result}
+
+    async def embed(self, request: Request, name: str) -> dict[str, Any]:
+        self.model(name, "embed")
+        parsed = await parse_image_request(request, self.limits)
+        options = parse_options(EmbedOptions, parsed.options, self.limits)
+        result = await self.call(name, "embed", await self.image_arg(name, parsed.image), options.runner_kwargs())
+        return {"model": name, "normalized": options.normalize, **result}
+
+    async def encode(self, request: Request, name: str) -> dict[str, Any]:
+        self.model(name, "encode")
+        parsed = await parse_image_request(request, self.limits)
+        parse_options(EncodeOptions, parsed.options, self.limits)
+        image_id = image_id_of(parsed.image)
+        result = await self.call(name, "encode", await self.image_arg(name, parsed.image), image_id)
+        return {"model": name, **result}
+
+    async def segment(self, request: Request, name: str) -> dict[str, Any]:
+        self.model(name, "segment")
+        parsed = await parse_image_request(request, self.limits, image_required=False)
+        options = parse_options(SegmentOptions, parsed.options, self.limits)
+        if parsed.image:
+            image_id = image_id_of(parsed.image)
+            if options.image_id and options.image_id != image_id:
+                raise bad_request(f"image_id {options.image_id} is not the sha256 of the image sent "
+                                  f"({image_id}); send one or the other.")
+            image: Any = await self.image_arg(name, parsed.image)
+        elif options.image_id:
+            image_id, image = options.image_id, None
+        else:
+            raise bad_request("segment needs the image (field `image`) or the image_id that encode returned.",
+                              type="missing_image")
+        result = await self.call(name, "segment", image, image_id, options.prompt_list(), options.format)
+        results = result.pop("results")
+        if options.prompts is None:
+            result["masks"] = results[0]["masks"]
+        else:
+            result["results"] = results
+        return {"model": name, "format": options.format, **result}
+
+    async def list_heads(self, request: Request) -> dict[str, Any]:
+        return {"heads": self.heads.list()}
+
+    async def reload_heads(self, request: Request) -> dict[str, Any]:
+        return await asyncio.to_thread(self.heads.reload)
+
+    async def head_predict(self, request: Request, name: str) -> dict[str, Any]:
+        entry = self.heads.get(name)
+        if entry is None:
+            close = difflib.get_close_matches(name, self.heads.names(), n=3, cutoff=0.5)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise not_found("unknown_head", f"No head {name!r} is loaded from {self.heads.folder}.{hint} "
+                            "GET /v1/heads lists them; POST /v1/admin/heads/reload rescans the folder.")
+        if entry.status != "ready":
+            raise unavailable("head_unavailable", f"Head {name!r} did not load: {entry.reason}",
+                              self.cfg.retry_after_s)
+        backbone = self._backbone_for(entry.backbone or "")
+        parsed = await parse_image_request(request, self.limits)
+        options = parse_options(HeadPredictOptions, parsed.options, self.limits)
+        result = await self.call(backbone, "embed", await self.image_arg(backbone, parsed.image),
+                                 {"normalize": entry.normalize})
+        features = np.asarray([result["embedding"]], dtype=np.float32)
+        try:
+            top = await asyncio.to_thread(entry.head.classify, features, options.top_k)
+        except ValueError as exc:  # features that do not fit the head: the backbone is not the trained one
+            raise unavailable("head_unavailable", f"Head {name!r} cannot use {backbone!r}'s features: {exc}",
+                              self.cfg.retry_after_s) from None
+        return {"head": name, "backbone": backbone, **top[0].to_json()}
+
+    def _backbone_for(self, backbone: str) -> str:
+        """The served name of a head's backbone (served under its own name first, else any alias)."""
+        candidates = [backbone] if backbone in self.models else []
+        candidates += [n for n, e in self.models.items() if e.registry == backbone and n != backbone]
+        for name in candidates:
+            if self.models[name].status == "ready" and self.cfg.models[name].backend == "torch":
+                return name
+        for name in candidates:
+            if self.models[name].status == "ready":
+                return name
+        raise unavailable("backbone_unavailable", f"The head's backbone {backbone!r} is not served here; add it "
+                          "under `models:` in the config.", self.cfg.retry_after_s)

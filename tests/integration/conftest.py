@@ -1,0 +1,304 @@
+"""One real Ray Serve application per test session, on 127.0.0.1, shared by every integration test.
+
+Fixtures: ``vfm_service`` (the ``RunningService``), ``service_url``, ``client`` (a ``VfmClient``),
+``api_key``, ``heads_dir``, ``metrics`` (a reader of ``/metrics``), and test images.
+
+The session serves ``BASE_MODELS`` with ``BASE_SETTINGS``. A test module that needs more
+declares it at module level, and the app is built from every *collected* module's additions
+before it starts (so running one file starts only what that file needs)::
+
+    SERVICE_MODELS = {"tiny_cnn_onnx": {"model": "tiny_cnn", "backend": "onnx", "num_cpus": 0.1}}
+    SERVICE_SETTINGS = {"sam_cache_size": 4}       # top-level config keys (merged, must not clash)
+
+Models whose weights are missing are part of the session on purpose: ``sam_vit_b`` runs
+offline with an empty cache, so it is listed as ``unavailable`` and /readyz answers 503.
+"""
+from __future__ import annotations
+
+import io
+import os
+import secrets
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pytest
+
+from service.client import VfmClient
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.path).parents:
+            item.add_marker(pytest.mark.integration)
+
+# Small CPU reservations: everything fits on 2 cores (the local Ray shares them).
+BASE_MODELS: dict[str, dict[str, Any]] = {
+    "tiny_cnn": {"num_cpus": 0.2, "max_batch_size": 8, "batch_wait_timeout_s": 0.05, "max_ongoing_requests": 32},
+    "tiny_vit": {"num_cpus": 0.1, "max_batch_size": 4},
+    "tiny_detector": {"num_cpus": 0.1, "max_batch_size": 4},
+    "tiny_sam": {"num_cpus": 0.2, "max_batch_size": 2},
+    "efficientnet_lite0": {"num_cpus": 0.4, "max_batch_size": 8, "batch_wait_timeout_s": 0.01},
+    "mtcnn_faces": {"num_cpus": 0.2, "max_batch_size": 2},
+    "sam_vit_b": {"num_cpus": 0.1},  # no weights offline: reported unavailable, never deployed
+    # Served under a name with '/', slow on purpose: a batch waits 2 s for company it never gets
+    # (2 requests in flight at most, 2 queued), and the model's timeout is 1 s -> 503 and 504.
+    "test/slow_cnn": {"model": "tiny_cnn", "num_cpus": 0.05, "max_batch_size": 8, "batch_wait_timeout_s": 2.0,
+                      "max_ongoing_requests": 2, "max_queued_requests": 2, "request_timeout_s": 1.0},
+}
+BASE_SETTINGS: dict[str, Any] = {
+    "request_timeout_s": 60,
+    "limits": {"max_body_bytes": 2 * 1024 * 1024, "max_pixels": 4_000_000, "max_top_k": 20, "max_points": 8,
+               "max_prompts": 4},
+    "api_key_env": "VFM_TEST_API_KEY",
+    "sam_cache_size": 8,
+    "metrics_flush_s": 0.25,
+    "ingress": {"num_cpus": 0.1},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def session_config_data(items: list[pytest.Item], port: int, heads_dir: Path) -> dict[str, Any]:
+    models = dict(BASE_MODELS)
+    settings = dict(BASE_SETTINGS)
+    seen: set[int] = set()
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is None or id(module) in seen:
+            continue
+        seen.add(id(module))
+        for name, extra in getattr(module, "SERVICE_MODELS", {}).items():
+            if name in models and models[name] != extra:
+                raise pytest.UsageError(f"{module.__name__}: SERVICE_MODELS[{name!r}] clashes with another module")
+            models[name] = extra
+        for key, value in getattr(module, "SERVICE_SETTINGS", {}).items():
+            if key in settings and settings[key] != value:
+                raise pytest.UsageError(f"{module.__name__}: SERVICE_SETTINGS[{key!r}] clashes with another module")
+            settings[key] = value
+    return {**settings, "host": "127.0.0.1", "port": port, "heads_dir": str(heads_dir), "models": models}
+
+
+# ---- processes: what the session started must be gone after it ----------------------------
+
+def _children_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """Every process below ``pid``: {pid: start time}, the start time telling a reused pid apart."""
+    children = _children_map()
+    out: dict[int, str] = {}
+    stack = list(children.get(pid, []))
+    while stack:
+        child = stack.pop()
+        start = _start_time(child)
+        if start is not None:
+            out[child] = start
+        stack.extend(children.get(child, []))
+    return out
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except OSError:
+        return None
+
+
+def alive(processes: dict[int, str]) -> list[int]:
+    return [pid for pid, start in processes.items() if _start_time(pid) == start and not _is_zombie(pid)]
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def wait_gone(processes: dict[int, str], timeout_s: float) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while (left := alive(processes)) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    return left
+
+
+# ---- the session app ----------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def api_key() -> str:
+    return secrets.token_urlsafe(24)
+
+
+@pytest.fixture(scope="session")
+def heads_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("heads")
+
+
+@pytest.fixture(scope="session")
+def vfm_service(request: pytest.FixtureRequest, api_key: str, heads_dir: Path) -> Iterator[Any]:
+    from service.app import start_service
+    from service.config import parse_config
+
+    cfg = parse_config(session_config_data(request.session.items, free_port(), heads_dir), "integration config")
+    ray_tmp = tempfile.mkdtemp(prefix="vfm-ray-", dir="/tmp")   # short: Ray's socket paths must fit 107 bytes
+    empty_cache = tempfile.mkdtemp(prefix="vfm-cache-")
+    env = {"VFM_OFFLINE": "1", "VFM_CACHE": empty_cache, "TORCH_HOME": empty_cache, "HF_HUB_OFFLINE": "1",
+           "HF_HOME": empty_cache, "VFM_TEST_API_KEY": api_key}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the driver plans with these, and Ray's processes inherit them
+    try:
+        running = start_service(cfg, ray_options={"_temp_dir": ray_tmp, "log_to_driver": False})
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    yield running
+    server_errors = _server_errors(running.url)
+    started = descendants(os.getpid())
+    running.stop()
+    left = wait_gone(started, 30)
+    for folder in (ray_tmp, empty_cache):
+        shutil.rmtree(folder, ignore_errors=True)
+    assert not server_errors, f"answers that were 500s during the session (bugs): {server_errors}"
+    assert not left, f"Ray processes left after shutdown: {left}"
+
+
+def _server_errors(url: str) -> dict[str, float]:
+    """Answers with a 5xx other than 503 (overloaded/unavailable) and 504 (timeout), by model and route."""
+    with VfmClient(url) as c:
+        samples = MetricsReader(c).read()
+    return {f"{dict(labels)['model']} {dict(labels)['route']} {dict(labels)['status']}": value
+            for (name, labels), value in samples.items()
+            if name == "vfm_requests_total" and dict(labels)["status"].startswith("5")
+            and dict(labels)["status"] not in ("503", "504")}
+
+
+@pytest.fixture(scope="session")
+def service_url(vfm_service: Any) -> str:
+    return vfm_service.url
+
+
+@pytest.fixture
+def client(service_url: str) -> Iterator[VfmClient]:
+    with VfmClient(service_url, timeout=60) as c:
+        yield c
+
+
+# ---- metrics ------------------------------------------------------------------------------
+
+Samples = dict[tuple[str, frozenset], float]
+
+
+class MetricsReader:
+    """Reads /metrics into {(name, labels): value}; ``read(until=pred)`` re-reads (at most 10 s) until pred holds."""
+
+    def __init__(self, client: VfmClient):
+        self.client = client
+
+    def read(self, until: Callable[[Samples], bool] | None = None, timeout_s: float = 10.0) -> Samples:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            samples = {(s.name, frozenset(s.labels.items())): s.value
+                       for family in text_string_to_metric_families(self.client.metrics()) for s in family.samples}
+            if until is None or until(samples) or time.monotonic() > deadline:
+                return samples
+            time.sleep(0.2)
+
+    def settled(self, *names: str, timeout_s: float = 10.0) -> Samples:
+        """A read after the samples of ``names`` stopped changing (replicas flush every metrics_flush_s)."""
+        deadline = time.monotonic() + timeout_s
+        last = None
+        while True:
+            samples = self.read()
+            now = {k: v for k, v in samples.items() if k[0] in names}
+            if now == last or time.monotonic() > deadline:
+                return samples
+            last = now
+            time.sleep(3 * BASE_SETTINGS["metrics_flush_s"])
+
+    @staticmethod
+    def value(samples: Samples, name: str, **labels: str) -> float:
+        return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+@pytest.fixture
+def metrics(client: VfmClient) -> MetricsReader:
+    return MetricsReader(client)
+
+
+# ---- images -------------------------------------------------------------------------------
+
+def encode_image(image: np.ndarray, fmt: str = "PNG", **kwargs: Any) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def chelsea_jpeg() -> bytes:
+    """A real photo of a cat (scikit-image's data), as JPEG bytes."""
+    from skimage import data
+
+    return encode_image(data.chelsea(), "JPEG", quality=92)
+
+
+@pytest.fixture(scope="session")
+def astronaut_jpeg() -> bytes:
+    """A real photo with one face (Eileen Collins), as JPEG bytes."""
+    from skimage import data
+
+    return encode_image(data.astronaut(), "JPEG", quality=92)
+
+
+@pytest.fixture(scope="session")
+def small_png() -> bytes:
+    """A non-square 60x90 (height x width) PNG."""
+    rng = np.random.default_rng(0)
+    return encode_image(rng.integers(0, 255, (60, 90, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="session")
+def png() -> Callable[[np.ndarray], bytes]:
+    """Encode an HxWx3 uint8 array as PNG bytes."""
+    return encode_image
+
+
+@pytest.fixture(scope="session")
+def random_pngs() -> Callable[[int, int], list[bytes]]:
+    """``random_pngs(n, seed)``: n distinct small 48x64 PNGs."""
+
+    def make(n: int, seed: int = 0) -> list[bytes]:
+        rng = np.random.default_rng(seed)
+        return [encode_image(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)) for _ in range(n)]
+
+    return make

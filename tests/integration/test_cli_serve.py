@@ -1,0 +1,91 @@
+"""`vfm serve` in the foreground: it serves its config, answers `vfm predict --url`'s client,
+and SIGTERM shuts Serve and the Ray it started down, leaving no process behind."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from service.client import remote_predict
+
+from conftest import descendants, free_port, wait_gone  # noqa: E402  (this folder's conftest)
+
+CONFIG = """
+host: 127.0.0.1
+port: {port}
+ingress: {{num_cpus: 0.05}}
+models:
+  tiny_cnn: {{num_cpus: 0.1, max_batch_size: 4}}
+"""
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"vfm serve exited early with {proc.returncode}"
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"vfm serve was not ready within {timeout_s}s")
+
+
+def test_vfm_serve_runs_in_the_foreground_and_stops_clean_on_sigterm(tmp_path: Path, small_png: bytes) -> None:
+    port = free_port()
+    config = tmp_path / "serve.yaml"
+    config.write_text(CONFIG.format(port=port))
+    image = tmp_path / "image.png"
+    image.write_bytes(small_png)
+    ray_tmp = tempfile.mkdtemp(prefix="vfm-cli-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    log = (tmp_path / "serve.log").open("w+")
+    proc = subprocess.Popen([sys.executable, "-m", "vfm", "serve", "--config", str(config)], env=env,
+                            stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_ready(url, proc, timeout_s=150)
+        answers = remote_predict(url, "tiny_cnn", [image, image], {"top_k": 2})
+        assert len(answers) == 2 and answers[0] == answers[1] and len(answers[0]["predictions"]) == 2
+        started = descendants(proc.pid)
+        assert len(started) >= 3, started   # gcs, raylet, workers...
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0
+        left = wait_gone(started, 30)
+        assert not left, f"processes of vfm serve still alive: {left}"
+        log.seek(0)
+        output = log.read()
+        assert f"at {url}" in output and "shutting down" in output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        log.close()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_vfm_predict_url_equals_local(service_url, chelsea_jpeg, tmp_path, capsys):
+    """`vfm predict --url` calls the running server and answers as the local run does."""
+    import json
+
+    from vfm.cli import main
+
+    path = tmp_path / "chelsea.jpg"
+    path.write_bytes(chelsea_jpeg)
+    assert main(["predict", "efficientnet_lite0", str(path), "--top-k", "3", "--json"]) == 0
+    local = json.loads(capsys.readouterr().out)[0]["predictions"]
+    assert main(["predict", "--url", service_url, "efficientnet_lite0", str(path), "--top-k", "3", "--json"]) == 0
+    remote = json.loads(capsys.readouterr().out)[0]["predictions"]
+    assert [p["label"] for p in remote] == [p["label"] for p in local]
+    assert all(abs(a["score"] - b["score"]) < 1e-3 for a, b in zip(remote, local))
+    assert main(["predict", "--url", service_url, "no_such_model", str(path)]) == 1
+    assert "no_such_model" in capsys.readouterr().err
