@@ -21,7 +21,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="validate the config and report which models can serve, then exit (starts nothing)")
     p.add_argument("--render", choices=("serve", "kuberay", "compose"),
                    help="print the Ray Serve config, the KubeRay RayService or the docker compose file of the "
-                        "config, then exit (starts nothing; see docs/cluster.md)")
+                        "config, then exit (starts nothing; see the README's 'Run on a cluster')")
     p.set_defaults(func=cmd_serve)
 
 

@@ -188,7 +188,7 @@ def _node(image_kind: str, command: list[str], cfg: ServiceConfig, config_source
           healthcheck: dict[str, Any], profile: str) -> dict[str, Any]:
     heads_source, heads_target = _heads_mount(cfg)
     env = {"RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN": "${RAY_AUTH_TOKEN:?set RAY_AUTH_TOKEN to a random secret, see docs/cluster.md}"}
+           "RAY_AUTH_TOKEN": "${RAY_AUTH_TOKEN:?set RAY_AUTH_TOKEN to a random secret, see README.md, Run on a cluster}"}
     if cfg.api_key_env:
         env[cfg.api_key_env] = f"${{{cfg.api_key_env}:-}}"
     dockerfile = "deploy/docker/Dockerfile" + ("" if image_kind == "cpu" else ".gpu")
