@@ -13,7 +13,7 @@ from typing import Sequence
 
 from . import __version__
 
-COMMAND_MODULES = ("models.cli", "service.cli", "finetune.cli")
+COMMAND_MODULES = ("models.cli", "models.export_cli", "service.cli", "finetune.cli")
 
 
 class CliError(Exception):

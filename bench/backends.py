@@ -1,0 +1,115 @@
+"""Benchmark (not a test): ONNX Runtime / PyTorch latency of the same runner task, side by side in one run.
+
+    .venv/bin/python bench/backends.py [--models tiny_cnn,efficientnet_lite0,...] [--device cpu]
+                                       [--threads N] [--rounds 7] [--weights random]
+
+For every model: export it to ONNX in a temporary repository (parity checked), load the
+PyTorch and the ONNX Runtime runner on the same device with the same thread count, then time
+the runner's own task method (preprocessing and post-processing included, as the service
+calls it) at batch 1 and batch 8; SAM is timed as its encoder (``encode``, one image) and its
+decoder (``segment``, 1 and 8 prompts on a cached embedding). Rounds alternate the two
+backends so that a change in machine load hits both alike; each figure is the median over
+rounds. Prints a table with the ratio ONNX Runtime / PyTorch (below 1: ONNX Runtime is faster).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+DEFAULT_MODELS = ("tiny_cnn", "efficientnet_lite0", "tiny_vit", "tiny_detector", "mtcnn_faces", "tiny_sam")
+IMAGE_SIZE = (480, 640)  # (height, width): a VGA photo
+
+
+def images(n: int, seed: int) -> list[np.ndarray]:
+    from models.export_common import parity_images
+
+    return parity_images(seed, [IMAGE_SIZE] * n)
+
+
+def cases(name: str, task: str, runner_images: Callable[[int], list[np.ndarray]]
+          ) -> list[tuple[str, Callable[[Any], Callable[[], Any]]]]:
+    """(label, make(runner) -> a zero-argument call to time) for the model's main task."""
+    from models.export_sam import parity_prompts
+
+    one, eight = runner_images(1), runner_images(8)
+    if task == "segment":
+        prompts = parity_prompts(np.random.default_rng(0), *IMAGE_SIZE)
+        eight_prompts = (prompts * 2)[:8]
+
+        def decoder(n: int) -> Callable[[Any], Callable[[], Any]]:
+            def make(runner: Any) -> Callable[[], Any]:
+                embedding = runner.encode(one)[0]
+                chosen = prompts[:1] if n == 1 else eight_prompts
+                return lambda: runner.segment(embedding, chosen)
+            return make
+
+        return [("encoder, 1 image", lambda r: lambda: r.encode(one)),
+                ("decoder, 1 prompt", decoder(1)), ("decoder, 8 prompts", decoder(8))]
+    method = {"classify": "classify", "embed": "embed", "detect": "detect"}[task]
+    return [(f"{method}, batch {len(batch)}", lambda r, b=batch: lambda: getattr(r, method)(b))
+            for batch in (one, eight)]
+
+
+def time_pair(make: Callable[[Any], Callable[[], Any]], torch_runner: Any, onnx_runner: Any, rounds: int
+              ) -> tuple[float, float]:
+    calls = {"torch": make(torch_runner), "onnx": make(onnx_runner)}
+    for call in calls.values():  # warm-up: lazy initialisation, allocator, first-shape compilation
+        call()
+    samples: dict[str, list[float]] = {"torch": [], "onnx": []}
+    for i in range(rounds):
+        order = ("torch", "onnx") if i % 2 == 0 else ("onnx", "torch")
+        for key in order:
+            start = time.perf_counter()
+            calls[key]()
+            samples[key].append(time.perf_counter() - start)
+    return statistics.median(samples["torch"]), statistics.median(samples["onnx"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated model names")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (both backends get the same)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads of both backends")
+    parser.add_argument("--rounds", type=int, default=7, help="timed calls per backend and case (median)")
+    parser.add_argument("--weights", default=None, help="e.g. random, for full-size models without a download")
+    parser.add_argument("--repository", default=None, help="reuse exports from here (default: a temporary one)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from models import get_spec, load_model
+    from models.export import export_model, find_export
+
+    torch.set_num_threads(args.threads)
+    repository = args.repository or tempfile.mkdtemp(prefix="vfm-bench-")
+    print(f"ONNX Runtime / PyTorch, device {args.device}, {args.threads} threads each, {args.rounds} rounds, "
+          f"images {IMAGE_SIZE[1]}x{IMAGE_SIZE[0]}; repository {repository}")
+    print(f"{'model':<22} {'case':<20} {'PyTorch ms':>11} {'ORT ms':>9} {'ORT/PyTorch':>12}")
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        spec = get_spec(name)
+        try:
+            find_export(name, repository, args.weights)
+        except Exception:  # not there or made from other weights: export (and parity-check) it now
+            export_model(name, repository, weights=args.weights)
+        torch_runner = load_model(name, device=args.device, weights=args.weights)
+        onnx_runner = load_model(name, backend="onnx", device=args.device, weights=args.weights,
+                                 repository=repository, num_threads=args.threads)
+        for label, make in cases(name, spec.task, lambda n: images(n, seed=1)):
+            t_torch, t_onnx = time_pair(make, torch_runner, onnx_runner, args.rounds)
+            print(f"{name:<22} {label:<20} {t_torch * 1e3:>11.2f} {t_onnx * 1e3:>9.2f} {t_onnx / t_torch:>12.2f}",
+                  flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""`vfm export NAME`: write a checked ONNX export of a model into a model repository."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    from .export_common import DEFAULT_OPSET, Tolerance
+
+    default = Tolerance()
+    p = sub.add_parser("export", help="export a model to ONNX (checked against PyTorch) into a model repository",
+                       description="Writes OUT/NAME/1/*.onnx and OUT/NAME/config.json. The export fails, and writes "
+                                   "nothing, unless ONNX Runtime matches PyTorch on random inputs of several sizes "
+                                   "and aspect ratios.")
+    p.add_argument("name", help="model name (see `vfm models list`)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="model repository (default: $VFM_MODEL_REPOSITORY or ./model_repository)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    p.add_argument("--weights", help="weights source: a path, hf:org/name, https://...#sha256=..., or random")
+    p.add_argument("--min-score", type=float, default=None,
+                   help="detectors: the lowest score the graph keeps; callers cannot ask for less (default 0.05)")
+    p.add_argument("--max-candidates", type=int, default=None,
+                   help="detectors: boxes the graph keeps per image before NMS (default 1000)")
+    p.add_argument("--atol", type=float, default=None,
+                   help=f"parity: absolute tolerance (default: the family's; {default.atol} for most)")
+    p.add_argument("--rtol", type=float, default=None,
+                   help=f"parity: relative tolerance (default: the family's; {default.rtol} for most)")
+    p.add_argument("--min-iou", type=float, default=None,
+                   help=f"parity: SAM masks must overlap with at least this IoU (default {default.min_iou})")
+    p.add_argument("--external-data", action=argparse.BooleanOptionalAction, default=None,
+                   help="weights in a separate .onnx.data file (default: only past 2 GiB)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random parity inputs")
+    p.add_argument("--json", action="store_true", help="print config.json")
+    p.set_defaults(func=cmd_export)
+
+
+def _tolerance(name: str, args: argparse.Namespace) -> Any:
+    """The family's parity limits with the ones given on the command line."""
+    import dataclasses
+
+    from .export import default_tolerance
+
+    given = (("atol", args.atol), ("rtol", args.rtol), ("min_iou", args.min_iou))
+    overrides = {k: v for k, v in given if v is not None}
+    return dataclasses.replace(default_tolerance(name), **overrides) if overrides else None
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from vfm.cli import UsageError
+
+    from .export import export_model
+    from .export_common import ExportError, check_opset
+    from .registry import UnknownModel, get_spec
+
+    try:
+        get_spec(args.name)
+        check_opset(args.opset)
+    except (UnknownModel, ExportError) as exc:
+        raise UsageError(str(exc)) from None
+    options = {k: v for k, v in (("min_score", args.min_score), ("max_candidates", args.max_candidates))
+               if v is not None}
+    # stderr, so --json output stays clean; a full-size model takes minutes (export + parity on CPU)
+    print(f"exporting {args.name} and checking it against PyTorch ...", file=sys.stderr, flush=True)
+    result = export_model(args.name, args.out, opset=args.opset, weights=args.weights,
+                          tolerance=_tolerance(args.name, args), external_data=args.external_data, seed=args.seed,
+                          **options)
+    if args.json:
+        json.dump(result.config, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    print(f"exported {result.name} -> {result.folder}")
+    for path in result.files:
+        print(f"  {path}  ({path.stat().st_size / 1e6:.1f} MB)")
+    figures = {k: v for k, v in result.parity.items() if k not in ("tolerance", "sizes")}
+    print("parity (ONNX Runtime vs PyTorch): " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                                          for k, v in figures.items()))
+    return 0
