@@ -1,1 +1,10 @@
-"""Fine-tuning heads on frozen backbone features."""
+"""Fine-tuning heads on frozen backbone features: `vfm finetune train | eval | publish`.
+
+data.py / splits.py   images and labels (ImageFolder, CSV, idx) and seeded stratified splits
+extractors.py         a zoo backbone's embed(), or raw pixels, as a feature extractor
+features.py           batched extraction with an on-disk cache (features_ray.py: Ray Data at scale)
+stacked.py / train.py one head per learning rate in one pass; sgd and gd; checkpoints, resume
+evaluate.py / report.py  accuracy, per-class scores, confusion, the Hoeffding bound; report.md + plots
+pipeline.py / runs.py    the train command end to end; eval and publish of a run folder
+The heads themselves and their artifact live in ``models.heads`` so the service can load them.
+"""

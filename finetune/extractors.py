@@ -1,0 +1,167 @@
+"""What turns an image into a feature vector: a zoo backbone's ``embed``, or raw pixels.
+
+``pixels[:SIZE][:rgb]`` is a baseline, not a model: the image resized to SIZE x SIZE (default
+28), grey unless ``rgb``, flattened and scaled to [0, 1]. It answers "do the backbone's features
+beat the pixels themselves?" and is never served.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from abc import ABC, abstractmethod
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+FEATURES_VERSION = 1  # bump when the way features are made changes, to invalidate every cache
+
+
+class BackboneError(ValueError):
+    """A --backbone that cannot make features."""
+
+
+class Extractor(ABC):
+    name: str
+    feature_dim: int
+    images_embedded: int = 0  # images this object has run through embed(); 0 after a fully cached run
+
+    @abstractmethod
+    def key(self) -> dict[str, Any]:
+        """Everything that changes the features (the feature cache key)."""
+
+    @abstractmethod
+    def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """float32 [N, feature_dim]."""
+
+    @abstractmethod
+    def head_meta(self) -> dict[str, Any]:
+        """What head.json records so a server makes the same features: backbone, embed, preprocess."""
+
+
+class PixelExtractor(Extractor):
+    def __init__(self, size: int = 28, rgb: bool = False):
+        self.size, self.rgb = int(size), bool(rgb)
+        self.name = f"pixels:{self.size}" + (":rgb" if self.rgb else "")
+        self.feature_dim = self.size * self.size * (3 if self.rgb else 1)
+
+    def key(self) -> dict[str, Any]:
+        return {"backbone": "pixels", "size": self.size, "rgb": self.rgb, "version": FEATURES_VERSION}
+
+    def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        from PIL import Image
+
+        rows = []
+        self.images_embedded += len(images)
+        for im in images:
+            pil = Image.fromarray(np.asarray(im, np.uint8)).convert("RGB" if self.rgb else "L")
+            if pil.size != (self.size, self.size):
+                pil = pil.resize((self.size, self.size), Image.BILINEAR)
+            rows.append(np.asarray(pil, np.float32).reshape(-1) / 255.0)
+        return np.stack(rows) if rows else np.zeros((0, self.feature_dim), np.float32)
+
+    def head_meta(self) -> dict[str, Any]:
+        return {"backbone": self.name, "embed": {"normalize": False},
+                "preprocess": {"resize": [self.size, self.size], "mode": "RGB" if self.rgb else "L",
+                               "scale": "1/255", "flatten": True}}
+
+
+class BackboneExtractor(Extractor):
+    """A zoo model's ``runner.embed(images, normalize)``; the model loads on first use only, so a
+    run whose features are all cached never builds it."""
+
+    def __init__(self, name: str, device: str = "auto", normalize: bool = False, weights: str | None = None):
+        from models import get_spec
+
+        self.spec = get_spec(name)
+        if not self.spec.is_backbone or "embed" not in self.spec.tasks:
+            from models import list_models
+
+            usable = [m for m in list_models(task="embed") if get_spec(m).is_backbone]
+            raise BackboneError(f"model {name!r} cannot be a backbone (it has no feature vector); "
+                                f"backbones: {', '.join(usable)}.")
+        self.name = name
+        self.feature_dim = int(self.spec.feature_dim or 0)
+        self.device = device
+        self.normalize = bool(normalize)
+        self.weights = weights
+        self._runner: Any = None
+        self._key: dict[str, Any] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Sent to Ray actors: they load their own copy of the model.
+        state = dict(self.__dict__)
+        state["_runner"] = None
+        return state
+
+    @property
+    def loaded(self) -> bool:
+        return self._runner is not None
+
+    @property
+    def runner(self) -> Any:
+        if self._runner is None:
+            from models import load_model
+
+            log.info("loading backbone %s on %s", self.name, self.device)
+            self._runner = load_model(self.name, device=self.device, weights=self.weights)
+        return self._runner
+
+    def weights_digest(self) -> str:
+        from models.weights import resolve_weights
+
+        path = resolve_weights(self.name, self.spec.weights, self.weights)
+        if path is not None:
+            return _path_digest(str(path))
+        # Seeded random weights have no file; what they compute is their identity.
+        probe = np.linspace(0, 255, 48 * 48 * 3).astype(np.uint8).reshape(48, 48, 3)
+        out = self.runner.embed([probe, probe[::-1].copy()], normalize=False)
+        return "random:" + hashlib.sha256(np.round(out, 4).astype(np.float32).tobytes()).hexdigest()
+
+    def key(self) -> dict[str, Any]:
+        if self._key is None:
+            pre = self.spec.preprocess.to_json() if self.spec.preprocess else None
+            self._key = {"backbone": self.name, "weights_sha256": self.weights_digest(), "preprocess": pre,
+                         "normalize": self.normalize, "feature_dim": self.feature_dim, "version": FEATURES_VERSION}
+        return self._key
+
+    def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        self.images_embedded += len(images)
+        return self.runner.embed(list(images), normalize=self.normalize)
+
+    def head_meta(self) -> dict[str, Any]:
+        key = self.key()
+        return {"backbone": self.name, "embed": {"normalize": self.normalize},
+                "preprocess": key["preprocess"], "weights_sha256": key["weights_sha256"]}
+
+
+@lru_cache(maxsize=16)
+def _path_digest(path: str) -> str:
+    from models.weights import sha256_file
+
+    p = Path(path)
+    if p.is_file():
+        return sha256_file(p)
+    h = hashlib.sha256()
+    for f in sorted(x for x in p.rglob("*") if x.is_file()):
+        h.update(f"{f.relative_to(p)}\n{sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+def make_extractor(backbone: str, device: str = "auto", normalize: bool = False,
+                   weights: str | None = None) -> Extractor:
+    """``pixels[:SIZE][:rgb]`` or the name of a zoo backbone."""
+    if backbone == "pixels" or backbone.startswith("pixels:"):
+        parts = backbone.split(":")[1:]
+        rgb = "rgb" in parts
+        sizes = [p for p in parts if p != "rgb"]
+        if len(sizes) > 1 or (sizes and not sizes[0].isdigit()) or (sizes and not 1 <= int(sizes[0]) <= 512):
+            raise BackboneError(f"--backbone {backbone}: use pixels, pixels:SIZE or pixels:SIZE:rgb "
+                                "(SIZE 1..512).")
+        if normalize:
+            raise BackboneError("--normalize applies to a backbone's embed(), not to pixels.")
+        return PixelExtractor(int(sizes[0]) if sizes else 28, rgb)
+    return BackboneExtractor(backbone, device=device, normalize=normalize, weights=weights)

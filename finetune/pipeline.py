@@ -1,0 +1,274 @@
+"""`vfm finetune train` end to end: data -> features -> heads -> evaluation -> artifact + report.
+
+The run folder holds head.safetensors + head.json (the chosen head, loadable by the service),
+run.json (every head's scores and the settings), checkpoint.safetensors, report.md, curves.png
+and confusion.png.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.heads import KNNHead, save_head, to_jsonable
+from models.weights import atomic_write_bytes, cache_dir as vfm_cache_dir
+
+from .checkpoint import NAME as CHECKPOINT_NAME
+from .data import DataError, LabeledImages, open_dataset
+from .evaluate import Evaluation, evaluate
+from .extractors import Extractor, make_extractor
+from .features import ExtractionStats, extract_features
+from .features_ray import RayOptions
+from .report import HeadSummary, RunReport, write_report
+from .splits import Splits, check_training_classes, make_splits
+from .train import TrainSettings, train_heads
+
+log = logging.getLogger(__name__)
+
+
+class RunExists(ValueError):
+    """The --out folder already holds a run and neither --resume nor --overwrite was given."""
+
+
+@dataclass
+class TrainConfig:
+    backbone: str
+    data: str
+    out: Path
+    head: str = "linear"                      # knn | linear | mlp
+    ks: tuple[int, ...] = (5,)                # knn
+    metric: str = "cosine"                    # knn: cosine | l2
+    settings: TrainSettings = field(default_factory=TrainSettings)  # linear | mlp
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    seed: int = 0
+    limit: int | None = None
+    classes: tuple[str, ...] | None = None
+    resume: bool = False
+    overwrite: bool = False
+    delta: float = 0.05
+    cache_dir: Path | None = None             # None: $VFM_CACHE/features
+    use_cache: bool = True
+    device: str = "auto"
+    normalize: bool = False
+    extract_batch_size: int = 64
+    ray: RayOptions | None = None
+    progress: bool = True
+
+
+@dataclass
+class Prepared:
+    """Features of every split, after unreadable images were dropped."""
+
+    data: LabeledImages
+    splits: Splits
+    x: dict[str, np.ndarray]
+    y: dict[str, np.ndarray]
+    extractor: Extractor
+    stats: ExtractionStats
+    fingerprint: str
+
+
+@dataclass
+class RunSummary:
+    out: Path
+    chosen: str
+    evaluation: Evaluation
+    heads: list[HeadSummary]
+    stats: ExtractionStats
+    counts: dict[str, int]
+    resumed_from: int | None = None
+
+
+def default_cache_dir() -> Path:
+    return vfm_cache_dir() / "features"
+
+
+def data_fingerprint(data: LabeledImages, splits: Splits) -> str:
+    """sha256 over every example's pixel key, class name and split: what the head learned from."""
+    h = hashlib.sha256()
+    for name, idx in splits.items():
+        for i in idx:
+            h.update(f"{name}\t{data.classes[data.labels[i]]}\t{data.source.item_key(int(i))}\n".encode())
+    return h.hexdigest()
+
+
+def prepare(cfg: TrainConfig) -> Prepared:
+    data = open_dataset(cfg.data)
+    if cfg.classes:
+        data = data.select_classes(cfg.classes)
+    if cfg.head != "knn" and cfg.settings.loss == "hinge" and len(data.classes) != 2:  # before any extraction
+        raise DataError(f"hinge loss is binary but the data has {len(data.classes)} classes; use --loss ce or "
+                        "squared, or keep two classes with --classes A,B.")
+    splits = make_splits(data, cfg.split, cfg.seed, cfg.limit)
+    extractor = make_extractor(cfg.backbone, cfg.device, cfg.normalize)
+    union = splits.union()
+    cache = (cfg.cache_dir or default_cache_dir()) if cfg.use_cache else None
+    feats = extract_features(data.source.subset(union), extractor, cache, cfg.extract_batch_size, cfg.progress,
+                             ray=cfg.ray)
+    position = {int(i): p for p, i in enumerate(union)}
+    kept: dict[str, np.ndarray] = {}
+    for name, idx in splits.items():
+        rows = np.array([position[int(i)] for i in idx], np.int64)
+        ok = feats.valid[rows]
+        kept[name] = idx[ok]
+    splits = Splits(kept["train"], kept["val"], kept["test"])
+    check_training_classes(data, splits.train)
+    for name, idx in splits.items():
+        if not len(idx):
+            raise DataError(f"{data.spec}: every image of the {name} split was unreadable.")
+    x = {name: feats.features[[position[int(i)] for i in idx]] for name, idx in splits.items()}
+    y = {name: data.labels[idx] for name, idx in splits.items()}
+    return Prepared(data, splits, x, y, extractor, feats.stats, data_fingerprint(data, splits))
+
+
+def _check_out(cfg: TrainConfig) -> None:
+    has_run = (cfg.out / "head.json").exists() or (cfg.out / CHECKPOINT_NAME).exists()
+    if has_run and not (cfg.resume or cfg.overwrite):
+        raise RunExists(f"{cfg.out} already holds a run; pass --resume to continue it, --overwrite to replace "
+                        "it, or choose another --out.")
+    if cfg.overwrite:
+        for name in (CHECKPOINT_NAME, "head.json", "head.safetensors", "run.json"):
+            (cfg.out / name).unlink(missing_ok=True)
+
+
+def train_run(cfg: TrainConfig) -> RunSummary:
+    _check_out(cfg)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    prep = prepare(cfg)
+    classes = prep.data.classes
+    run_digest = _run_digest(cfg, prep)
+    if cfg.head == "knn":
+        summaries, chosen_idx, head = _knn(cfg, prep)
+        resumed = None
+        history_note = "k-NN stores the training features; nothing is trained."
+    else:
+        result = train_heads(cfg.settings, torch.from_numpy(prep.x["train"]), torch.from_numpy(prep.y["train"]),
+                             torch.from_numpy(prep.x["val"]), torch.from_numpy(prep.y["val"]), len(classes),
+                             run_dir=cfg.out, resume=cfg.resume, run_digest=run_digest, progress=cfg.progress)
+        if all(r.best_val_accuracy < 0 for r in result.runs):
+            raise RuntimeError("every head diverged (its loss became infinite); use smaller --lr values.")
+        summaries = []
+        for i, run in enumerate(result.runs):
+            single = result.model.unstack(i, classes, result.mean, result.std)
+            val_loss = run.best_val_loss if np.isfinite(run.best_val_loss) else None
+            summaries.append(HeadSummary(run.name, f"lr {run.lr:g}", run.best_epoch, run.best_val_accuracy,
+                                         val_loss, _accuracy(single, prep, "test"), run.stopped, run.history))
+        chosen_idx = result.best
+        head = result.model.unstack(chosen_idx, classes, result.mean, result.std)
+        resumed = result.resumed_from
+        history_note = (f"{cfg.settings.optimizer}: " + ("each head keeps its best epoch on validation."
+                        if cfg.settings.optimizer == "sgd" else "each head keeps its last iterate; its train loss "
+                        "is the full-batch objective, which never rises."))
+    pred = head.predict(prep.x["test"])
+    ev = evaluate(prep.y["test"], pred, classes, cfg.delta)
+    counts = prep.splits.counts()
+    meta = _head_meta(cfg, prep, summaries, chosen_idx, ev)
+    save_head(head, cfg.out, meta)
+    run_json = {"config": _config_json(cfg), "counts": counts, "extraction": prep.stats.to_json(),
+                "heads": [_summary_json(s) for s in summaries], "chosen": summaries[chosen_idx].name,
+                "test": ev.to_json(), "data_fingerprint": prep.fingerprint, "seconds": time.perf_counter() - t0}
+    atomic_write_bytes(cfg.out / "run.json", (json.dumps(to_jsonable(run_json), indent=2) + "\n").encode())
+    facts = _facts(cfg, prep, counts, summaries[chosen_idx].name)
+    notes = [history_note]
+    if prep.stats.skipped:
+        notes.append(f"{prep.stats.skipped} unreadable image(s) were skipped, e.g. "
+                     + "; ".join(prep.stats.skipped_examples[:3]))
+    write_report(cfg.out, RunReport(f"Fine-tuning run {cfg.out.name}", facts, summaries, chosen_idx, ev, notes))
+    return RunSummary(cfg.out, summaries[chosen_idx].name, ev, summaries, prep.stats, counts, resumed)
+
+
+def _knn(cfg: TrainConfig, prep: Prepared) -> tuple[list[HeadSummary], int, KNNHead]:
+    classes = prep.data.classes
+    n_train = len(prep.y["train"])
+    summaries, heads = [], []
+    for k in cfg.ks:
+        if k > n_train:
+            raise DataError(f"--k {k} is more than the {n_train} training examples.")
+        head = KNNHead(classes, prep.x["train"], prep.y["train"], k, cfg.metric)
+        heads.append(head)
+        summaries.append(HeadSummary(f"knn_k{k}_{cfg.metric}", f"k {k}", None, _accuracy(head, prep, "val"), None,
+                                     _accuracy(head, prep, "test")))
+    chosen = max(range(len(heads)), key=lambda i: (summaries[i].val_accuracy, -i))
+    return summaries, chosen, heads[chosen]
+
+
+def _accuracy(head: Any, prep: Prepared, split: str) -> float:
+    return float(np.mean(head.predict(prep.x[split]) == prep.y[split]))
+
+
+def _run_digest(cfg: TrainConfig, prep: Prepared) -> str:
+    doc = {"config": _config_json(cfg, for_digest=True), "features": prep.extractor.key(), "data": prep.fingerprint}
+    return hashlib.sha256(json.dumps(to_jsonable(doc), sort_keys=True).encode()).hexdigest()
+
+
+def _config_json(cfg: TrainConfig, for_digest: bool = False) -> dict[str, Any]:
+    out = {"backbone": cfg.backbone, "data": cfg.data, "head": cfg.head, "split": list(cfg.split), "seed": cfg.seed,
+           "limit": cfg.limit, "classes": list(cfg.classes) if cfg.classes else None, "normalize": cfg.normalize,
+           "delta": cfg.delta}
+    if cfg.head == "knn":
+        out.update(k=list(cfg.ks), metric=cfg.metric)
+    else:
+        out["training"] = cfg.settings.to_json()
+    if not for_digest:  # where things went does not change what is learned
+        out.update(out=str(cfg.out), device=cfg.device, cache_dir=str(cfg.cache_dir) if cfg.cache_dir else None,
+                   ray_address=cfg.ray.address if cfg.ray else None)
+    return out
+
+
+def _head_meta(cfg: TrainConfig, prep: Prepared, summaries: list[HeadSummary], chosen: int,
+               ev: Evaluation) -> dict[str, Any]:
+    from datetime import datetime, timezone
+
+    from vfm import __version__
+
+    chosen_head = summaries[chosen]
+    training: dict[str, Any] = {"chosen": chosen_head.name, "selected_on": "validation accuracy",
+                                "candidates": [s.name for s in summaries], "seed": cfg.seed}
+    if cfg.head == "knn":
+        training.update(k=list(cfg.ks), metric=cfg.metric)
+    else:
+        training.update(cfg.settings.to_json(), lr=float(chosen_head.setting.split()[1]),
+                        best_epoch=chosen_head.best_epoch)
+    test = ev.to_json()
+    metrics = {"val_accuracy": chosen_head.val_accuracy, "test_accuracy": ev.accuracy, "test_error": ev.error,
+               "test_k": ev.k, "delta": ev.delta, "test_error_bound": ev.bound, "bound": ev.bound_sentence(),
+               "per_class": test["per_class"]}
+    data = {"spec": cfg.data, "fingerprint": prep.fingerprint, "counts": prep.splits.counts(),
+            "skipped_unreadable": prep.stats.skipped, "split": list(cfg.split), "limit": cfg.limit,
+            "classes": list(cfg.classes) if cfg.classes else None}
+    return {"name": cfg.out.name, **prep.extractor.head_meta(), "training": training, "metrics": metrics,
+            "data": data, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "vfm_version": __version__}
+
+
+def _facts(cfg: TrainConfig, prep: Prepared, counts: dict[str, int], chosen: str) -> list[tuple[str, str]]:
+    st = prep.stats
+    speed = f"{st.computed / st.compute_seconds:.1f} images/s" if st.computed and st.compute_seconds else "all cached"
+    facts = [("backbone", f"`{cfg.backbone}`" + (" (L2-normalised embed)" if cfg.normalize else "")),
+             ("data", f"`{cfg.data}` ({len(prep.data.classes)} classes; data fingerprint `{prep.fingerprint[:16]}`)"),
+             ("examples", f"train {counts['train']}, val {counts['val']}, test {counts['test']}"
+                          + (f"; {st.skipped} unreadable skipped" if st.skipped else "")),
+             ("features", f"{st.total} images, {st.cached} from cache, {st.computed} computed ({speed})"),
+             ("head", cfg.head + (f", metric {cfg.metric}" if cfg.head == "knn" else "")),
+             ("chosen", f"`{chosen}`"), ("seed", str(cfg.seed))]
+    if cfg.head != "knn":
+        s = cfg.settings
+        opt = (f"sgd, batch {s.batch_size}, momentum {s.momentum:g}{' (Nesterov)' if s.nesterov else ''}, "
+               f"{s.schedule} schedule, patience {s.patience or 'off'}" if s.optimizer == "sgd"
+               else f"gd (full batch, step halved until the loss falls), tol {s.tol:g}")
+        facts.insert(5, ("training", f"{opt}, {s.epochs} epochs, weight decay {s.weight_decay:g}, loss {s.loss}, "
+                                     f"lr {', '.join(f'{lr:g}' for lr in s.lrs)}"))
+    return facts
+
+
+def _summary_json(s: HeadSummary) -> dict[str, Any]:
+    return {"name": s.name, "setting": s.setting, "best_epoch": s.best_epoch, "val_accuracy": s.val_accuracy,
+            "val_loss": s.val_loss, "test_accuracy": s.test_accuracy, "stopped": s.stopped, "history": s.history}

@@ -1,0 +1,141 @@
+"""What can be done with a finished run folder: re-evaluate its head on data, publish it.
+
+Publishing copies the head (and its report) into the service's heads folder under a name,
+through a temporary folder and a rename, so the service never sees half a head.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from models.heads import JSON_NAME, TENSORS_NAME, Head, load_head
+from models.weights import atomic_write_bytes
+
+from .data import DataError, LabeledImages, open_dataset
+from .evaluate import Evaluation, evaluate
+from .extractors import BackboneExtractor, make_extractor
+from .features import ExtractionStats, extract_features
+from .features_ray import RayOptions
+from .report import RunReport, write_report
+from .splits import stratified_take
+
+log = logging.getLogger(__name__)
+
+HEAD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+REPORT_FILES = ("report.md", "curves.png", "confusion.png")
+STAGING = ".publishing"
+
+
+@dataclass
+class EvalResult:
+    evaluation: Evaluation
+    out: Path
+    stats: ExtractionStats
+    subset: str
+
+
+def _relabel(data: LabeledImages, head: Head) -> np.ndarray:
+    """The data's labels as indices of the head's labels (matched by name)."""
+    unknown = [c for c in data.classes if c not in head.labels]
+    if unknown:
+        raise DataError(f"{data.spec}: class {unknown[0]!r} is not one of the head's labels "
+                        f"({', '.join(head.labels)}).")
+    return np.array([head.labels.index(data.classes[i]) for i in data.labels], np.int64)
+
+
+def eval_run(run: Path, data_spec: str, subset: str = "auto", limit: int | None = None, seed: int = 0,
+             delta: float = 0.05, out: Path | None = None, device: str = "auto", cache_dir: Path | None = None,
+             use_cache: bool = True, batch_size: int = 64, ray: RayOptions | None = None,
+             progress: bool = True) -> EvalResult:
+    """Evaluate the head saved in ``run`` on ``data_spec`` (its test split, or all of it)."""
+    from .pipeline import default_cache_dir
+
+    head, meta = load_head(run)
+    data = open_dataset(data_spec)
+    labels = _relabel(data, head)
+    if subset == "auto":
+        subset = "test" if "test" in data.given_splits() else "all"
+    if subset == "test":
+        if "test" not in data.given_splits():
+            raise DataError(f"{data_spec} has no test split of its own (idx t10k-* files, a test/ folder or a "
+                            "manifest split column); use --subset all.")
+        idx = np.flatnonzero(data.given_split == 2)
+    else:
+        idx = np.arange(len(data))
+    if limit is not None and limit < len(idx):
+        idx = stratified_take(labels, idx, limit, np.random.default_rng(seed))
+    extractor = make_extractor(meta["backbone"], device, meta["embed"]["normalize"])
+    if isinstance(extractor, BackboneExtractor) and meta.get("weights_sha256"):
+        now = extractor.key()["weights_sha256"]
+        if now != meta["weights_sha256"]:
+            raise DataError(f"the head in {run} was trained on {meta['backbone']} weights {meta['weights_sha256'][:12]}"
+                            f"... but this machine's weights are {now[:12]}...; its scores would mean nothing.")
+    feats = extract_features(data.source.subset(idx), extractor, (cache_dir or default_cache_dir()) if use_cache
+                             else None, batch_size, progress, ray=ray)
+    ok = feats.valid
+    if not ok.any():
+        raise DataError(f"{data_spec}: every image was unreadable.")
+    ev = evaluate(labels[idx][ok], head.predict(feats.features[ok]), head.labels, delta)
+    out = out or run / f"eval-{_slug(data_spec)}"
+    facts = [("head", f"`{run}` ({meta['head']['type']}, backbone `{meta['backbone']}`)"),
+             ("data", f"`{data_spec}`, {subset} ({int(ok.sum())} examples"
+                      + (f", {feats.stats.skipped} unreadable skipped)" if feats.stats.skipped else ")")),
+             ("features", f"{feats.stats.cached} from cache, {feats.stats.computed} computed")]
+    write_report(out, RunReport(f"Evaluation of {run.name} on {data_spec}", facts, [], 0, ev), with_curves=False)
+    atomic_write_bytes(out / "eval.json", (json.dumps({"data": data_spec, "subset": subset, "limit": limit,
+                                                        "test": ev.to_json(), "extraction": feats.stats.to_json()},
+                                                       indent=2) + "\n").encode())
+    return EvalResult(ev, out, feats.stats, subset)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text.strip("/")).strip("_")[-60:] or "data"
+
+
+def publish(run: Path, heads_dir: Path, name: str | None = None, overwrite: bool = False) -> Path:
+    """Copy ``run``'s head into ``heads_dir/NAME`` atomically; return that folder."""
+    _, meta = load_head(run)  # refuse to publish anything the service could not load
+    name = name or run.resolve().name
+    if not HEAD_NAME.match(name):
+        raise ValueError(f"head name {name!r}: use letters, digits, '.', '_' and '-' (it becomes the URL "
+                         "/v1/heads/NAME).")
+    heads_dir.mkdir(parents=True, exist_ok=True)
+    dest = heads_dir / name
+    if dest.exists() and not overwrite:
+        raise FileExistsError(f"{dest} already exists; pass --overwrite to replace it or choose another --name.")
+    # Staged one level down, where a scan of heads_dir/*/head.json cannot see it, on the same
+    # file system, so that the final rename is atomic.
+    staging = heads_dir / STAGING
+    staging.mkdir(exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{name}.", dir=staging))
+    try:
+        shutil.copyfile(run / TENSORS_NAME, tmp / TENSORS_NAME)
+        meta["name"] = name
+        atomic_write_bytes(tmp / JSON_NAME, (json.dumps(meta, indent=2, allow_nan=False) + "\n").encode())
+        for extra in REPORT_FILES:
+            if (run / extra).is_file():
+                shutil.copyfile(run / extra, tmp / extra)
+        load_head(tmp)
+        old = None
+        if dest.exists():
+            old = staging / f"{tmp.name}.old"
+            dest.rename(old)
+        tmp.rename(dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        try:
+            staging.rmdir()  # only when empty: another publish may be staging beside us
+        except OSError:
+            pass
+    return dest
