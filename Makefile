@@ -29,6 +29,11 @@ $(STAMP): pyproject.toml Makefile
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The OpenAPI fuzzing of the live service with a larger budget than `make test` gives it (8 per operation).
+.PHONY: fuzz
+fuzz: $(STAMP)
+	VFM_FUZZ_EXAMPLES=$${VFM_FUZZ_EXAMPLES:-100} $(PY) -m pytest tests/integration/test_hardening_fuzz.py -s $(PYTEST_ARGS)
+
 serve: $(STAMP)
 	$(VENV)/bin/vfm serve --config $(CONFIG)
 

@@ -143,8 +143,14 @@ def resize_image(image: np.ndarray, spec: Preprocess) -> np.ndarray:
     iw, ih = pil.size
     scale = short / min(iw, ih)
     nw, nh = max(w, round(iw * scale)), max(h, round(ih * scale))
-    pil = pil.resize((nw, nh), resample)
     left, top = (nw - w) // 2, (nh - h) // 2
+    if nw * nh > 4 * max(iw * ih, w * h):
+        # An extreme aspect ratio (1 x 40000) would scale to gigapixels before the crop: resize only the
+        # region the crop keeps (the same geometry, bounded memory and time).
+        sx, sy = nw / iw, nh / ih
+        box = (left / sx, top / sy, (left + w) / sx, (top + h) / sy)
+        return np.asarray(pil.resize((w, h), resample, box=box))
+    pil = pil.resize((nw, nh), resample)
     return np.asarray(pil.crop((left, top, left + w, top + h)))
 
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from fastapi import FastAPI
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -168,9 +169,10 @@ def _endpoint(service: "Ingress", route: Route) -> Callable:
         except ApiError as exc:
             response = exc.response()
         except Exception:
-            log.exception("%s %s failed", route.method, request.url.path)
+            rid = request.headers.get("x-request-id", "-")
+            log.exception("request %s: %s %s failed", rid, route.method, request.url.path)
             response = error_response(500, "internal", "The server failed on this request; this is a bug. "
-                                      "The log has the details.")
+                                      f"The log has the details under request id {rid}.")
         finally:
             if model_route:
                 service.metrics.inc("vfm_queue_depth", (label,), -1)
@@ -206,6 +208,10 @@ def build_app(service: "Ingress") -> FastAPI:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+    if service.cfg.cors_origins:  # off unless configured: browsers on other origins get no CORS headers
+        app.add_middleware(CORSMiddleware, allow_origins=list(service.cfg.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "X-API-Key", "X-Request-ID"],
+                           expose_headers=["X-Request-ID", "Retry-After"])
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:

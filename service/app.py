@@ -58,7 +58,8 @@ def absolutize(cfg: ServiceConfig, base: Path | None = None) -> ServiceConfig:
     base = base or Path.cwd()
     models = {name: mc.model_copy(update={"weights": str((base / mc.weights).resolve())})
               if mc.weights and _is_local_path(mc.weights) else mc for name, mc in cfg.models.items()}
-    return cfg.model_copy(update={"heads_dir": str((base / cfg.heads_dir).resolve()), "models": models})
+    return cfg.model_copy(update={"heads_dir": str((base / cfg.heads_dir).resolve()), "models": models,
+                                  "model_repository": str((base / cfg.model_repository).resolve())})
 
 
 def _serving(mc: ModelConfig) -> dict[str, Any]:
@@ -78,11 +79,40 @@ def _availability(cfg: ServiceConfig, served: str) -> str | None:
             from models.backends import onnx  # noqa: F401
         except ImportError as exc:
             return f"the ONNX backend cannot run here ({exc}); install onnxruntime or use backend: torch."
+        from models.export import ExportNotFound, ExportStale, find_export
+
+        try:
+            find_export(registry, cfg.model_repository, mc.weights)
+        except (ExportNotFound, ExportStale) as exc:
+            if not mc.auto_export:
+                return " ".join(str(exc).split())
     try:
-        resolve_weights(registry, get_spec(registry).weights, mc.weights)
+        path = resolve_weights(registry, get_spec(registry).weights, mc.weights)
+        if mc.backend == "torch":
+            _check_checkpoint(path)
     except (WeightsUnavailable, UnsafeCheckpoint, ValueError) as exc:
         return " ".join(str(exc).split())
     return None
+
+
+def _check_checkpoint(path: Path | None) -> None:
+    """Raise ``UnsafeCheckpoint`` for a pickle the replica would refuse (it needs code to load), found here
+    without running it, so that model is listed unavailable instead of failing the application's start."""
+    from torch.serialization import get_unsafe_globals_in_checkpoint
+
+    from models import UnsafeCheckpoint
+    from models.weights import load_state_dict
+
+    if path is None or not path.is_file() or path.suffix == ".safetensors":
+        return
+    try:
+        unsafe = get_unsafe_globals_in_checkpoint(str(path))  # reads the pickle of a zip checkpoint, no tensors
+    except ValueError:  # a legacy (non-zip) torch.save or a bare pickle: load it the way the replica will
+        load_state_dict(path)
+        return
+    if unsafe:
+        raise UnsafeCheckpoint(f"Refused to load {path}: it is a pickle that would run code ({', '.join(unsafe)}). "
+                               "Convert it to safetensors.")
 
 
 def plan_service(cfg: ServiceConfig) -> ServicePlan:

@@ -67,6 +67,10 @@ class ModelConfig(_Strict):
     max_queued_requests: int = Field(128, ge=-1, description="-1: unbounded")
     request_timeout_s: float | None = Field(None, gt=0, description="overrides the service-wide timeout")
     health_check_period_s: float = Field(10.0, gt=0)
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="torch backend: float16/bfloat16 need a CUDA device")
+    auto_export: bool = Field(False, description="onnx backend: export into model_repository on first use")
+    options: dict[str, Any] = Field(default_factory=dict, description="more runner options, e.g. pooling, num_threads")
     decode_in: Literal["replica", "ingress"] = Field(
         "replica", description="where image bytes are decoded; replica measured faster (bench/serve.py)")
 
@@ -74,6 +78,8 @@ class ModelConfig(_Strict):
     def _consistent(self) -> "ModelConfig":
         if self.replicas is not None and self.autoscaling is not None:
             raise ValueError("give `replicas` or `autoscaling`, not both")
+        if self.dtype != "float32" and (self.backend != "torch" or self.device == "cpu"):
+            raise ValueError(f"dtype {self.dtype} needs backend: torch on a CUDA device (device: cuda or auto)")
         if self.device.startswith("cuda") and self.num_gpus <= 0:
             raise ValueError(f"device {self.device!r} needs num_gpus > 0 (Ray hides GPUs from replicas without one)")
         reserved = sorted({"CPU", "GPU", "memory", "object_store_memory"} & set(self.resources))
@@ -128,7 +134,9 @@ class ServiceConfig(_Strict):
     limits: Limits = Limits()
     api_key_env: str | None = Field("VFM_API_KEY", description="environment variable holding the API key")
     api_key_scope: Literal["admin", "all"] = Field("admin", description="routes that need the key when it is set")
+    cors_origins: list[str] = Field(default_factory=list, description="browser origins allowed by CORS; none: off")
     heads_dir: str = "heads"
+    model_repository: str = Field("model_repository", description="ONNX exports (`vfm export`), for backend: onnx")
     sam_cache_size: int = Field(32, ge=1, description="SAM image embeddings kept per replica (LRU)")
     metrics_flush_s: float = Field(1.0, gt=0, le=60)
     ingress: IngressConfig = IngressConfig()

@@ -3,7 +3,9 @@
 Every model is served the same few steps: decode the image bytes, queue the image for dynamic
 batching (``@serve.batch`` with the model's ``max_batch_size``/``batch_wait_timeout_s``), run one
 runner call per group of requests with the same options, and answer JSON-ready dicts. Expected
-problems (bad bytes, bad prompts, an evicted SAM embedding) come back as ``Failure`` values.
+problems (bad bytes, bad prompts, an evicted SAM embedding) come back as ``Failure`` values; so does
+an input the model raises on, after the batch it was in ran again image by image (its batch-mates
+still get their answers; the log line carries the request id).
 
 Where images are decoded: here, in the replica (``decode_in: replica``, the default), because it
 measured faster and scales. bench/serve.py runs both side by side (efficientnet_lite0, CPU,
@@ -48,10 +50,29 @@ class Job:
     task: str                                   # classify | detect | embed | encode
     image: np.ndarray
     options: tuple[tuple[str, Any], ...] = ()
+    request_id: str = ""                        # X-Request-ID, for the log line of a failure
 
 
 def _freeze(options: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted(options.items()))
+
+
+def _device_fault(exc: BaseException) -> bool:
+    """A failure of the machine (CUDA, memory) rather than of one input."""
+    text = f"{type(exc).__name__}: {exc}".lower()
+    return isinstance(exc, MemoryError) or any(k in text for k in ("cuda", "cudnn", "cublas", "out of memory",
+                                                                    "device-side", "acceleratorerror"))
+
+
+def runner_options(cfg: ServiceConfig, served: str) -> dict[str, Any]:
+    """The ``load_model`` options of a served model: its ``options``, dtype, and the ONNX repository."""
+    mc = cfg.models[served]
+    options = dict(mc.options)
+    if mc.backend == "onnx":
+        options.update(repository=cfg.model_repository, auto_export=mc.auto_export)
+    elif mc.dtype != "float32":
+        options["dtype"] = mc.dtype
+    return options
 
 
 class ModelServer:
@@ -69,7 +90,7 @@ class ModelServer:
             # Ray reserved num_cpus for this replica; more intra-op threads would only fight the others.
             set_threads(max(1, round(self.cfg.num_cpus)))
         self.runner = await asyncio.to_thread(load_model, cfg.registry_name(served), self.cfg.backend,
-                                              self.cfg.device, self.cfg.weights)
+                                              self.cfg.device, self.cfg.weights, **runner_options(cfg, served))
         self._infer.set_max_batch_size(self.cfg.max_batch_size)
         self._infer.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
         tasks = self.runner.tasks
@@ -87,36 +108,38 @@ class ModelServer:
     async def info(self) -> dict[str, Any]:
         return self.runner.info()
 
-    async def predict(self, image: bytes | np.ndarray, options: dict[str, Any]) -> dict | Failure:
+    async def predict(self, image: bytes | np.ndarray, options: dict[str, Any], request_id: str = "",
+                      ) -> dict | Failure:
         if self.predict_task is None:
             return self._unsupported("predict")
         decoded = await self._decode(image)
         if isinstance(decoded, Failure):
             return decoded
-        return await self._infer(Job(self.predict_task, decoded, _freeze(options)))
+        return await self._infer(Job(self.predict_task, decoded, _freeze(options), request_id))
 
-    async def embed(self, image: bytes | np.ndarray, options: dict[str, Any]) -> dict | Failure:
+    async def embed(self, image: bytes | np.ndarray, options: dict[str, Any], request_id: str = "",
+                    ) -> dict | Failure:
         if "embed" not in self.runner.tasks:
             return self._unsupported("embed")
         decoded = await self._decode(image)
         if isinstance(decoded, Failure):
             return decoded
-        return await self._infer(Job("embed", decoded, _freeze(options)))
+        return await self._infer(Job("embed", decoded, _freeze(options), request_id))
 
-    async def encode(self, image: bytes | np.ndarray, image_id: str) -> dict | Failure:
+    async def encode(self, image: bytes | np.ndarray, image_id: str, request_id: str = "") -> dict | Failure:
         if self.cache is None:
             return self._unsupported("encode")
-        found = await self._embedding(image, image_id)
+        found = await self._embedding(image, image_id, request_id)
         if isinstance(found, Failure):
             return found
         embedding, cached = found
         return {"image_id": image_id, "cached": cached, **_size_json(embedding.original_size)}
 
     async def segment(self, image: bytes | np.ndarray | None, image_id: str, prompts: list[dict[str, Any]],
-                      mask_format: str) -> dict | Failure:
+                      mask_format: str, request_id: str = "") -> dict | Failure:
         if self.cache is None:
             return self._unsupported("segment")
-        found = await self._embedding(image, image_id)
+        found = await self._embedding(image, image_id, request_id)
         if isinstance(found, Failure):
             return found
         embedding, cached = found
@@ -138,28 +161,42 @@ class ModelServer:
         for i, job in enumerate(jobs):
             groups[(job.task, job.options)].append(i)
         for (task, options), indices in groups.items():
-            results = await self._run(task, [jobs[i].image for i in indices], dict(options))
+            results = await self._run(task, [jobs[i] for i in indices], dict(options))
             for i, result in zip(indices, results):
                 out[i] = result
         return out
 
-    async def _run(self, task: str, images: list[np.ndarray], options: dict[str, Any]) -> list[Any]:
+    async def _run(self, task: str, jobs: list[Job], options: dict[str, Any]) -> list[Any]:
+        """One runner call for ``jobs``; when it raises, each job runs alone, so an input that makes the
+        model raise fails its own request and its batch-mates still get their answers."""
         started = time.perf_counter()
-        try:
-            results = await asyncio.to_thread(self._call_runner, task, images, options)
-        except ValueError as exc:  # a runner's way to refuse one input; isolate it from the others
-            if len(images) > 1:
-                return [(await self._run(task, [image], options))[0] for image in images]
-            return [Failure(422, "invalid_options", str(exc))]
-        except Exception as exc:
-            self._failures += 1
-            self._last_error = f"{type(exc).__name__}: {exc}"
-            raise
-        self._failures = 0
         labels = (self.served, task)
-        self.metrics.observe("vfm_batch_size", labels, len(images))
+        self.metrics.observe("vfm_batch_size", labels, len(jobs))
+        try:
+            results = await asyncio.to_thread(self._call_runner, task, [job.image for job in jobs], options)
+        except Exception as exc:
+            if len(jobs) > 1:
+                return [(await self._run(task, [job], options))[0] for job in jobs]
+            return [self._failed(task, jobs[0], exc)]
+        self._failures = 0
         self.metrics.observe("vfm_inference_latency_seconds", labels, time.perf_counter() - started)
         return results
+
+    def _failed(self, task: str, job: Job, exc: Exception) -> Failure:
+        """The answer to one input the runner raised on (logged with the request id)."""
+        if isinstance(exc, ValueError):  # a runner's way to refuse one input
+            return Failure(422, "invalid_options", str(exc))
+        request = job.request_id or "-"
+        reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        if _device_fault(exc):  # the machine, not the input: counts towards check_health
+            self._failures += 1
+            self._last_error = reason
+            log.error("request %s: %s %s failed on the device: %s", request, self.served, task, reason)
+            return Failure(503, "model_unavailable", f"Model {self.served!r} failed on its device ({reason}); "
+                           f"retry later. Request id {request}.")
+        log.error("request %s: %s %s raised on this input", request, self.served, task, exc_info=exc)
+        return Failure(422, "unprocessable_image", f"Model {self.served!r} could not process this image "
+                       f"({reason}); try another size or aspect ratio. Request id {request}.")
 
     def _call_runner(self, task: str, images: list[np.ndarray], options: dict[str, Any]) -> list[Any]:
         runner = self.runner
@@ -185,7 +222,8 @@ class ModelServer:
         except InvalidImage as exc:
             return Failure(exc.status, exc.code, str(exc))
 
-    async def _embedding(self, image: bytes | np.ndarray | None, image_id: str) -> tuple[Any, bool] | Failure:
+    async def _embedding(self, image: bytes | np.ndarray | None, image_id: str, request_id: str = "",
+                         ) -> tuple[Any, bool] | Failure:
         """The cached embedding of ``image_id``, else encode ``image``; ``(embedding, was_cached)``."""
         assert self.cache is not None
         labels = (self.served,)
@@ -205,7 +243,8 @@ class ModelServer:
         self.cache.claim(image_id)
         try:
             decoded = await self._decode(image)
-            result = decoded if isinstance(decoded, Failure) else await self._infer(Job("encode", decoded))
+            result = (decoded if isinstance(decoded, Failure)
+                      else await self._infer(Job("encode", decoded, request_id=request_id)))
         except BaseException:
             self.cache.fail(image_id, Failure(503, "overloaded", "The encoder run for this image was interrupted; "
                                                                  "send the request again."))

@@ -100,7 +100,8 @@ ERROR_TABLE = [
     ErrorDoc(405, ["method_not_allowed"], "the route exists with another method"),
     ErrorDoc(413, ["payload_too_large", "too_large", "too_many_pixels"], "body bytes or image pixels over the limit"),
     ErrorDoc(415, ["unsupported_media_type", "not_an_image", "unsupported_format"], "the body is not an image"),
-    ErrorDoc(422, ["invalid_options"], "an option is missing, of the wrong type or out of range"),
+    ErrorDoc(422, ["invalid_options", "unprocessable_image"], "an option is missing, of the wrong type or out of "
+             "range, or the model cannot process this image"),
     ErrorDoc(503, ["overloaded", "model_unavailable", "not_ready"], "try again after Retry-After seconds"),
     ErrorDoc(504, ["timeout"], "the model did not answer within the request timeout"),
 ]

@@ -64,9 +64,13 @@ class HeadCatalog:
     def reload(self) -> dict[str, Any]:
         entries: dict[str, HeadEntry] = {}
         if self.folder.is_dir():
+            root = self.folder.resolve()
             for head_json in sorted(self.folder.glob("*/head.json")):
                 folder = head_json.parent
                 try:
+                    if folder.resolve().parent != root:
+                        raise ValueError(f"{folder} is a symlink leading out of {self.folder} (to "
+                                         f"{folder.resolve()}); refused.")
                     head, meta = self.loader(folder)
                     entries[folder.name] = HeadEntry(folder.name, folder, "ready", head=head, meta=meta)
                 except Exception as exc:  # any broken artifact is reported, the others still load

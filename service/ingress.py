@@ -33,6 +33,11 @@ ROUTE_TASKS = {"predict": ("classify", "detect"), "embed": ("embed",), "encode":
                "segment": ("segment",)}
 
 
+def request_id(request: Request) -> str:
+    """The request's id: the client's X-Request-ID, else the one Serve's proxy made (it echoes it back)."""
+    return request.headers.get("x-request-id", "")
+
+
 @dataclass
 class ModelEntry:
     """A configured model as the API shows it; ``runtime`` comes from a replica once it answers."""
@@ -142,7 +147,10 @@ class Ingress:
             raise unavailable("model_unavailable", f"Model {name!r} has no healthy replica right now "
                               f"({type(exc).__name__}).", self.cfg.retry_after_s) from None
         if isinstance(result, Failure):
-            raise ApiError.from_failure(result)
+            error = ApiError.from_failure(result)
+            if error.status == 503:
+                error.headers["Retry-After"] = str(self.cfg.retry_after_s)
+            raise error
         return result
 
     async def image_arg(self, name: str, data: bytes) -> bytes | np.ndarray:
@@ -171,10 +179,15 @@ class Ingress:
 
     async def readyz(self, request: Request) -> Response:
         states: dict[str, dict[str, Any]] = {}
+        replicas = await self._running_replicas()
 
         async def probe(entry: ModelEntry) -> None:
             state: dict[str, Any] = {"status": entry.status}
-            if entry.status == "ready":
+            running, serve_status = (replicas or {}).get(entry.served, (1, ""))
+            if entry.status == "ready" and running < 1:  # e.g. its process died and Serve is starting another
+                state = {"status": "not_ready", "reason": f"no replica of {entry.served!r} is running (Serve: "
+                         f"{serve_status}); Serve replaces failed replicas, retry shortly."}
+            elif entry.status == "ready":
                 try:
                     await asyncio.wait_for(self.runtime_info(entry), 5.0)
                 except (ApiError, asyncio.TimeoutError) as exc:
@@ -187,6 +200,23 @@ class Ingress:
         ready = all(s["status"] == "ready" for s in states.values())
         headers = None if ready else {"Retry-After": str(self.cfg.retry_after_s)}
         return JSONResponse({"ready": ready, "models": states}, status_code=200 if ready else 503, headers=headers)
+
+    async def _running_replicas(self) -> dict[str, tuple[int, str]] | None:
+        """Serve's controller view of each model: (running replicas, deployment status); None if it cannot say."""
+        from ray import serve
+
+        try:
+            status = await asyncio.wait_for(asyncio.to_thread(serve.status), 5.0)
+        except Exception as exc:  # readiness then rests on the replica probes alone
+            log.warning("serve.status() failed: %s", exc)
+            return None
+        out: dict[str, tuple[int, str]] = {}
+        for served, handle in self.handles.items():
+            app = status.applications.get(handle.app_name)
+            deployment = app.deployments.get(handle.deployment_name) if app else None
+            if deployment is not None:
+                out[served] = (int(deployment.replica_states.get("RUNNING", 0)), str(deployment.status.value))
+        return out
 
     async def metrics_text(self, request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
@@ -214,14 +244,16 @@ class Ingress:
         parsed = await parse_image_request(request, self.limits)
         model = ClassifyOptions if "classify" in entry.tasks else DetectOptions
         options = parse_options(model, parsed.options, self.limits)
-        result = await self.call(name, "predict", await self.image_arg(name, parsed.image), options.runner_kwargs())
+        result = await self.call(name, "predict", await self.image_arg(name, parsed.image), options.runner_kwargs(),
+                                 request_id(request))
         return {"model": name, **result}
 
     async def embed(self, request: Request, name: str) -> dict[str, Any]:
         self.model(name, "embed")
         parsed = await parse_image_request(request, self.limits)
         options = parse_options(EmbedOptions, parsed.options, self.limits)
-        result = await self.call(name, "embed", await self.image_arg(name, parsed.image), options.runner_kwargs())
+        result = await self.call(name, "embed", await self.image_arg(name, parsed.image), options.runner_kwargs(),
+                                 request_id(request))
         return {"model": name, "normalized": options.normalize, **result}
 
     async def encode(self, request: Request, name: str) -> dict[str, Any]:
@@ -229,7 +261,8 @@ class Ingress:
         parsed = await parse_image_request(request, self.limits)
         parse_options(EncodeOptions, parsed.options, self.limits)
         image_id = image_id_of(parsed.image)
-        result = await self.call(name, "encode", await self.image_arg(name, parsed.image), image_id)
+        result = await self.call(name, "encode", await self.image_arg(name, parsed.image), image_id,
+                                 request_id(request))
         return {"model": name, **result}
 
     async def segment(self, request: Request, name: str) -> dict[str, Any]:
@@ -247,7 +280,8 @@ class Ingress:
         else:
             raise bad_request("segment needs the image (field `image`) or the image_id that encode returned.",
                               type="missing_image")
-        result = await self.call(name, "segment", image, image_id, options.prompt_list(), options.format)
+        result = await self.call(name, "segment", image, image_id, options.prompt_list(), options.format,
+                                 request_id(request))
         results = result.pop("results")
         if options.prompts is None:
             result["masks"] = results[0]["masks"]
@@ -275,7 +309,7 @@ class Ingress:
         parsed = await parse_image_request(request, self.limits)
         options = parse_options(HeadPredictOptions, parsed.options, self.limits)
         result = await self.call(backbone, "embed", await self.image_arg(backbone, parsed.image),
-                                 {"normalize": entry.normalize})
+                                 {"normalize": entry.normalize}, request_id(request))
         features = np.asarray([result["embedding"]], dtype=np.float32)
         try:
             top = await asyncio.to_thread(entry.head.classify, features, options.top_k)

@@ -129,7 +129,7 @@ def coerce_text(value: str) -> Any:
     """A form or query value: JSON when it parses (``5``, ``true``, ``[[1, 2]]``), else the text."""
     try:
         return json.loads(value)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deeply to be an option
         return value
 
 

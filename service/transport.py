@@ -94,6 +94,8 @@ def _json(body: bytes) -> ImageRequest:
         data = json.loads(body) if body.strip() else {}
     except ValueError as exc:
         raise bad_request(f"The body is not valid JSON: {exc}.") from None
+    except RecursionError:
+        raise bad_request("The JSON body is nested too deeply.") from None
     if not isinstance(data, dict):
         raise bad_request(f"The JSON body must be an object like {{\"image\": \"<base64>\"}}, not "
                           f"{type(data).__name__}.")
