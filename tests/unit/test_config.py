@@ -125,3 +125,14 @@ def test_vfm_serve_check_reports_each_model(tmp_path: Path, capsys: pytest.Captu
     assert vfm(["serve", "--config", str(path), "--check"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "models.tiny_cnn.max_batch_size" in err
+
+
+def test_half_precision_needs_torch_on_cuda():
+    from service.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match="models.tiny_cnn: .*float16 needs backend: torch on a CUDA device"):
+        parse_config({"models": {"tiny_cnn": {"device": "cpu", "dtype": "float16"}}})
+    with pytest.raises(ConfigError, match="bfloat16"):
+        parse_config({"models": {"tiny_cnn": {"backend": "onnx", "dtype": "bfloat16"}}})
+    cfg = parse_config({"models": {"tiny_cnn": {"device": "cuda", "num_gpus": 0.5, "dtype": "float16"}}})
+    assert cfg.models["tiny_cnn"].dtype == "float16"
