@@ -84,7 +84,10 @@ class Cluster:
         out = subprocess.run([sys.executable, "-c", APP_PLACEMENT, self.address], env=self.env, capture_output=True,
                              text=True, timeout=90)
         assert out.returncode == 0, out.stderr[-3000:]
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        # Ray may print its own warnings (e.g. lagging heartbeats of a dying node) after our one JSON line.
+        lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+        assert lines, out.stdout[-3000:]
+        return json.loads(lines[-1])
 
 
 def _ports(n: int) -> list[int]:
