@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..families.sam_prompts import pack_prompts, preprocess_shape
+from ..families.sam_prompts import check_embedding, pack_prompts
 from ..images import as_rgb_array
 from ..registry import ModelSpec
 from ..results import ImageEmbedding, Masks, Prompt
@@ -127,23 +127,8 @@ class OnnxSam(OnnxRunnerMixin, Runner):
         return out
 
     def _check_embedding(self, embedding: ImageEmbedding) -> np.ndarray:
-        if not isinstance(embedding, ImageEmbedding):
-            raise ValueError(f"segment() needs an ImageEmbedding from encode(), got {type(embedding).__name__}.")
-        if embedding.model and embedding.model != self.name:
-            raise ValueError(f"This embedding was made by {embedding.model!r}; encode the image with "
-                             f"{self.name!r} first.")
+        check_embedding(embedding, self.name, self.img_size, self.embedding_shape)
         features = embedding.features
         if hasattr(features, "detach"):  # an embedding from the PyTorch runner
             features = features.detach().float().cpu().numpy()
-        features = np.ascontiguousarray(features, dtype=np.float32)
-        expected = (1, *self.embedding_shape)
-        if features.shape != expected:
-            raise ValueError(f"Embedding features have shape {features.shape}; {self.name} needs {expected}.")
-        height, width = (int(v) for v in embedding.original_size)
-        if height <= 0 or width <= 0:
-            raise ValueError(f"Embedding original_size {embedding.original_size} is not a (height, width) size.")
-        if tuple(embedding.input_size) != preprocess_shape(height, width, self.img_size):
-            raise ValueError(f"Embedding input_size {tuple(embedding.input_size)} does not match its original_size "
-                             f"{(height, width)} for {self.name} (expected "
-                             f"{preprocess_shape(height, width, self.img_size)}).")
-        return features
+        return np.ascontiguousarray(features, dtype=np.float32)

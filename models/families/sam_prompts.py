@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..results import Prompt
+from ..results import ImageEmbedding, Prompt
 
 PADDING_LABEL = -1
 BOX_TOP_LEFT_LABEL = 2
@@ -136,3 +136,22 @@ def pack_prompts(prompts: Sequence[Prompt], image_size: tuple[int, int], long_si
     return [PromptGroup(indices=[r[0] for r in group], coords=np.stack([r[1] for r in group]),
                         labels=np.stack([r[2] for r in group]), multimask=[r[3] for r in group])
             for group in rows.values()]
+
+
+def check_embedding(embedding: ImageEmbedding, model: str, img_size: int, embedding_shape: tuple[int, ...]) -> None:
+    """Raise ValueError unless ``embedding`` came from ``model``'s encoder and its sizes fit it
+    (shared by the PyTorch and ONNX runners, which then convert the features each their own way)."""
+    if not isinstance(embedding, ImageEmbedding):
+        raise ValueError(f"segment() needs an ImageEmbedding from encode(), got {type(embedding).__name__}.")
+    if embedding.model and embedding.model != model:
+        raise ValueError(f"This embedding was made by {embedding.model!r}; encode the image with {model!r} first.")
+    shape = tuple(getattr(embedding.features, "shape", ()))
+    expected = (1, *embedding_shape)
+    if shape != expected:
+        raise ValueError(f"Embedding features have shape {shape}; {model} needs {expected}.")
+    height, width = (int(v) for v in embedding.original_size)
+    if height <= 0 or width <= 0:
+        raise ValueError(f"Embedding original_size {embedding.original_size} is not a (height, width) size.")
+    if tuple(embedding.input_size) != preprocess_shape(height, width, img_size):
+        raise ValueError(f"Embedding input_size {tuple(embedding.input_size)} does not match its original_size "
+                         f"{(height, width)} for {model} (expected {preprocess_shape(height, width, img_size)}).")

@@ -22,7 +22,7 @@ from ..images import as_rgb_array
 from ..registry import ModelSpec
 from ..results import ImageEmbedding, Masks, Prompt
 from ..runner import Runner
-from .sam_prompts import PADDING_LABEL, pack_prompts, preprocess_shape
+from .sam_prompts import PADDING_LABEL, check_embedding, pack_prompts
 
 log = logging.getLogger(__name__)
 
@@ -153,20 +153,5 @@ class SamRunner(Runner):
 
     def _check_embedding(self, embedding: ImageEmbedding) -> torch.Tensor:
         """The embedding's features on this runner's device and dtype, after checking they fit it."""
-        if not isinstance(embedding, ImageEmbedding):
-            raise ValueError(f"segment() needs an ImageEmbedding from encode(), got {type(embedding).__name__}.")
-        if embedding.model and embedding.model != self.name:
-            raise ValueError(f"This embedding was made by {embedding.model!r}; encode the image with "
-                             f"{self.name!r} first.")
-        features = torch.as_tensor(embedding.features)
-        expected = (1, *self.embedding_shape)
-        if tuple(features.shape) != expected:
-            raise ValueError(f"Embedding features have shape {tuple(features.shape)}; {self.name} needs {expected}.")
-        height, width = (int(v) for v in embedding.original_size)
-        if height <= 0 or width <= 0:
-            raise ValueError(f"Embedding original_size {embedding.original_size} is not a (height, width) size.")
-        if tuple(embedding.input_size) != preprocess_shape(height, width, self.img_size):
-            raise ValueError(f"Embedding input_size {tuple(embedding.input_size)} does not match its original_size "
-                             f"{(height, width)} for {self.name} (expected "
-                             f"{preprocess_shape(height, width, self.img_size)}).")
-        return features.to(self.device, self.dtype)
+        check_embedding(embedding, self.name, self.img_size, self.embedding_shape)
+        return torch.as_tensor(embedding.features).to(self.device, self.dtype)
