@@ -31,7 +31,7 @@ IMAGE_SIZE = (480, 640)  # (height, width): a VGA photo
 
 
 def images(n: int, seed: int) -> list[np.ndarray]:
-    from models.export_common import parity_images
+    from vfm.models.export_common import parity_images
 
     return parity_images(seed, [IMAGE_SIZE] * n)
 
@@ -39,7 +39,7 @@ def images(n: int, seed: int) -> list[np.ndarray]:
 def cases(name: str, task: str, runner_images: Callable[[int], list[np.ndarray]]
           ) -> list[tuple[str, Callable[[Any], Callable[[], Any]]]]:
     """(label, make(runner) -> a zero-argument call to time) for the model's main task."""
-    from models.export_sam import parity_prompts
+    from vfm.models.export_sam import parity_prompts
 
     one, eight = runner_images(1), runner_images(8)
     if task == "segment":
@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from models import get_spec, load_model
-    from models.export import export_model, find_export
+    from vfm.models import get_spec, load_model
+    from vfm.models.export import export_model, find_export
 
     torch.set_num_threads(args.threads)
     repository = args.repository or tempfile.mkdtemp(prefix="vfm-bench-")

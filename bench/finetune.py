@@ -50,10 +50,10 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 
 
 def extraction(args: argparse.Namespace) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[str]]:
-    from finetune.data import open_dataset
-    from finetune.extractors import make_extractor
-    from finetune.features import extract_features
-    from finetune.splits import make_splits
+    from vfm.finetune.data import open_dataset
+    from vfm.finetune.extractors import make_extractor
+    from vfm.finetune.features import extract_features
+    from vfm.finetune.splits import make_splits
 
     data = open_dataset(args.data)
     splits = make_splits(data, (0.8, 0.1, 0.1), args.seed, args.limit)
@@ -80,7 +80,7 @@ def ours(x: dict[str, np.ndarray], y: dict[str, np.ndarray], classes: list[str],
          hidden: tuple[int, ...], lrs: tuple[float, ...], epochs: int, **options: Any) -> tuple[float, float]:
     import torch
 
-    from finetune.train import TrainSettings, train_heads
+    from vfm.finetune.train import TrainSettings, train_heads
 
     options.setdefault("patience", 0)
     settings = TrainSettings(head=head, hidden=hidden, lrs=lrs, epochs=epochs, threads=torch.get_num_threads(),

@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from service.client import AsyncVfmClient  # noqa: E402
+from vfm.service.client import AsyncVfmClient  # noqa: E402
 
 TIME_LIMIT_S = 120.0  # per measured run
 
@@ -96,7 +96,7 @@ def in_process_run(runner, image: bytes, n: int, batch: int, concurrency: int, d
     ``decode=False``: the images are decoded beforehand, so this is the model alone, the ceiling the
     service is held to. ``decode=True``: each batch is decoded (in parallel threads) and then run.
     """
-    from models import decode_image
+    from vfm.models import decode_image
 
     size = min(batch, concurrency)
     decoded = decode_image(image)
@@ -173,10 +173,10 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=18765)
     args = parser.parse_args()
 
-    from models import load_model
-    from models.backends.torch import set_threads
-    from service.app import start_service
-    from service.config import parse_config
+    from vfm.models import load_model
+    from vfm.models.backends.torch import set_threads
+    from vfm.service.app import start_service
+    from vfm.service.config import parse_config
 
     images = test_images()
     set_threads(args.threads)

@@ -6,5 +6,5 @@ features.py           batched extraction with an on-disk cache (features_ray.py:
 stacked.py / train.py one head per learning rate in one pass; sgd and gd; checkpoints, resume
 evaluate.py / report.py  accuracy, per-class scores, confusion, the Hoeffding bound; report.md + plots
 pipeline.py / runs.py    the train command end to end; eval and publish of a run folder
-The heads themselves and their artifact live in ``models.heads`` so the service can load them.
+The heads themselves and their artifact live in ``vfm.models.heads`` so the service can load them.
 """

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from models.weights import save_state_dict
+from vfm.models.checkpoints import save_state_dict
 
 NAME = "checkpoint.safetensors"
 

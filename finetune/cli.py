@@ -141,7 +141,7 @@ def _required(args: argparse.Namespace, *names: str) -> None:
 # ---- value parsing ------------------------------------------------------------------------
 
 def _usage(message: str) -> Exception:
-    from vfm.cli import UsageError
+    from vfm.models.errors import UsageError
 
     return UsageError(message)
 
@@ -288,7 +288,7 @@ def _classes(text: str | None) -> tuple[str, ...] | None:
 # ---- commands ------------------------------------------------------------------------------
 
 def _known_errors() -> tuple[type[Exception], ...]:
-    from models import UnknownModel
+    from vfm.models import UnknownModel
 
     from .checkpoint import CheckpointMismatch
     from .extractors import BackboneError
@@ -334,7 +334,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from models.heads import InvalidHead
+    from vfm.models.heads import InvalidHead
 
     from .runs import eval_run
 
@@ -362,7 +362,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from models.heads import InvalidHead
+    from vfm.models.heads import InvalidHead
 
     from .runs import publish
 

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from models.images import as_rgb_array, decode_image
+from vfm.models.images import as_rgb_array, decode_image
 
 SPLITS = ("train", "val", "test")
 _SPLIT_NAMES = {"train": 0, "training": 0, "val": 1, "valid": 1, "validation": 1, "test": 2, "testing": 2}

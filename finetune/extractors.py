@@ -74,11 +74,11 @@ class BackboneExtractor(Extractor):
     run whose features are all cached never builds it."""
 
     def __init__(self, name: str, device: str = "auto", normalize: bool = False, weights: str | None = None):
-        from models import get_spec
+        from vfm.models import get_spec
 
         self.spec = get_spec(name)
         if not self.spec.is_backbone or "embed" not in self.spec.tasks:
-            from models import list_models
+            from vfm.models import list_models
 
             usable = [m for m in list_models(task="embed") if get_spec(m).is_backbone]
             raise BackboneError(f"model {name!r} cannot be a backbone (it has no feature vector); "
@@ -104,14 +104,14 @@ class BackboneExtractor(Extractor):
     @property
     def runner(self) -> Any:
         if self._runner is None:
-            from models import load_model
+            from vfm.models import load_model
 
             log.info("loading backbone %s on %s", self.name, self.device)
             self._runner = load_model(self.name, device=self.device, weights=self.weights)
         return self._runner
 
     def weights_digest(self) -> str:
-        from models.weights import resolve_weights
+        from vfm.models.weights import resolve_weights
 
         path = resolve_weights(self.name, self.spec.weights, self.weights)
         if path is not None:
@@ -140,7 +140,7 @@ class BackboneExtractor(Extractor):
 
 @lru_cache(maxsize=16)
 def _path_digest(path: str) -> str:
-    from models.weights import sha256_file
+    from vfm.models.weights import sha256_file
 
     p = Path(path)
     if p.is_file():

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from models.images import InvalidImage
+from vfm.models.images import InvalidImage
 
 from .data import ImageSource
 from .extractors import Extractor
@@ -98,7 +98,7 @@ class FeatureCache:
     def save(self, chunk_key: str, feats: np.ndarray, valid: np.ndarray, reasons: list[str]) -> None:
         from safetensors.numpy import save
 
-        from models.weights import atomic_write_bytes
+        from vfm.models.checkpoints import atomic_write_bytes
 
         valid_u8 = valid.astype(np.uint8)
         meta = {"chunk_key": chunk_key, "sha256": _digest(feats, valid_u8), "reasons": json.dumps(reasons),

@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.heads import KNNHead, save_head, to_jsonable
-from models.weights import atomic_write_bytes, cache_dir as vfm_cache_dir
+from vfm.models.heads import KNNHead, save_head, to_jsonable
+from vfm.models.checkpoints import atomic_write_bytes
+from vfm.models.weights import cache_dir as vfm_cache_dir
 
 from .checkpoint import NAME as CHECKPOINT_NAME
 from .data import DataError, LabeledImages, open_dataset

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from models.weights import atomic_write_bytes
+from vfm.models.checkpoints import atomic_write_bytes
 
 from .evaluate import Evaluation
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from models.heads import JSON_NAME, TENSORS_NAME, Head, load_head
-from models.weights import atomic_write_bytes
+from vfm.models.heads import JSON_NAME, TENSORS_NAME, Head, load_head
+from vfm.models.checkpoints import atomic_write_bytes
 
 from .data import DataError, LabeledImages, open_dataset
 from .evaluate import Evaluation, evaluate

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.heads import LinearHead, MLPHead, num_outputs
+from vfm.models.heads import LinearHead, MLPHead, num_outputs
 
 
 class StackedHeads(nn.Module):

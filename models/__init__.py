@@ -8,7 +8,8 @@ from .images import ImageLimits, InvalidImage, decode_image
 from .registry import ModelSpec, Preprocess, UnknownModel, get_spec, list_models, register_model
 from .results import Classification, Detection, Detections, ImageEmbedding, Label, Masks, Prompt
 from .runner import Runner, UnsupportedTask, load_model
-from .weights import UnsafeCheckpoint, WeightsUnavailable, resolve_weights
+from .checkpoints import UnsafeCheckpoint
+from .weights import WeightsUnavailable, resolve_weights
 
 __all__ = [
     "Classification", "Detection", "Detections", "ImageEmbedding", "ImageLimits", "InvalidImage", "Label",

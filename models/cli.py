@@ -55,7 +55,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 # ---- models ------------------------------------------------------------------------------
 
 def _spec(name: str):
-    from vfm.cli import UsageError
+    from vfm.models.errors import UsageError
 
     from .registry import UnknownModel, get_spec
 
@@ -109,7 +109,7 @@ def cmd_weights_where(args: argparse.Namespace) -> int:
 # ---- predict -----------------------------------------------------------------------------
 
 def _floats(text: str, n: tuple[int, ...], what: str) -> list[float]:
-    from vfm.cli import UsageError
+    from vfm.models.errors import UsageError
 
     try:
         values = [float(v) for v in text.split(",")]
@@ -156,7 +156,7 @@ def _read_images(paths: list[str]) -> list[Any]:
 
 def task_options(task: str | None, args: argparse.Namespace) -> dict[str, Any]:
     """The options the user gave for ``task`` (None: the server decides the task), checked."""
-    from vfm.cli import UsageError
+    from vfm.models.errors import UsageError
 
     opts: dict[str, Any] = {}
     if task in ("classify", None) and args.top_k is not None:
@@ -191,7 +191,7 @@ def task_options(task: str | None, args: argparse.Namespace) -> dict[str, Any]:
 
 def run_predict(runner, task: str, images: list, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Run one task over decoded images; results as JSON-ready dicts, one per image."""
-    from vfm.cli import UsageError
+    from vfm.models.errors import UsageError
 
     opts = task_options(task, args)
     if task == "classify":
@@ -250,7 +250,7 @@ def _print_human(task: str, path: str, result: dict[str, Any]) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from vfm.cli import UsageError
+    from vfm.models.errors import UsageError
 
     from .runner import load_model
 

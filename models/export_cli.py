@@ -49,7 +49,7 @@ def _tolerance(name: str, args: argparse.Namespace) -> Any:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from vfm.cli import UsageError
+    from vfm.models.errors import UsageError
 
     from .export import export_model
     from .export_common import ExportError, check_opset

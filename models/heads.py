@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .results import Classification, Label
-from .weights import atomic_write_bytes, save_state_dict
+from .checkpoints import atomic_write_bytes, save_state_dict
 
 FORMAT = "vfm-head"
 VERSION = 1

@@ -53,7 +53,7 @@ class ModelSpec:
     """What the zoo knows about a model before loading it.
 
     ``builder(spec, weights_path, device) -> Runner`` builds the runner; ``weights`` is the
-    default source (see ``models.weights``), ``None`` for random-init test variants.
+    default source (see ``vfm.models.weights``), ``None`` for random-init test variants.
     """
 
     name: str

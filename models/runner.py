@@ -1,7 +1,7 @@
 """The runner interface every family implements, and ``load_model``.
 
 A runner takes decoded RGB uint8 images (HxWx3 numpy arrays) and returns plain result
-objects (``models.results``). It knows nothing of Ray, HTTP or training.
+objects (``vfm.models.results``). It knows nothing of Ray, HTTP or training.
 """
 from __future__ import annotations
 

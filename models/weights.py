@@ -25,10 +25,6 @@ class WeightsUnavailable(RuntimeError):
     """Weights could not be had. The message names the model, what was tried, what to do."""
 
 
-class UnsafeCheckpoint(RuntimeError):
-    """A checkpoint that would run code when loaded (a pickle with globals) was refused."""
-
-
 # ---- sources -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -261,61 +257,3 @@ def download(url: str, target: Path, sha256: str | None, timeout: float = 30.0) 
         Path(tmp).unlink(missing_ok=True)
         raise
     return target
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` so that readers see the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-# ---- safe checkpoint loading -------------------------------------------------------------
-
-def load_state_dict(path: str | Path) -> dict[str, Any]:
-    """A state dict from safetensors, or from a torch checkpoint with ``weights_only=True``.
-
-    A pickle that needs arbitrary code (globals outside torch's allow-list) raises
-    ``UnsafeCheckpoint`` instead of running it.
-    """
-    import pickle
-
-    import torch
-
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise UnsafeCheckpoint(f"Refused to load {path}: it is a pickle that would run code "
-                               f"({str(exc).splitlines()[0][:200]}). Convert it to safetensors.") from None
-    except RuntimeError as exc:
-        if "weights_only" in str(exc) or "Unsupported" in str(exc):
-            raise UnsafeCheckpoint(f"Refused to load {path}: not loadable with weights_only=True. "
-                                   "Convert it to safetensors.") from None
-        raise
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise UnsafeCheckpoint(f"{path} does not hold a state dict (found {type(obj).__name__}).")
-    return obj
-
-
-def save_state_dict(state: dict[str, Any], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Save tensors as safetensors, atomically."""
-    from safetensors.torch import save
-
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    atomic_write_bytes(Path(path), save(tensors, metadata=metadata))

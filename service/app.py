@@ -68,7 +68,8 @@ def _serving(mc: ModelConfig) -> dict[str, Any]:
 
 def _availability(cfg: ServiceConfig, served: str) -> str | None:
     """``None`` when the model can be loaded, else the reason it cannot."""
-    from models import UnsafeCheckpoint, WeightsUnavailable, get_spec, resolve_weights
+    from vfm.models import UnsafeCheckpoint, WeightsUnavailable, get_spec, resolve_weights
+    from vfm.models.checkpoints import check_checkpoint
 
     mc = cfg.models[served]
     registry = cfg.registry_name(served)
@@ -76,10 +77,10 @@ def _availability(cfg: ServiceConfig, served: str) -> str | None:
         try:
             import onnxruntime  # noqa: F401
 
-            from models.backends import onnx  # noqa: F401
+            from vfm.models.backends import onnx  # noqa: F401
         except ImportError as exc:
             return f"the ONNX backend cannot run here ({exc}); install onnxruntime or use backend: torch."
-        from models.export import ExportNotFound, ExportStale, find_export
+        from vfm.models.export import ExportNotFound, ExportStale, find_export
 
         try:
             find_export(registry, cfg.model_repository, mc.weights)
@@ -89,35 +90,15 @@ def _availability(cfg: ServiceConfig, served: str) -> str | None:
     try:
         path = resolve_weights(registry, get_spec(registry).weights, mc.weights)
         if mc.backend == "torch":
-            _check_checkpoint(path)
+            check_checkpoint(path)
     except (WeightsUnavailable, UnsafeCheckpoint, ValueError) as exc:
         return " ".join(str(exc).split())
     return None
 
 
-def _check_checkpoint(path: Path | None) -> None:
-    """Raise ``UnsafeCheckpoint`` for a pickle the replica would refuse (it needs code to load), found here
-    without running it, so that model is listed unavailable instead of failing the application's start."""
-    from torch.serialization import get_unsafe_globals_in_checkpoint
-
-    from models import UnsafeCheckpoint
-    from models.weights import load_state_dict
-
-    if path is None or not path.is_file() or path.suffix == ".safetensors":
-        return
-    try:
-        unsafe = get_unsafe_globals_in_checkpoint(str(path))  # reads the pickle of a zip checkpoint, no tensors
-    except ValueError:  # a legacy (non-zip) torch.save or a bare pickle: load it the way the replica will
-        load_state_dict(path)
-        return
-    if unsafe:
-        raise UnsafeCheckpoint(f"Refused to load {path}: it is a pickle that would run code ({', '.join(unsafe)}). "
-                               "Convert it to safetensors.")
-
-
 def plan_service(cfg: ServiceConfig) -> ServicePlan:
     """Every configured model with its status; weights are resolved in parallel."""
-    from models import get_spec, list_models
+    from vfm.models import get_spec, list_models
 
     list_models()  # import every family once, here, before the threads below look models up
     names = list(cfg.models)
@@ -167,7 +148,7 @@ def build_application(plan: ServicePlan) -> Any:
 
 def build_app(args: dict[str, Any]) -> Any:
     """The application builder of Serve config files (``serve deploy``, KubeRay's serveConfigV2):
-    ``import_path: service.app:build_app`` with the service config as ``args`` (``vfm serve --render
+    ``import_path: vfm.service.app:build_app`` with the service config as ``args`` (``vfm serve --render
     serve``). It runs inside the cluster, so weights are resolved and paths made absolute there."""
     from .config import parse_config
 

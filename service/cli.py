@@ -26,7 +26,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from vfm.cli import UsageError
+    from vfm.models.errors import UsageError
 
     from .config import ConfigError, load_config
 
@@ -37,7 +37,7 @@ def _load(args: argparse.Namespace):
 
 
 def _render(args: argparse.Namespace, cfg) -> int:
-    from vfm.cli import UsageError
+    from vfm.models.errors import UsageError
 
     from .config import DEFAULT_CONFIG
     from .render import render

@@ -7,7 +7,7 @@
 Keys under ``models`` are the names the service serves a model under (the URL path); ``model``
 names the registry entry and defaults to the key, so one registry model can be served twice
 with different settings (``tiny_cnn`` and ``tiny_cnn_onnx``). Mistakes raise ``ConfigError``
-whose lines name the key (``models.tiny_cnn.max_batch_size: ...``) and suggest close names.
+whose lines name the key (``vfm.models.tiny_cnn.max_batch_size: ...``) and suggest close names.
 """
 from __future__ import annotations
 
@@ -196,7 +196,7 @@ def _explain(exc: ValidationError) -> list[str]:
 
 def check_model_names(cfg: ServiceConfig) -> list[str]:
     """Every served model must name a registered model; the error lists close names."""
-    from models import UnknownModel, get_spec
+    from vfm.models import UnknownModel, get_spec
 
     problems = []
     for served in cfg.models:

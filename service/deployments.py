@@ -79,8 +79,8 @@ class ModelServer:
     """Loads one model, warms it up, and answers the ingress's calls."""
 
     async def __init__(self, served: str, cfg: ServiceConfig, hub: Any):
-        from models import ImageLimits, load_model
-        from models.backends.torch import set_threads
+        from vfm.models import ImageLimits, load_model
+        from vfm.models.backends.torch import set_threads
 
         self.served = served
         self.cfg = cfg.models[served]
@@ -213,7 +213,7 @@ class ModelServer:
 
     # ---- helpers -----------------------------------------------------------------------------
     async def _decode(self, image: bytes | np.ndarray) -> np.ndarray | Failure:
-        from models import InvalidImage, decode_image
+        from vfm.models import InvalidImage, decode_image
 
         if isinstance(image, np.ndarray):  # decoded by the ingress (decode_in: ingress)
             return image
@@ -256,7 +256,7 @@ class ModelServer:
         return result, False
 
     def _segment(self, embedding: Any, prompts: list[dict[str, Any]], mask_format: str) -> list[dict[str, Any]]:
-        from models import Prompt
+        from vfm.models import Prompt
 
         objects = [Prompt(points=None if p.get("points") is None else np.asarray(p["points"], np.float64),
                           point_labels=None if p.get("point_labels") is None else np.asarray(p["point_labels"]),

@@ -1,7 +1,7 @@
 """Fine-tuned heads served next to their backbone: the catalog of the heads folder.
 
 A head is a folder ``<heads_dir>/<name>/`` holding ``head.json`` + ``head.safetensors``
-(``vfm finetune`` writes them; ``models.heads`` defines the format). The catalog loads every
+(``vfm finetune`` writes them; ``vfm.models.heads`` defines the format). The catalog loads every
 such folder with one loader function, the seam between the service and the artifact format:
 ``loader(folder) -> (head, meta)`` where ``head.classify(features, top_k)`` returns
 ``Classification`` objects and ``meta`` is head.json. A folder that fails to load is listed
@@ -20,8 +20,8 @@ HeadLoader = Callable[[Path], tuple[Any, dict[str, Any]]]
 
 
 def load_head_folder(folder: Path) -> tuple[Any, dict[str, Any]]:
-    """The default loader: the artifact format of ``models.heads``."""
-    from models.heads import load_head
+    """The default loader: the artifact format of ``vfm.models.heads``."""
+    from vfm.models.heads import load_head
 
     return load_head(folder)
 

@@ -157,7 +157,7 @@ class Ingress:
         """What a replica gets: the bytes, or the decoded array when the model decodes at the ingress."""
         if self.cfg.models[name].decode_in == "replica":
             return data
-        from models import ImageLimits, InvalidImage, decode_image
+        from vfm.models import ImageLimits, InvalidImage, decode_image
 
         limits = ImageLimits(max_bytes=self.limits.max_body_bytes, max_pixels=self.limits.max_pixels)
         try:

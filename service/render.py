@@ -5,7 +5,7 @@
     vfm serve --render compose --config configs/default.yaml > docker-compose.yml
 
 ``serve`` is a Ray Serve config file (``serve deploy``/``serve run`` on an existing cluster): one
-application built inside the cluster by ``service.app:build_app`` from the config, carried whole
+application built inside the cluster by ``vfm.service.app:build_app`` from the config, carried whole
 as the application's ``args``. Each model's Serve options (replicas or autoscaling, CPUs, GPUs,
 custom resources, queue limits) come from ``ModelConfig.serve_options()`` in that builder; the
 file lists no per-deployment overrides, because Serve rejects an override for a deployment the
@@ -32,7 +32,7 @@ from .config import ModelConfig, ServiceConfig
 
 TARGETS = {"serve": "deploy/serve.yaml", "kuberay": "deploy/kuberay/rayservice.yaml", "compose": "docker-compose.yml"}
 
-BUILDER = "service.app:build_app"
+BUILDER = "vfm.service.app:build_app"
 CLUSTER_HOST = "0.0.0.0"          # inside a container or pod; what is published is decided outside it
 CONFIG_PATH = "/etc/vfm/config.yaml"
 CACHE_DIR = "/var/cache/vfm"       # VFM_CACHE of both images (a volume)

@@ -11,17 +11,11 @@ import logging
 import sys
 from typing import Sequence
 
+from vfm.models.errors import UsageError
+
 from . import __version__
 
-COMMAND_MODULES = ("models.cli", "models.export_cli", "service.cli", "finetune.cli")
-
-
-class CliError(Exception):
-    """A failure to report as one line (exit 1)."""
-
-
-class UsageError(CliError):
-    """Bad arguments found after parsing (exit 2)."""
+COMMAND_MODULES = ("vfm.models.cli", "vfm.models.export_cli", "vfm.service.cli", "vfm.finetune.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +38,7 @@ def _one_line(exc: BaseException) -> str:
 
 def _remote_predict(url: str, name: str, images: Sequence[str], options: dict, task: str | None) -> list[dict]:
     """`vfm predict --url`: the dispatcher sits above models and service, so it joins them here."""
-    from service.client import remote_predict
+    from vfm.service.client import remote_predict
 
     return remote_predict(url, name, images, options, task=task)
 

@@ -10,7 +10,7 @@ import sys
 import urllib.error
 import urllib.request
 
-from service.config import load_config
+from vfm.service.config import load_config
 
 
 def main(argv: list[str]) -> int:

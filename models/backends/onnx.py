@@ -1,7 +1,7 @@
 """ONNX Runtime plumbing: device -> execution providers, session settings, IO binding, loading runners.
 
 ``load_onnx_runner`` is what ``load_model(name, backend="onnx")`` calls. It reads an export
-from the model repository (``vfm export NAME`` writes it; see ``models.export``), makes one
+from the model repository (``vfm export NAME`` writes it; see ``vfm.models.export``), makes one
 session per graph and returns the family's ONNX runner, which has the same task methods and
 gives the same results as the PyTorch runner.
 """

@@ -1,6 +1,6 @@
 """ONNX Runtime runners: each subclasses its family's PyTorch runner and replaces only the forward pass.
 
-Preprocessing (``models.images``), softmax/top-k, pooling, detection post-processing and the
+Preprocessing (``vfm.models.images``), softmax/top-k, pooling, detection post-processing and the
 MTCNN cascade are the PyTorch runners' own code, inherited; the graph computes exactly what
 the PyTorch runner's network call computed. So a difference between backends can only come
 from the graph, and the export's parity check has already bounded that.
@@ -99,7 +99,7 @@ class OnnxViT(OnnxRunnerMixin, HFViTRunner):
 
 class OnnxDetector(OnnxRunnerMixin, DetectionRunner):
     """A torchvision detector's graph, one session call per image; thresholds, NMS and the cap are
-    ``DetectionRunner``'s, as on torch (see ``models.export_detect``)."""
+    ``DetectionRunner``'s, as on torch (see ``vfm.models.export_detect``)."""
 
     def __init__(self, spec: ModelSpec, loaded: LoadedExport, device: str, **options: Any):
         reject_options(spec, options, ())

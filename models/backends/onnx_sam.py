@@ -1,6 +1,6 @@
 """SAM on ONNX Runtime: the image encoder graph and the prompt decoder graph, with Python around them.
 
-The decoder graph (``models.export_sam``) returns low-resolution mask logits for all four
+The decoder graph (``vfm.models.export_sam``) returns low-resolution mask logits for all four
 mask tokens and their predicted IoU. Everything that depends on the image's size happens
 here, in Python, for any size and aspect ratio: the longest-side resize and padding before
 the encoder, the prompt packing (``sam_prompts``, shared with the PyTorch runner), the choice

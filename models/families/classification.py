@@ -22,7 +22,8 @@ from ..labels import imagenet_categories, numbered_labels
 from ..registry import ModelSpec, Preprocess, register_model
 from ..results import Classification, Label
 from ..runner import Runner
-from ..weights import PackageWeights, UrlWeights, WeightsUnavailable, load_state_dict
+from ..checkpoints import load_state_dict
+from ..weights import PackageWeights, UrlWeights, WeightsUnavailable
 
 log = logging.getLogger(__name__)
 

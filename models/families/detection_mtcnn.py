@@ -2,7 +2,7 @@
 
 facenet's ``MTCNN`` class would ``torch.load`` its three files itself (full unpickling), so
 we build ``PNet``/``RNet``/``ONet`` with ``pretrained=False``, load their state dicts with the
-safe ``models.weights.load_state_dict``, and run facenet's own cascade (``detect_face``).
+safe ``vfm.models.weights.load_state_dict``, and run facenet's own cascade (``detect_face``).
 
 Thresholds: MTCNN filters at each of its three stages (facenet defaults 0.6, 0.7, 0.7). The
 first two only prune proposals and their scores are never reported; the score a detection
@@ -22,7 +22,8 @@ import torch
 
 from ..backends.torch import torch_dtype
 from ..registry import ModelSpec, register_model
-from ..weights import PackageWeights, WeightsUnavailable, load_state_dict
+from ..checkpoints import load_state_dict
+from ..weights import PackageWeights, WeightsUnavailable
 from .detection_base import DetectArgs, DetectionRunner, RawDetections
 from .detection_torchvision import seeded
 

@@ -2,7 +2,7 @@
 
 The network comes from torchvision's builder with ``weights=None, weights_backbone=None`` so
 that torchvision never downloads or unpickles anything itself; the COCO state dict is
-resolved by ``models.weights`` (cache, then a sha256-checked download) and loaded with the
+resolved by ``vfm.models.weights`` (cache, then a sha256-checked download) and loaded with the
 safe ``load_state_dict``. ``weights="random"`` gives a seeded random init of the full model.
 """
 from __future__ import annotations
@@ -20,7 +20,8 @@ from torchvision.models import detection as tvd
 
 from ..backends.torch import torch_dtype
 from ..registry import ModelSpec, register_model
-from ..weights import UrlWeights, WeightsUnavailable, load_state_dict
+from ..checkpoints import load_state_dict
+from ..weights import UrlWeights, WeightsUnavailable
 from .detection_base import DetectArgs, DetectionRunner, RawDetections
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,8 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 
 from ..backends.torch import torch_dtype
 from ..registry import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, Preprocess, register_model
-from ..weights import UrlWeights, WeightsUnavailable, load_state_dict
+from ..checkpoints import load_state_dict
+from ..weights import UrlWeights, WeightsUnavailable
 from .sam_runner import SamRunner
 
 log = logging.getLogger(__name__)

@@ -1,12 +1,12 @@
 """The ViT family through Hugging Face transformers: DINOv2 backbones and the ImageNet ViT classifier.
 
-Preprocessing is ours (``models.images.preprocess_batch``), not the HF image processor: it is
+Preprocessing is ours (``vfm.models.images.preprocess_batch``), not the HF image processor: it is
 faster per request and it is the same code the ONNX backend runs, so the two stay comparable.
 
 With no weights (``weights="random"``, ``tiny_vit``) the network is built from a local config
 holding the published hyper-parameters and a seeded init, so structure and timing work offline.
 With a folder (an HF snapshot or a ``save_pretrained`` folder) it loads with
-``from_pretrained(folder, local_files_only=True)``; downloads only ever happen in ``models.weights``.
+``from_pretrained(folder, local_files_only=True)``; downloads only ever happen in ``vfm.models.weights``.
 """
 from __future__ import annotations
 

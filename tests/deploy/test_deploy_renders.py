@@ -28,12 +28,12 @@ import jsonschema
 import pytest
 import yaml
 
-from service.config import load_config, parse_config
-from service.render import TARGETS
+from vfm.service.config import load_config, parse_config
+from vfm.service.render import TARGETS
 from vfm.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
-SCHEMAS = ROOT.parent / "shared" / "schemas"
+SCHEMAS = ROOT / "tests" / "deploy" / "schemas"  # copies, with their source and licence in SOURCES.md
 DOCKERFILES = {"cpu": ROOT / "deploy/docker/Dockerfile", "gpu": ROOT / "deploy/docker/Dockerfile.gpu"}
 
 
@@ -74,11 +74,11 @@ def test_the_committed_files_are_what_the_default_config_renders(rendered: dict[
 def test_the_serve_config_passes_rays_schema_and_carries_the_whole_config() -> None:
     from ray.serve.schema import ServeDeploySchema
 
-    from service.app import build_app
+    from vfm.service.app import build_app
 
     schema = ServeDeploySchema.model_validate(committed("serve"))
     (app,) = schema.applications
-    assert (app.import_path, app.route_prefix, app.name) == ("service.app:build_app", "/", "vfm")
+    assert (app.import_path, app.route_prefix, app.name) == ("vfm.service.app:build_app", "/", "vfm")
     module, attr = app.import_path.split(":")
     assert getattr(importlib.import_module(module), attr) is build_app
     # the builder's args are the config itself: the cluster builds what `vfm serve` builds

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import skimage.data
 
-from models import get_spec, load_model
+from vfm.models import get_spec, load_model
 
 pytestmark = pytest.mark.e2e
 

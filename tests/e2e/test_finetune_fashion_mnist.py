@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import cdist
 
-from finetune.data import open_dataset
-from finetune.extractors import make_extractor
-from finetune.features import extract_features
-from finetune.splits import make_splits
-from models import load_model
-from models.heads import KNNHead, load_head
+from vfm.finetune.data import open_dataset
+from vfm.finetune.extractors import make_extractor
+from vfm.finetune.features import extract_features
+from vfm.finetune.splits import make_splits
+from vfm.models import load_model
+from vfm.models.heads import KNNHead, load_head
 from vfm.cli import main
 
 pytestmark = pytest.mark.e2e

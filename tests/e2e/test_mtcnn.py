@@ -7,9 +7,9 @@ import torch
 from skimage import data
 from skimage.feature import Cascade
 
-from models import load_model
-from models.families.detection_mtcnn import facenet_data_dir
-from models.weights import load_state_dict
+from vfm.models import load_model
+from vfm.models.families.detection_mtcnn import facenet_data_dir
+from vfm.models.checkpoints import load_state_dict
 
 pytestmark = pytest.mark.e2e
 

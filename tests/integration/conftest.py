@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pytest
 
-from service.client import VfmClient
+from vfm.service.client import VfmClient
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -160,8 +160,8 @@ def heads_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def vfm_service(request: pytest.FixtureRequest, api_key: str, heads_dir: Path) -> Iterator[Any]:
-    from service.app import start_service
-    from service.config import parse_config
+    from vfm.service.app import start_service
+    from vfm.service.config import parse_config
 
     cfg = parse_config(session_config_data(request.session.items, free_port(), heads_dir), "integration config")
     ray_tmp = tempfile.mkdtemp(prefix="vfm-ray-", dir="/tmp")   # short: Ray's socket paths must fit 107 bytes

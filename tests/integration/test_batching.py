@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 
-from service.client import AsyncVfmClient, VfmClient
+from vfm.service.client import AsyncVfmClient, VfmClient
 
 CONCURRENCY = 16
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from service.client import remote_predict
+from vfm.service.client import remote_predict
 
 from conftest import descendants, free_port, wait_gone  # noqa: E402  (this folder's conftest)
 

@@ -28,9 +28,9 @@ import httpx
 import pytest
 import yaml
 
-from service.client import VfmClient, VfmError
-from service.config import parse_config
-from service.render import render
+from vfm.service.client import VfmClient, VfmError
+from vfm.service.config import parse_config
+from vfm.service.render import render
 
 from conftest import descendants, free_port, wait_gone  # noqa: E402  (this folder's conftest)
 
@@ -248,7 +248,7 @@ def test_vfm_serve_spreads_replicas_over_two_nodes_and_survives_losing_one(clust
 def test_the_rendered_serve_config_builds_the_application_inside_the_cluster(cluster: Cluster, tmp_path: Path,
                                                                              small_png: bytes) -> None:
     """`vfm serve --render serve`, deployed as it is by Ray's own `serve run` (the path of `serve deploy`
-    and of KubeRay's serveConfigV2): `service.app:build_app` builds the application from its args."""
+    and of KubeRay's serveConfigV2): `vfm.service.app:build_app` builds the application from its args."""
     cfg = parse_config(_config(cluster.http_port), "the test config")
     rendered = tmp_path / "serve.yaml"
     rendered.write_text(render("serve", cfg, "cluster.yaml"))

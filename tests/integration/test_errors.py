@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service.client import VfmClient
+from vfm.service.client import VfmClient
 
 
 @dataclass

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.heads import KNNHead, save_head
-from service.client import VfmClient
+from vfm.models.heads import KNNHead, save_head
+from vfm.service.client import VfmClient
 
 from hardening_tools import PNG_HEADERS
 from test_errors import assert_error
@@ -58,7 +58,7 @@ def test_admin_route_refuses_every_wrong_key(client: VfmClient, api_key: str, va
 
 
 def test_the_key_is_compared_in_constant_time() -> None:
-    from service.ingress import Ingress
+    from vfm.service.ingress import Ingress
 
     source = inspect.getsource(Ingress.authorize)
     assert "hmac.compare_digest(" in source and "== self.api_key" not in source
@@ -66,8 +66,8 @@ def test_the_key_is_compared_in_constant_time() -> None:
 
 def _app(cfg: Any) -> Any:
     """The real FastAPI app of an Ingress built from ``cfg`` (no models, no Ray: routes without replicas)."""
-    from service.api import build_app
-    from service.ingress import Ingress
+    from vfm.service.api import build_app
+    from vfm.service.ingress import Ingress
 
     async def make() -> Any:
         ingress = object.__new__(Ingress)
@@ -83,7 +83,7 @@ async def _asgi(app: Any, method: str, path: str, **kwargs: Any) -> httpx.Respon
 
 
 def test_with_scope_all_every_api_route_needs_the_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from service.config import ServiceConfig
+    from vfm.service.config import ServiceConfig
 
     monkeypatch.setenv("VFM_HARDENING_KEY", "s3cret-key")
     cfg = ServiceConfig(api_key_env="VFM_HARDENING_KEY", api_key_scope="all", heads_dir=str(tmp_path))
@@ -222,8 +222,8 @@ def test_a_pickled_or_escaping_head_is_refused_and_runs_nothing(client: VfmClien
 
 
 def test_a_checkpoint_that_would_run_code_makes_its_model_unavailable_not_the_service(tmp_path: Path) -> None:
-    from service.app import absolutize, plan_service
-    from service.config import parse_config
+    from vfm.service.app import absolutize, plan_service
+    from vfm.service.config import parse_config
 
     marker = tmp_path / "pickle-ran"
     torch.save({"weight": RunsCode(marker)}, tmp_path / "zip.pt")
@@ -250,7 +250,7 @@ def _preflight(origin: str) -> dict[str, str]:
 
 
 def test_cors_is_off_by_default(tmp_path: Path) -> None:
-    from service.config import ServiceConfig
+    from vfm.service.config import ServiceConfig
 
     cfg = ServiceConfig(heads_dir=str(tmp_path))
     assert cfg.cors_origins == []

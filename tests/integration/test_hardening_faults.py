@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service.client import VfmClient
+from vfm.service.client import VfmClient
 
 from hardening_tools import PNG_HEADERS, encoded, log_lines_with, noise, replica_pids
 from test_errors import assert_error
@@ -134,12 +134,12 @@ WRITER = textwrap.dedent("""
     import numpy as np
     kind, target = sys.argv[1], Path(sys.argv[2])
     if kind == "bytes":
-        from models.weights import atomic_write_bytes
+        from vfm.models.checkpoints import atomic_write_bytes
         data = np.full(512 << 20, 7, np.uint8).tobytes()
         print("writing", flush=True)
         atomic_write_bytes(target, data)
     else:
-        from models.heads import KNNHead, save_head
+        from vfm.models.heads import KNNHead, save_head
         features = np.ones((200_000, 256), np.float32)
         head = KNNHead(["new-a", "new-b"], features, np.arange(200_000) % 2, k=1)
         print("writing", flush=True)
@@ -169,7 +169,7 @@ def _kill_mid_write(kind: str, target: Path, watch: Path) -> list[str]:
 
 
 def test_a_killed_atomic_write_leaves_the_previous_file(tmp_path: Path) -> None:
-    from models.weights import atomic_write_bytes
+    from vfm.models.checkpoints import atomic_write_bytes
 
     previous = b"previous version " * 1000
     landed_mid_write = 0
@@ -189,7 +189,7 @@ def test_a_killed_atomic_write_leaves_the_previous_file(tmp_path: Path) -> None:
 
 
 def test_a_killed_head_save_leaves_the_previous_head_loadable(tmp_path: Path) -> None:
-    from models.heads import KNNHead, load_head, save_head
+    from vfm.models.heads import KNNHead, load_head, save_head
 
     folder = tmp_path / "knn"
     save_head(KNNHead(["old-a", "old-b"], np.eye(2, 256, dtype=np.float32), np.arange(2), k=1), folder,

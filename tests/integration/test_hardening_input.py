@@ -14,8 +14,8 @@ from urllib.parse import urlencode
 import numpy as np
 import pytest
 
-from models.heads import KNNHead, save_head
-from service.client import VfmClient
+from vfm.models.heads import KNNHead, save_head
+from vfm.service.client import VfmClient
 from vfm.cli import main as vfm_main
 
 from conftest import BASE_SETTINGS

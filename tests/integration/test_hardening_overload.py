@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from service.client import VfmClient
+from vfm.service.client import VfmClient
 
 from conftest import BASE_SETTINGS
 from hardening_tools import PNG_HEADERS, chunked, ingress_pid, memory_kb, raw_request

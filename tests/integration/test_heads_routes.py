@@ -8,8 +8,8 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-from models.heads import KNNHead, save_head
-from service.client import VfmClient
+from vfm.models.heads import KNNHead, save_head
+from vfm.service.client import VfmClient
 
 
 @pytest.fixture
@@ -55,9 +55,9 @@ def test_a_published_fashion_mnist_head_answers_as_in_process(client: VfmClient,
 
     from PIL import Image
 
-    from finetune.data import read_idx_file
-    from models import decode_image, load_model
-    from models.heads import load_head
+    from vfm.finetune.data import read_idx_file
+    from vfm.models import decode_image, load_model
+    from vfm.models.heads import load_head
     from vfm.cli import main as vfm
 
     run = tmp_path / "run"

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.masks import decode_rle
+from vfm.models.masks import decode_rle
 
 REPOSITORY = Path(tempfile.gettempdir()) / f"vfm-test-onnx-repo-{__import__('os').getpid()}"
 _ONNX = {"backend": "onnx", "auto_export": True, "num_cpus": 0.1}

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models import decode_image, load_model
-from service.client import VfmClient
+from vfm.models import decode_image, load_model
+from vfm.service.client import VfmClient
 
 
 @pytest.fixture(scope="module")

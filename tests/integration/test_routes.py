@@ -6,8 +6,8 @@ import hashlib
 import numpy as np
 import pytest
 
-from service.api import ROUTES
-from service.client import VfmClient
+from vfm.service.api import ROUTES
+from vfm.service.client import VfmClient
 
 TRANSPORTS = ("multipart", "json", "raw")
 
@@ -102,7 +102,7 @@ def test_options_come_from_query_parameters_with_any_body(client: VfmClient, sma
 
 
 def _body(image: bytes, transport: str) -> dict:
-    from service.client import request_parts
+    from vfm.service.client import request_parts
 
     return request_parts(image, {}, transport)  # type: ignore[arg-type]
 

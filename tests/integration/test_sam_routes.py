@@ -8,8 +8,8 @@ import io
 import numpy as np
 from PIL import Image
 
-from models.masks import decode_rle
-from service.client import VfmClient
+from vfm.models.masks import decode_rle
+from vfm.service.client import VfmClient
 
 SAM = "tiny_sam"
 LABELS = {"model": SAM, "task": "encode"}

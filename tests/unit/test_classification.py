@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from models import InvalidImage, WeightsUnavailable, get_spec, list_models, load_model
-from models.backends.torch import DeviceUnavailable
-from models.weights import save_state_dict
+from vfm.models import InvalidImage, WeightsUnavailable, get_spec, list_models, load_model
+from vfm.models.backends.torch import DeviceUnavailable
+from vfm.models.checkpoints import save_state_dict
 
 TORCHVISION_CLASSIFIERS = ["resnet50", "efficientnet_b0", "convnext_tiny", "vit_b_16", "swin_t"]
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from service.app import absolutize, deployment_name
-from service.config import DEFAULT_CONFIG, ConfigError, load_config, parse_config
+from vfm.service.app import absolutize, deployment_name
+from vfm.service.config import DEFAULT_CONFIG, ConfigError, load_config, parse_config
 from vfm.cli import main as vfm
 
 
@@ -128,7 +128,7 @@ def test_vfm_serve_check_reports_each_model(tmp_path: Path, capsys: pytest.Captu
 
 
 def test_half_precision_needs_torch_on_cuda():
-    from service.config import ConfigError, parse_config
+    from vfm.service.config import ConfigError, parse_config
 
     with pytest.raises(ConfigError, match="models.tiny_cnn: .*float16 needs backend: torch on a CUDA device"):
         parse_config({"models": {"tiny_cnn": {"device": "cpu", "dtype": "float16"}}})

@@ -12,9 +12,9 @@ from skimage import data
 from torchvision.models import detection as tvd
 from torchvision.ops import box_iou
 
-from models import Detections, UnsupportedTask, WeightsUnavailable, get_spec, load_model
-from models.families.detection_torchvision import TorchvisionDetector
-from models.weights import save_state_dict
+from vfm.models import Detections, UnsupportedTask, WeightsUnavailable, get_spec, load_model
+from vfm.models.families.detection_torchvision import TorchvisionDetector
+from vfm.models.checkpoints import save_state_dict
 
 COCO_DETECTORS = {
     "fasterrcnn_resnet50_fpn_v2": tvd.FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1,

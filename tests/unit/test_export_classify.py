@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from skimage import data
 
-from models import load_model
-from models.export import export_model, folder_name
-from models.export_common import parity_images
-from models.registry import get_spec, register, unregister
+from vfm.models import load_model
+from vfm.models.export import export_model, folder_name
+from vfm.models.export_common import parity_images
+from vfm.models.registry import get_spec, register, unregister
 
 # (height, width): landscape, portrait, square, a thin strip
 SIZES = [(96, 160), (200, 90), (64, 64), (31, 300)]

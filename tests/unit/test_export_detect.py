@@ -13,11 +13,11 @@ import torch
 from skimage import data
 from torchvision.models import detection as tvd
 
-from models import load_model
-from models.export import export_model
-from models.export_common import parity_images
-from models.families.detection_torchvision import build_torchvision_detector
-from models.registry import get_spec, register, unregister
+from vfm.models import load_model
+from vfm.models.export import export_model
+from vfm.models.export_common import parity_images
+from vfm.models.families.detection_torchvision import build_torchvision_detector
+from vfm.models.registry import get_spec, register, unregister
 
 # landscape, portrait, square, wide strip, portrait downscaled. tiny_detector resizes them to
 # multiples of its 32-pixel stride, so no padding gives anchors bit-identical scores to tie on.

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from skimage import data
 
-from models import load_model
-from models.export import export_model
-from models.export_common import mask_iou, parity_images
-from models.results import Prompt
+from vfm.models import load_model
+from vfm.models.export import export_model
+from vfm.models.export_common import mask_iou, parity_images
+from vfm.models.results import Prompt
 
 # (height, width): square, portrait, landscape, and two extremes
 SHAPES = {"square": (240, 240), "portrait": (360, 200), "landscape": (180, 420), "tall": (500, 90),

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from models.heads import load_head
+from vfm.models.heads import load_head
 from vfm.cli import main
 
 

@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from finetune.data import DataError, open_dataset, read_idx_file
-from finetune.splits import make_splits
+from vfm.finetune.data import DataError, open_dataset, read_idx_file
+from vfm.finetune.splits import make_splits
 
 FASHION = "/usr/share/datasets/fashion-mnist"
 

@@ -7,8 +7,8 @@ from PIL import Image
 from sklearn.metrics import confusion_matrix as sk_confusion
 from sklearn.metrics import precision_recall_fscore_support
 
-from finetune.evaluate import evaluate, hoeffding_bound
-from finetune.report import HeadSummary, RunReport, write_report
+from vfm.finetune.evaluate import evaluate, hoeffding_bound
+from vfm.finetune.report import HeadSummary, RunReport, write_report
 
 
 def test_the_bound_is_hoeffdings():

@@ -8,10 +8,10 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from finetune.data import open_dataset
-from finetune.extractors import BackboneError, make_extractor
-from finetune.features import extract_features
-from finetune.features_ray import RayOptions
+from vfm.finetune.data import open_dataset
+from vfm.finetune.extractors import BackboneError, make_extractor
+from vfm.finetune.features import extract_features
+from vfm.finetune.features_ray import RayOptions
 
 
 @pytest.fixture(scope="module")

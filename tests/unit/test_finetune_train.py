@@ -6,8 +6,8 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from finetune.stacked import StackedHeads
-from finetune.train import TrainSettings, evaluate_stacked, train_heads
+from vfm.finetune.stacked import StackedHeads
+from vfm.finetune.train import TrainSettings, evaluate_stacked, train_heads
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import torch
 from scipy.spatial.distance import cdist
 from sklearn.datasets import load_digits
 
-from models.heads import InvalidHead, KNNHead, LinearHead, MLPHead, load_head, save_head
+from vfm.models.heads import InvalidHead, KNNHead, LinearHead, MLPHead, load_head, save_head
 
 META = {"backbone": "tiny_cnn", "embed": {"normalize": False}}
 DIGITS = [str(i) for i in range(10)]

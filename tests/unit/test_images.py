@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.images import ImageLimits, InvalidImage, decode_image
+from vfm.models.images import ImageLimits, InvalidImage, decode_image
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:

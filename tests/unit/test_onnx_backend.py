@@ -5,14 +5,14 @@ import json
 import numpy as np
 import pytest
 
-from models import load_model
-from models.backends.onnx import (CPU, CUDA, SessionSettings, available_providers, providers_for,
+from vfm.models import load_model
+from vfm.models.backends.onnx import (CPU, CUDA, SessionSettings, available_providers, providers_for,
                                   resolve_onnx_device)
-from models.backends.torch import DeviceUnavailable
-from models.export import ExportNotFound, ExportStale, ParityError, Tolerance, export_model
-from models.export_common import parity_images
-from models.registry import get_spec, register, unregister
-from models.weights import WeightsUnavailable
+from vfm.models.backends.torch import DeviceUnavailable
+from vfm.models.export import ExportNotFound, ExportStale, ParityError, Tolerance, export_model
+from vfm.models.export_common import parity_images
+from vfm.models.registry import get_spec, register, unregister
+from vfm.models.weights import WeightsUnavailable
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def _traced_constant_network():
     """
     from torch import nn
 
-    from models.families.classification import _tiny_cnn_network
+    from vfm.models.families.classification import _tiny_cnn_network
 
     class FirstPixelScaled(nn.Module):
         def __init__(self):
@@ -76,7 +76,7 @@ def _traced_constant_network():
 
 @pytest.fixture
 def trap_model():
-    from models.families.classification import _make_runner
+    from vfm.models.families.classification import _make_runner
 
     spec = get_spec("tiny_cnn")
 
@@ -105,7 +105,7 @@ def test_a_tolerance_of_zero_fails_loudly_and_keeps_the_previous_export(tmp_path
 
 
 def test_an_export_from_other_weights_is_refused_or_replaced_with_auto_export(tmp_path):
-    from models.weights import save_state_dict
+    from vfm.models.checkpoints import save_state_dict
 
     weights = tmp_path / "tiny_cnn.safetensors"
     save_state_dict(load_model("tiny_cnn", device="cpu").state_dict(), weights)

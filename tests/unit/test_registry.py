@@ -1,6 +1,6 @@
 import pytest
 
-from models.registry import ModelSpec, UnknownModel, get_spec, list_models, register, unregister
+from vfm.models.registry import ModelSpec, UnknownModel, get_spec, list_models, register, unregister
 
 
 def _builder(spec, path, device, **options):

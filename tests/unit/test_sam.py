@@ -8,12 +8,12 @@ import pytest
 import torch
 from segment_anything import SamPredictor
 
-from models.backends.torch import DeviceUnavailable
-from models.masks import decode_rle, encode_rle, mask_to_json
-from models.registry import get_spec, list_models
-from models.results import ImageEmbedding, Prompt
-from models.runner import load_model
-from models.weights import WeightsUnavailable
+from vfm.models.backends.torch import DeviceUnavailable
+from vfm.models.masks import decode_rle, encode_rle, mask_to_json
+from vfm.models.registry import get_spec, list_models
+from vfm.models.results import ImageEmbedding, Prompt
+from vfm.models.runner import load_model
+from vfm.models.weights import WeightsUnavailable
 
 WIDE = (48, 80)   # (height, width)
 TALL = (120, 50)

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from models.backends.torch import DeviceUnavailable
-from models.registry import get_spec
-from models.runner import UnsupportedTask, load_model
-from models.weights import WeightsUnavailable
+from vfm.models.backends.torch import DeviceUnavailable
+from vfm.models.registry import get_spec
+from vfm.models.runner import UnsupportedTask, load_model
+from vfm.models.weights import WeightsUnavailable
 
 # Different sizes and aspect ratios (wide, tall, smaller than the 32x32 input).
 SHAPES = [(48, 80), (120, 36), (20, 24)]
@@ -128,7 +128,7 @@ def test_weights_folder_round_trip(tmp_path, images):
 def test_fine_tuned_folder_brings_its_own_labels(tmp_path, images):
     from transformers import ViTConfig, ViTForImageClassification
 
-    from models.families.vit import TINY_VIT
+    from vfm.models.families.vit import TINY_VIT
 
     names = ["cat", "dog", "bird"]
     config = ViTConfig(**TINY_VIT, id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.weights import (UnsafeCheckpoint, UrlWeights, WeightsUnavailable, load_state_dict, parse_source,
-                            resolve_weights, save_state_dict)
+from vfm.models.checkpoints import UnsafeCheckpoint, load_state_dict, save_state_dict
+
+from vfm.models.weights import UrlWeights, WeightsUnavailable, parse_source, resolve_weights
 
 
 @pytest.fixture
