@@ -7,17 +7,9 @@ problems (bad bytes, bad prompts, an evicted SAM embedding) come back as ``Failu
 an input the model raises on, after the batch it was in ran again image by image (its batch-mates
 still get their answers; the log line carries the request id).
 
-Where images are decoded: here, in the replica (``decode_in: replica``, the default), because it
-measured faster and scales. bench/serve.py runs both side by side (efficientnet_lite0, CPU,
-concurrency 16, same priority for every process): decoding in the replica gave 1.10x the
-throughput of decoding in the ingress on a 451x300 JPEG and 1.03x on a 1080p JPEG (three of four
-runs favoured the replica; the fourth was taken with the load generator at a higher priority
-than Ray's workers). Beyond the numbers: the replica receives the compressed bytes (35 kB)
-instead of the decoded array (400 kB; 6.2 MB for 1080p) through Ray's object store and, across
-nodes, the network; decoding runs in every replica's threads while the next batch computes,
-instead of on the one ingress process in front of all models; and a SAM request whose
-embedding is cached skips decoding altogether. ``decode_in: ingress`` remains for the case
-where replicas sit on CPU-starved GPU nodes.
+Images are decoded here, in the replica, by default (``decode_in: replica``): it measured faster
+and sends compressed bytes, not pixels, through Ray (docs/decisions.md has the measurements);
+``decode_in: ingress`` is for replicas on CPU-starved GPU nodes.
 """
 from __future__ import annotations
 

@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import re
 from collections import OrderedDict
 from typing import Any
-
-IMAGE_ID = re.compile(r"^[0-9a-f]{64}$")
 
 
 def image_id_of(data: bytes) -> str:
