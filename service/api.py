@@ -1,5 +1,6 @@
-"""HTTP API v1: every route comes from the ``ROUTES`` table; one wrapper gives each the same
-auth, error mapping, metrics and OpenAPI documentation (``/docs``, ``/openapi.json``).
+"""The FastAPI app of the HTTP API v1 (``build_http_app``): every route comes from the ``ROUTES``
+table of ``routes.py``; one wrapper gives each the same auth, error mapping, metrics and OpenAPI
+documentation (``/docs``, ``/openapi.json``).
 
 Model names may hold ``/`` (``google/vit-base-patch16-224``), so model routes use a path
 converter. Every error is ``{"error": {"type", "message"}}``; an unexpected exception is a 500
@@ -9,8 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
 from fastapi import FastAPI
 from fastapi import Path as PathParam
@@ -23,73 +23,26 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .errors import ERROR_TABLE, ApiError, error_body, error_response
-from .options import ClassifyOptions, DetectOptions, EmbedOptions, HeadPredictOptions, SegmentOptions
+from .routes import ROUTES, Route
 
 if TYPE_CHECKING:
-    from .ingress import Ingress
+    from .config import ServiceConfig
+    from .metrics import MetricsBuffer
 
 log = logging.getLogger(__name__)
 
 NAME_DOC = "served model name (may contain '/')"
 
 
-@dataclass(frozen=True)
-class Route:
-    name: str                                   # metrics label and handler name on Ingress
-    method: str
-    path: str
-    summary: str
-    handler: str
-    tag: str
-    options: tuple[type[BaseModel], ...] = ()
-    image: str | None = None                    # "required" | "optional" | None
-    auth: str | None = "api"                    # "admin" | "api" (when api_key_scope: all) | None
-    example_request: dict[str, Any] | None = None
-    example_response: dict[str, Any] | None = None
+class RouteService(Protocol):
+    """What the app needs of the service behind it (the ingress): one method per ``Route.handler``, named there,
+    taking ``(route, request)`` or ``(route, request, name)``."""
 
+    cfg: ServiceConfig
+    models: Mapping[str, Any]
+    metrics: MetricsBuffer
 
-_B64 = "<base64 image bytes>"
-ROUTES: tuple[Route, ...] = (
-    Route("healthz", "GET", "/healthz", "Liveness: 200 while the process lives", "healthz", "health", auth=None,
-          example_response={"status": "ok"}),
-    Route("readyz", "GET", "/readyz", "Readiness: 200 when every configured model serves, else 503 with reasons",
-          "readyz", "health", auth=None,
-          example_response={"ready": False, "models": {"efficientnet_lite0": {"status": "ready"}, "sam_vit_b": {
-              "status": "unavailable", "reason": "Weights for model 'sam_vit_b' are not on this machine ..."}}}),
-    Route("metrics", "GET", "/metrics", "Prometheus metrics (text format)", "metrics_text", "health", auth=None),
-    Route("models", "GET", "/v1/models", "Every configured model, with status", "list_models", "models",
-          example_response={"models": [{"name": "efficientnet_lite0", "task": "classify", "status": "ready",
-                                        "backend": "torch", "device": "cpu", "input_size": 224}]}),
-    Route("model", "GET", "/v1/models/{name:path}", "One model: task, backend, device, labels, input size, weights",
-          "get_model", "models"),
-    Route("predict", "POST", "/v1/models/{name:path}/predict", "Classify (top_k) or detect (thresholds) an image",
-          "predict", "inference", (ClassifyOptions, DetectOptions), "required",
-          example_request={"image": _B64, "top_k": 3},
-          example_response={"model": "efficientnet_lite0", "predictions": [
-              {"index": 282, "label": "tiger cat", "score": 0.38}]}),
-    Route("embed", "POST", "/v1/models/{name:path}/embed", "Feature vector of a backbone", "embed", "inference",
-          (EmbedOptions,), "required", example_request={"image": _B64, "normalize": True},
-          example_response={"model": "efficientnet_lite0", "normalized": True, "dim": 1280,
-                            "embedding": [0.01, -0.02]}),
-    Route("encode", "POST", "/v1/models/{name:path}/encode", "SAM: compute and cache the image embedding",
-          "encode", "segmentation", (), "required", example_request={"image": _B64},
-          example_response={"model": "sam_vit_b", "image_id": "9f86d0...", "cached": False,
-                            "image_size": {"height": 300, "width": 451}}),
-    Route("segment", "POST", "/v1/models/{name:path}/segment",
-          "SAM: masks for point/box prompts, on an image or a cached image_id", "segment", "segmentation",
-          (SegmentOptions,), "optional",
-          example_request={"image_id": "9f86d0...", "points": [[220, 140]], "point_labels": [1], "format": "rle"},
-          example_response={"model": "sam_vit_b", "image_id": "9f86d0...", "cached": True, "format": "rle",
-                            "image_size": {"height": 300, "width": 451}, "masks": [
-                                {"score": 0.97, "area": 5120, "bbox": [180, 90, 260, 200],
-                                 "rle": {"size": [300, 451], "counts": "..."}}]}),
-    Route("heads", "GET", "/v1/heads", "Fine-tuned heads and their backbones", "list_heads", "heads",
-          example_response={"heads": []}),
-    Route("head_predict", "POST", "/v1/heads/{name:path}/predict", "Classify with a fine-tuned head",
-          "head_predict", "heads", (HeadPredictOptions,), "required", example_request={"image": _B64, "top_k": 3}),
-    Route("heads_reload", "POST", "/v1/admin/heads/reload", "Rescan the heads folder (needs the API key when set)",
-          "reload_heads", "heads", auth="admin", example_response={"loaded": 0, "invalid": 0, "heads": []}),
-)
+    def authorize(self, request: Request, scope: str | None) -> None: ...
 
 
 # ---- OpenAPI ------------------------------------------------------------------------------
@@ -108,8 +61,8 @@ def _option_schemas(models: tuple[type[BaseModel], ...], components: dict[str, A
 
 def _openapi_extra(route: Route, components: dict[str, Any]) -> dict[str, Any]:
     extra: dict[str, Any] = {}
-    props = _option_schemas(route.options, components)
-    if route.options:
+    props = _option_schemas(route.option_models, components)
+    if props:
         extra["parameters"] = [{"name": k, "in": "query", "required": False, "description": v.get("description", ""),
                                 "schema": {"type": "string"} if "$ref" in str(v) or v.get("type") == "array" else v}
                                for k, v in props.items()]
@@ -153,9 +106,9 @@ def _description() -> str:
 
 # ---- the app ------------------------------------------------------------------------------
 
-def _endpoint(service: "Ingress", route: Route) -> Callable:
+def _endpoint(service: RouteService, route: Route) -> Callable:
     handler = getattr(service, route.handler)
-    model_route = "{name" in route.path and route.tag != "heads"
+    model_route = route.per_model
 
     async def dispatch(request: Request, name: str | None) -> Response:
         started = time.perf_counter()
@@ -164,7 +117,7 @@ def _endpoint(service: "Ingress", route: Route) -> Callable:
             service.metrics.inc("vfm_queue_depth", (label,), 1)
         try:
             service.authorize(request, route.auth)
-            result = await (handler(request, name) if name is not None else handler(request))
+            result = await (handler(route, request, name) if name is not None else handler(route, request))
             response = result if isinstance(result, Response) else JSONResponse(result)
         except ApiError as exc:
             response = exc.response()
@@ -190,7 +143,8 @@ def _endpoint(service: "Ingress", route: Route) -> Callable:
     return endpoint
 
 
-def build_app(service: "Ingress") -> FastAPI:
+def build_http_app(service: RouteService) -> FastAPI:
+    """The FastAPI app that serves ``ROUTES`` from ``service`` (Serve's ingress deployment runs it)."""
     app = FastAPI(title="vfm", version="1", description=_description())
     components: dict[str, Any] = {}
     # Longer paths first, so /v1/models/{name}/predict is not swallowed by GET /v1/models/{name:path}.

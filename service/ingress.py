@@ -3,6 +3,8 @@
 It holds one ``DeploymentHandle`` per served model, knows every configured model (the
 unavailable ones too, with their reason), checks auth, options and limits, calls replicas with
 the model's timeout, and maps Serve's overload and unavailability to 503 and timeouts to 504.
+Every handler gets its row of ``routes.ROUTES`` and takes the route's facts from it (model tasks,
+options, image requirement, replica method); ``infer`` serves predict, embed and encode alike.
 """
 from __future__ import annotations
 
@@ -21,16 +23,12 @@ from .config import ServiceConfig
 from .errors import ApiError, Failure, bad_request, not_found, timed_out, unauthorized, unavailable
 from .heads import HeadCatalog
 from .metrics import MetricsBuffer
-from .options import (ClassifyOptions, DetectOptions, EmbedOptions, EncodeOptions, HeadPredictOptions,
-                      SegmentOptions, parse_options)
+from .options import parse_options
+from .routes import Route
 from .sam_cache import image_id_of
 from .transport import parse_image_request
 
 log = logging.getLogger(__name__)
-
-# What each model route needs the model to do.
-ROUTE_TASKS = {"predict": ("classify", "detect"), "embed": ("embed",), "encode": ("segment",),
-               "segment": ("segment",)}
 
 
 def request_id(request: Request) -> str:
@@ -73,7 +71,9 @@ class ModelEntry:
 
 
 class Ingress:
-    """Built by ``app.py``; ``__serve_build_asgi_app__`` returns the FastAPI app of ``api.py``."""
+    """Built by ``app.py``; ``__serve_build_asgi_app__`` returns the FastAPI app of ``api.py``.
+
+    Its route handlers are the ``handler`` names of ``routes.ROUTES``, called by that app."""
 
     async def __init__(self, cfg: ServiceConfig, models: dict[str, ModelEntry], handles: dict[str, Any], hub: Any):
         self.cfg = cfg
@@ -90,9 +90,9 @@ class Ingress:
             self.metrics.set("vfm_model_ready", (name,), 1 if entry.status == "ready" else 0)
 
     def __serve_build_asgi_app__(self) -> Any:
-        from .api import build_app
+        from .api import build_http_app
 
-        return build_app(self)
+        return build_http_app(self)
 
     # ---- plumbing ----------------------------------------------------------------------------
     def authorize(self, request: Request, scope: str | None) -> None:
@@ -109,14 +109,15 @@ class Ingress:
         if not hmac.compare_digest(given.encode(), self.api_key.encode()):
             raise unauthorized("The API key is wrong.")
 
-    def model(self, name: str, route: str | None = None) -> ModelEntry:
+    def model(self, name: str, route: Route | None = None) -> ModelEntry:
+        """The entry of a served model, ready, that does one of ``route``'s tasks (when a route is given)."""
         entry = self.models.get(name)
         if entry is None:
             close = difflib.get_close_matches(name, list(self.models), n=3, cutoff=0.5)
             hint = f" Did you mean: {', '.join(close)}?" if close else ""
             raise not_found("unknown_model", f"No model {name!r} is served.{hint} GET /v1/models lists them.")
-        if route is not None and not set(ROUTE_TASKS[route]) & set(entry.tasks):
-            raise bad_request(f"Model {name!r} has no {route} route: it does {', '.join(entry.tasks)}.",
+        if route is not None and not set(route.tasks) & set(entry.tasks):
+            raise bad_request(f"Model {name!r} has no {route.name} route: it does {', '.join(entry.tasks)}.",
                               type="unsupported_task")
         if entry.status != "ready":
             raise unavailable("model_unavailable", f"Model {name!r} is unavailable: {entry.reason}",
@@ -174,10 +175,10 @@ class Ingress:
         entry.labels = info.get("labels")
 
     # ---- routes ------------------------------------------------------------------------------
-    async def healthz(self, request: Request) -> dict[str, Any]:
+    async def healthz(self, route: Route, request: Request) -> dict[str, Any]:
         return {"status": "ok"}
 
-    async def readyz(self, request: Request) -> Response:
+    async def readyz(self, route: Route, request: Request) -> Response:
         states: dict[str, dict[str, Any]] = {}
         replicas = await self._running_replicas()
 
@@ -218,17 +219,17 @@ class Ingress:
                 out[served] = (int(deployment.replica_states.get("RUNNING", 0)), str(deployment.status.value))
         return out
 
-    async def metrics_text(self, request: Request) -> Response:
+    async def metrics_text(self, route: Route, request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
 
         await self.metrics.flush()
         return Response(await self.hub.render.remote(), media_type=CONTENT_TYPE_LATEST)
 
-    async def list_models(self, request: Request) -> dict[str, Any]:
+    async def list_models(self, route: Route, request: Request) -> dict[str, Any]:
         await asyncio.gather(*(self._try_info(e) for e in self.models.values()))
         return {"models": [e.summary() for e in self.models.values()]}
 
-    async def get_model(self, request: Request, name: str) -> dict[str, Any]:
+    async def get_model(self, route: Route, request: Request, name: str) -> dict[str, Any]:
         entry = self.models.get(name) or self.model(name)
         await self._try_info(entry)
         return entry.detail()
@@ -239,36 +240,23 @@ class Ingress:
         except (ApiError, asyncio.TimeoutError):
             pass  # the listing still answers from the config; /readyz says what is wrong
 
-    async def predict(self, request: Request, name: str) -> dict[str, Any]:
-        entry = self.model(name, "predict")
-        parsed = await parse_image_request(request, self.limits)
-        model = ClassifyOptions if "classify" in entry.tasks else DetectOptions
-        options = parse_options(model, parsed.options, self.limits)
-        result = await self.call(name, "predict", await self.image_arg(name, parsed.image), options.runner_kwargs(),
+    async def infer(self, route: Route, request: Request, name: str) -> dict[str, Any]:
+        """predict, embed and encode: the image and options of the request, the options model chosen by the
+        model's task, one replica call, and the answer with the model's name (and the options it echoes)."""
+        entry = self.model(name, route)
+        parsed = await parse_image_request(request, self.limits, image_required=route.image == "required")
+        options = parse_options(route.options_for(entry.tasks), parsed.options, self.limits)
+        argument = image_id_of(parsed.image) if route.replica_argument == "image_id" else options.runner_kwargs()
+        result = await self.call(name, route.replica_method, await self.image_arg(name, parsed.image), argument,
                                  request_id(request))
-        return {"model": name, **result}
+        echoed = {field: getattr(options, option) for field, option in route.echoed_options}
+        return {"model": name, **echoed, **result}
 
-    async def embed(self, request: Request, name: str) -> dict[str, Any]:
-        self.model(name, "embed")
-        parsed = await parse_image_request(request, self.limits)
-        options = parse_options(EmbedOptions, parsed.options, self.limits)
-        result = await self.call(name, "embed", await self.image_arg(name, parsed.image), options.runner_kwargs(),
-                                 request_id(request))
-        return {"model": name, "normalized": options.normalize, **result}
-
-    async def encode(self, request: Request, name: str) -> dict[str, Any]:
-        self.model(name, "encode")
-        parsed = await parse_image_request(request, self.limits)
-        parse_options(EncodeOptions, parsed.options, self.limits)
-        image_id = image_id_of(parsed.image)
-        result = await self.call(name, "encode", await self.image_arg(name, parsed.image), image_id,
-                                 request_id(request))
-        return {"model": name, **result}
-
-    async def segment(self, request: Request, name: str) -> dict[str, Any]:
-        self.model(name, "segment")
-        parsed = await parse_image_request(request, self.limits, image_required=False)
-        options = parse_options(SegmentOptions, parsed.options, self.limits)
+    async def segment(self, route: Route, request: Request, name: str) -> dict[str, Any]:
+        """SAM prompts on an image or on the image_id of one already encoded: the image is optional here."""
+        entry = self.model(name, route)
+        parsed = await parse_image_request(request, self.limits, image_required=route.image == "required")
+        options = parse_options(route.options_for(entry.tasks), parsed.options, self.limits)
         if parsed.image:
             image_id = image_id_of(parsed.image)
             if options.image_id and options.image_id != image_id:
@@ -280,8 +268,8 @@ class Ingress:
         else:
             raise bad_request("segment needs the image (field `image`) or the image_id that encode returned.",
                               type="missing_image")
-        result = await self.call(name, "segment", image, image_id, options.prompt_list(), options.format,
-                                 request_id(request))
+        result = await self.call(name, route.replica_method, image, image_id, options.prompt_list(),
+                                 options.format, request_id(request))
         results = result.pop("results")
         if options.prompts is None:
             result["masks"] = results[0]["masks"]
@@ -289,13 +277,14 @@ class Ingress:
             result["results"] = results
         return {"model": name, "format": options.format, **result}
 
-    async def list_heads(self, request: Request) -> dict[str, Any]:
+    async def list_heads(self, route: Route, request: Request) -> dict[str, Any]:
         return {"heads": self.heads.list()}
 
-    async def reload_heads(self, request: Request) -> dict[str, Any]:
+    async def reload_heads(self, route: Route, request: Request) -> dict[str, Any]:
         return await asyncio.to_thread(self.heads.reload)
 
-    async def head_predict(self, request: Request, name: str) -> dict[str, Any]:
+    async def head_predict(self, route: Route, request: Request, name: str) -> dict[str, Any]:
+        """A fine-tuned head over the features its backbone's replica computes."""
         entry = self.heads.get(name)
         if entry is None:
             close = difflib.get_close_matches(name, self.heads.names(), n=3, cutoff=0.5)
@@ -306,9 +295,9 @@ class Ingress:
             raise unavailable("head_unavailable", f"Head {name!r} did not load: {entry.reason}",
                               self.cfg.retry_after_s)
         backbone = self._backbone_for(entry.backbone or "")
-        parsed = await parse_image_request(request, self.limits)
-        options = parse_options(HeadPredictOptions, parsed.options, self.limits)
-        result = await self.call(backbone, "embed", await self.image_arg(backbone, parsed.image),
+        parsed = await parse_image_request(request, self.limits, image_required=route.image == "required")
+        options = parse_options(route.options_for(), parsed.options, self.limits)
+        result = await self.call(backbone, route.replica_method, await self.image_arg(backbone, parsed.image),
                                  {"normalize": entry.normalize}, request_id(request))
         features = np.asarray([result["embedding"]], dtype=np.float32)
         try:

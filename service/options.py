@@ -18,7 +18,7 @@ from .errors import ApiError, invalid_options
 IMAGE_ID_PATTERN = r"^[0-9a-f]{64}$"
 
 
-class _Options(BaseModel):
+class Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     def check_limits(self, limits: Limits) -> None:
@@ -28,7 +28,7 @@ class _Options(BaseModel):
         return self.model_dump()
 
 
-class ClassifyOptions(_Options):
+class ClassifyOptions(Options):
     top_k: int = Field(5, ge=1, description="how many classes to return, best first")
 
     def check_limits(self, limits: Limits) -> None:
@@ -36,7 +36,7 @@ class ClassifyOptions(_Options):
             raise invalid_options(f"top_k: {self.top_k} is above this service's limit of {limits.max_top_k}.")
 
 
-class DetectOptions(_Options):
+class DetectOptions(Options):
     score_threshold: float = Field(0.5, ge=0, le=1, description="drop detections scored below this")
     iou_threshold: float = Field(0.5, ge=0, le=1, description="non-maximum suppression overlap")
     max_detections: int = Field(100, ge=1, description="keep at most this many, best first")
@@ -47,11 +47,11 @@ class DetectOptions(_Options):
                                   f"{limits.max_detections}.")
 
 
-class EmbedOptions(_Options):
+class EmbedOptions(Options):
     normalize: bool = Field(False, description="scale the vector to unit L2 norm")
 
 
-class EncodeOptions(_Options):
+class EncodeOptions(Options):
     """``encode`` takes no options."""
 
 
@@ -80,7 +80,7 @@ def _check_prompt(points: list | None, point_labels: list | None, box: tuple | N
         raise ValueError(f"{len(point_labels)} point_labels for {len(points)} points; give one label per point")
 
 
-class SegmentOptions(_Options):
+class SegmentOptions(Options):
     """A single prompt (``points``/``point_labels``/``box``/``multimask``) or a list of ``prompts``."""
 
     image_id: str | None = Field(None, pattern=IMAGE_ID_PATTERN,
@@ -133,7 +133,7 @@ def coerce_text(value: str) -> Any:
         return value
 
 
-def parse_options(model: type[_Options], raw: dict[str, Any], limits: Limits) -> _Options:
+def parse_options(model: type[Options], raw: dict[str, Any], limits: Limits) -> Options:
     """Validate ``raw`` against ``model``; every problem is one 422 that names the option."""
     try:
         options = model.model_validate(raw)

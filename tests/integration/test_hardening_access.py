@@ -66,13 +66,13 @@ def test_the_key_is_compared_in_constant_time() -> None:
 
 def _app(cfg: Any) -> Any:
     """The real FastAPI app of an Ingress built from ``cfg`` (no models, no Ray: routes without replicas)."""
-    from vfm.service.api import build_app
+    from vfm.service.api import build_http_app
     from vfm.service.ingress import Ingress
 
     async def make() -> Any:
         ingress = object.__new__(Ingress)
         await ingress.__init__(cfg, {}, {}, None)  # type: ignore[misc]
-        return build_app(ingress)
+        return build_http_app(ingress)
 
     return asyncio.run(make())
 

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import requests
 
-from vfm.service.api import ROUTES
 from vfm.service.client import VfmClient
+from vfm.service.routes import ROUTES
 
 EXAMPLES = int(os.environ.get("VFM_FUZZ_EXAMPLES", "8"))      # per operation, per generation mode
 SEED = int(os.environ.get("VFM_FUZZ_SEED", "20261125"))

@@ -6,8 +6,8 @@ import hashlib
 import numpy as np
 import pytest
 
-from vfm.service.api import ROUTES
 from vfm.service.client import VfmClient
+from vfm.service.routes import ROUTES
 
 TRANSPORTS = ("multipart", "json", "raw")
 

@@ -1,0 +1,122 @@
+"""The HTTP API v1 as one table: one ``Route`` row per route, holding every fact about it.
+
+``api.py`` builds the FastAPI app (paths, auth, metrics labels, OpenAPI) from these rows, and
+the ingress answers from them (which model tasks a route serves, how its options are parsed,
+whether it needs an image, which replica method it calls), so a route is described once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping
+
+from .options import (ClassifyOptions, DetectOptions, EmbedOptions, EncodeOptions, HeadPredictOptions, Options,
+                      SegmentOptions)
+
+ImageNeed = Literal["required", "optional"]
+AuthScope = Literal["admin", "api"]     # admin: needs the key when one is set; api: only with api_key_scope: all
+
+
+@dataclass(frozen=True, eq=False)
+class Route:
+    """One route of the API. ``options`` is one model for the route, or one per model task (keyed like
+    ``tasks``), chosen by what the served model does: predict parses ``top_k`` for a classifier and
+    thresholds for a detector."""
+
+    name: str                                   # the metrics label `route`, and the FastAPI route name
+    method: str
+    path: str
+    summary: str
+    tag: str
+    handler: str                                # the Ingress method that answers it
+    tasks: tuple[str, ...] = ()                 # model tasks it serves; a model with none of them gets a 400
+    options: type[Options] | Mapping[str, type[Options]] | None = None
+    image: ImageNeed | None = None
+    auth: AuthScope | None = "api"
+    replica_method: str | None = None           # the ModelServer method it calls
+    # What follows the image in the replica call: the options as runner kwargs, or the image's id
+    # (the sha256 of its bytes, SAM's cache key; computed here since a replica may get decoded pixels).
+    replica_argument: Literal["options", "image_id"] = "options"
+    echoed_options: tuple[tuple[str, str], ...] = ()    # (answer field, option) pairs the answer repeats
+    example_request: dict[str, Any] | None = None
+    example_response: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.options, Mapping) and tuple(self.options) != self.tasks:
+            raise ValueError(f"route {self.name}: per-task options {tuple(self.options)} must follow tasks "
+                             f"{self.tasks}")
+
+    @property
+    def per_model(self) -> bool:
+        """Whether the path names a served model (its requests are counted under that model)."""
+        return self.path.startswith("/v1/models/{name")
+
+    @property
+    def option_models(self) -> tuple[type[Options], ...]:
+        """Every options model the route may parse, for its OpenAPI documentation."""
+        if self.options is None:
+            return ()
+        if isinstance(self.options, Mapping):
+            return tuple(dict.fromkeys(self.options.values()))
+        return (self.options,)
+
+    def options_for(self, model_tasks: list[str] | tuple[str, ...] = ()) -> type[Options]:
+        """The options model for a model that does ``model_tasks`` (the first of ``tasks`` it does)."""
+        if self.options is None:
+            raise ValueError(f"route {self.name} takes no options")
+        if not isinstance(self.options, Mapping):
+            return self.options
+        for task, model in self.options.items():
+            if task in model_tasks:
+                return model
+        raise ValueError(f"route {self.name} serves {', '.join(self.tasks)}, not {', '.join(model_tasks)}")
+
+
+_B64 = "<base64 image bytes>"
+ROUTES: tuple[Route, ...] = (
+    Route("healthz", "GET", "/healthz", "Liveness: 200 while the process lives", "health", "healthz", auth=None,
+          example_response={"status": "ok"}),
+    Route("readyz", "GET", "/readyz", "Readiness: 200 when every configured model serves, else 503 with reasons",
+          "health", "readyz", auth=None,
+          example_response={"ready": False, "models": {"efficientnet_lite0": {"status": "ready"}, "sam_vit_b": {
+              "status": "unavailable", "reason": "Weights for model 'sam_vit_b' are not on this machine ..."}}}),
+    Route("metrics", "GET", "/metrics", "Prometheus metrics (text format)", "health", "metrics_text", auth=None),
+    Route("models", "GET", "/v1/models", "Every configured model, with status", "models", "list_models",
+          example_response={"models": [{"name": "efficientnet_lite0", "task": "classify", "status": "ready",
+                                        "backend": "torch", "device": "cpu", "input_size": 224}]}),
+    Route("model", "GET", "/v1/models/{name:path}", "One model: task, backend, device, labels, input size, weights",
+          "models", "get_model"),
+    Route("predict", "POST", "/v1/models/{name:path}/predict", "Classify (top_k) or detect (thresholds) an image",
+          "inference", "infer", tasks=("classify", "detect"),
+          options={"classify": ClassifyOptions, "detect": DetectOptions}, image="required",
+          replica_method="predict",
+          example_request={"image": _B64, "top_k": 3},
+          example_response={"model": "efficientnet_lite0", "predictions": [
+              {"index": 282, "label": "tiger cat", "score": 0.38}]}),
+    Route("embed", "POST", "/v1/models/{name:path}/embed", "Feature vector of a backbone", "inference", "infer",
+          tasks=("embed",), options=EmbedOptions, image="required", replica_method="embed",
+          echoed_options=(("normalized", "normalize"),),
+          example_request={"image": _B64, "normalize": True},
+          example_response={"model": "efficientnet_lite0", "normalized": True, "dim": 1280,
+                            "embedding": [0.01, -0.02]}),
+    Route("encode", "POST", "/v1/models/{name:path}/encode", "SAM: compute and cache the image embedding",
+          "segmentation", "infer", tasks=("segment",), options=EncodeOptions, image="required",
+          replica_method="encode", replica_argument="image_id", example_request={"image": _B64},
+          example_response={"model": "sam_vit_b", "image_id": "9f86d0...", "cached": False,
+                            "image_size": {"height": 300, "width": 451}}),
+    Route("segment", "POST", "/v1/models/{name:path}/segment",
+          "SAM: masks for point/box prompts, on an image or a cached image_id", "segmentation", "segment",
+          tasks=("segment",), options=SegmentOptions, image="optional", replica_method="segment",
+          example_request={"image_id": "9f86d0...", "points": [[220, 140]], "point_labels": [1], "format": "rle"},
+          example_response={"model": "sam_vit_b", "image_id": "9f86d0...", "cached": True, "format": "rle",
+                            "image_size": {"height": 300, "width": 451}, "masks": [
+                                {"score": 0.97, "area": 5120, "bbox": [180, 90, 260, 200],
+                                 "rle": {"size": [300, 451], "counts": "..."}}]}),
+    Route("heads", "GET", "/v1/heads", "Fine-tuned heads and their backbones", "heads", "list_heads",
+          example_response={"heads": []}),
+    # The head runs here, in the ingress, on the features its backbone's replica computes.
+    Route("head_predict", "POST", "/v1/heads/{name:path}/predict", "Classify with a fine-tuned head", "heads",
+          "head_predict", options=HeadPredictOptions, image="required", replica_method="embed",
+          example_request={"image": _B64, "top_k": 3}),
+    Route("heads_reload", "POST", "/v1/admin/heads/reload", "Rescan the heads folder (needs the API key when set)",
+          "heads", "reload_heads", auth="admin", example_response={"loaded": 0, "invalid": 0, "heads": []}),
+)
