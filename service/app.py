@@ -3,8 +3,9 @@
 ``plan_service`` decides, before anything is deployed, which models can serve: it resolves
 every model's weights here in the driver, so a model whose weights cannot be had is listed as
 ``unavailable`` with the one-sentence reason instead of crashing the application.
-``build_application`` binds one ``ModelServer`` deployment per available model, the metrics
-hub and the FastAPI ingress; ``start_service`` starts (or joins) Ray and runs it.
+``build_serve_application`` binds one ``ModelServer`` deployment per available model, the metrics
+hub and the ingress (which serves the FastAPI app of ``api.build_http_app``); ``build_app`` is the
+same from a Serve config file's ``args``; ``start_service`` starts (or joins) Ray and runs it.
 """
 from __future__ import annotations
 
@@ -121,7 +122,7 @@ def plan_service(cfg: ServiceConfig) -> ServicePlan:
     return ServicePlan(cfg, entries)
 
 
-def build_application(plan: ServicePlan) -> Any:
+def build_serve_application(plan: ServicePlan) -> Any:
     """The Serve application: ingress -> one deployment per available model, + the metrics hub."""
     from ray import serve
 
@@ -152,7 +153,7 @@ def build_app(args: dict[str, Any]) -> Any:
     serve``). It runs inside the cluster, so weights are resolved and paths made absolute there."""
     from .config import parse_config
 
-    return build_application(plan_service(absolutize(parse_config(args, source="the serve config's args"))))
+    return build_serve_application(plan_service(absolutize(parse_config(args, source="the serve config's args"))))
 
 
 def http_options(cfg: ServiceConfig, host: str | None = None) -> dict[str, Any]:
@@ -247,7 +248,7 @@ def deploy(plan: ServicePlan, started_ray: bool) -> RunningService:
     cfg = plan.cfg
     try:
         serve.start(http_options=http_options(cfg))
-        serve.run(build_application(plan), name=cfg.app_name, route_prefix="/")
+        serve.run(build_serve_application(plan), name=cfg.app_name, route_prefix="/")
     except BaseException:
         RunningService("", plan, started_ray).stop()
         raise
