@@ -80,11 +80,7 @@ def _word(text: str) -> str:
 def _field(group: Any, config: type, name: str, **kwargs: Any) -> None:
     """The flag of ``config``'s field ``name``, with the field's default (None where the field has none:
     the config then says the flag is required, in one line)."""
-    try:
-        default = default_of(config, name)
-    except KeyError:
-        default = None
-    group.add_argument(flag(name), dest=name, default=default, **kwargs)
+    group.add_argument(flag(name), dest=name, default=default_of(config, name, otherwise=None), **kwargs)
 
 
 def _choice(group: Any, config: type, name: str, choices: tuple[str, ...], help: str) -> None:

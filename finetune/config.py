@@ -44,14 +44,17 @@ def flag(name: str) -> str:
     return _FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
-def default_of(cls: type, name: str) -> Any:
-    """The default of field ``name`` of dataclass ``cls`` (``KeyError`` if it has none)."""
-    spec = next(f for f in fields(cls) if f.name == name)
+def default_of(cls: type, name: str, otherwise: Any = MISSING) -> Any:
+    """The default of field ``name`` of dataclass ``cls``; ``otherwise`` for a field without one
+    (a ``KeyError`` if not given, as for a name that is no field)."""
+    spec = {f.name: f for f in fields(cls)}[name]
     if spec.default_factory is not MISSING:
         return spec.default_factory()
-    if spec.default is MISSING:
+    if spec.default is not MISSING:
+        return spec.default
+    if otherwise is MISSING:
         raise KeyError(f"{cls.__name__}.{name} has no default")
-    return spec.default
+    return otherwise
 
 
 @dataclass
@@ -269,7 +272,7 @@ class TrainConfig:
     def _refuse_what_does_not_apply(self, optimizer: str | None) -> None:
         for name, (heads, optimizers) in _APPLIES.items():
             value = getattr(self, name)
-            if value is None or value is False:  # not given
+            if value is None or (name in ("nesterov", "resume") and not value):  # not given
                 continue
             if self.head not in heads:
                 raise ConfigError(f"{flag(name)} does not apply to --head {self.head} (it is for: {', '.join(heads)})")
