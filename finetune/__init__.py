@@ -1,5 +1,7 @@
 """Fine-tuning heads on frozen backbone features: `vfm finetune train | eval | publish`.
 
+config.py / values.py the configs of train and eval (every default, every check) and the value checks
+cli.py                the flags of those configs, and the commands
 data.py / splits.py   images and labels (ImageFolder, CSV, idx) and seeded stratified splits
 extractors.py         a zoo backbone's embed(), or raw pixels, as a feature extractor
 features.py           batched extraction with an on-disk cache (features_ray.py: Ray Data at scale)

@@ -9,23 +9,15 @@ lacks are sent.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 
+from .config import RayOptions
 from .data import ImageSource
 from .extractors import BackboneExtractor, Extractor
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RayOptions:
-    address: str                # "local" starts Ray in this process; else ray.init(address=...)
-    actors: int | None = None   # pool size; default: one per GPU, else 2
-    gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0
-    cpus_per_actor: float = 1.0
 
 
 class EmbedActor:

@@ -10,7 +10,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,48 +19,22 @@ import torch
 
 from vfm.models.heads import KNNHead, save_head, to_jsonable
 from vfm.models.checkpoints import atomic_write_bytes
-from vfm.models.weights import cache_dir as vfm_cache_dir
 
 from .checkpoint import NAME as CHECKPOINT_NAME
+from .config import TrainConfig
 from .data import DataError, LabeledImages, open_dataset
 from .evaluate import Evaluation, evaluate
 from .extractors import Extractor, make_extractor
 from .features import ExtractionStats, extract_features
-from .features_ray import RayOptions
 from .report import HeadSummary, RunReport, write_report
 from .splits import Splits, check_training_classes, make_splits
-from .train import TrainSettings, train_heads
+from .train import train_heads
 
 log = logging.getLogger(__name__)
 
 
 class RunExists(ValueError):
     """The --out folder already holds a run and neither --resume nor --overwrite was given."""
-
-
-@dataclass
-class TrainConfig:
-    backbone: str
-    data: str
-    out: Path
-    head: str = "linear"                      # knn | linear | mlp
-    ks: tuple[int, ...] = (5,)                # knn
-    metric: str = "cosine"                    # knn: cosine | l2
-    settings: TrainSettings = field(default_factory=TrainSettings)  # linear | mlp
-    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    seed: int = 0
-    limit: int | None = None
-    classes: tuple[str, ...] | None = None
-    resume: bool = False
-    overwrite: bool = False
-    delta: float = 0.05
-    cache_dir: Path | None = None             # None: $VFM_CACHE/features
-    use_cache: bool = True
-    device: str = "auto"
-    normalize: bool = False
-    extract_batch_size: int = 64
-    ray: RayOptions | None = None
-    progress: bool = True
 
 
 @dataclass
@@ -87,10 +61,6 @@ class RunSummary:
     resumed_from: int | None = None
 
 
-def default_cache_dir() -> Path:
-    return vfm_cache_dir() / "features"
-
-
 def data_fingerprint(data: LabeledImages, splits: Splits) -> str:
     """sha256 over every example's pixel key, class name and split: what the head learned from."""
     h = hashlib.sha256()
@@ -108,11 +78,10 @@ def prepare(cfg: TrainConfig) -> Prepared:
         raise DataError(f"hinge loss is binary but the data has {len(data.classes)} classes; use --loss ce or "
                         "squared, or keep two classes with --classes A,B.")
     splits = make_splits(data, cfg.split, cfg.seed, cfg.limit)
-    extractor = make_extractor(cfg.backbone, cfg.device, cfg.normalize)
+    extractor = make_extractor(cfg.backbone, cfg.features.device, cfg.normalize)
     union = splits.union()
-    cache = (cfg.cache_dir or default_cache_dir()) if cfg.use_cache else None
-    feats = extract_features(data.source.subset(union), extractor, cache, cfg.extract_batch_size, cfg.progress,
-                             ray=cfg.ray)
+    feats = extract_features(data.source.subset(union), extractor, cfg.features.cache_folder(),
+                             cfg.features.extract_batch_size, cfg.features.progress, ray=cfg.features.ray)
     position = {int(i): p for p, i in enumerate(union)}
     kept: dict[str, np.ndarray] = {}
     for name, idx in splits.items():
@@ -153,7 +122,8 @@ def train_run(cfg: TrainConfig) -> RunSummary:
     else:
         result = train_heads(cfg.settings, torch.from_numpy(prep.x["train"]), torch.from_numpy(prep.y["train"]),
                              torch.from_numpy(prep.x["val"]), torch.from_numpy(prep.y["val"]), len(classes),
-                             run_dir=cfg.out, resume=cfg.resume, run_digest=run_digest, progress=cfg.progress)
+                             run_dir=cfg.out, resume=cfg.resume, run_digest=run_digest,
+                             progress=cfg.features.progress)
         if all(r.best_val_accuracy < 0 for r in result.runs):
             raise RuntimeError("every head diverged (its loss became infinite); use smaller --lr values.")
         summaries = []
@@ -190,12 +160,12 @@ def _knn(cfg: TrainConfig, prep: Prepared) -> tuple[list[HeadSummary], int, KNNH
     classes = prep.data.classes
     n_train = len(prep.y["train"])
     summaries, heads = [], []
-    for k in cfg.ks:
+    for k in cfg.knn.ks:
         if k > n_train:
             raise DataError(f"--k {k} is more than the {n_train} training examples.")
-        head = KNNHead(classes, prep.x["train"], prep.y["train"], k, cfg.metric)
+        head = KNNHead(classes, prep.x["train"], prep.y["train"], k, cfg.knn.metric)
         heads.append(head)
-        summaries.append(HeadSummary(f"knn_k{k}_{cfg.metric}", f"k {k}", None, _accuracy(head, prep, "val"), None,
+        summaries.append(HeadSummary(f"knn_k{k}_{cfg.knn.metric}", f"k {k}", None, _accuracy(head, prep, "val"), None,
                                      _accuracy(head, prep, "test")))
     chosen = max(range(len(heads)), key=lambda i: (summaries[i].val_accuracy, -i))
     return summaries, chosen, heads[chosen]
@@ -215,12 +185,13 @@ def _config_json(cfg: TrainConfig, for_digest: bool = False) -> dict[str, Any]:
            "limit": cfg.limit, "classes": list(cfg.classes) if cfg.classes else None, "normalize": cfg.normalize,
            "delta": cfg.delta}
     if cfg.head == "knn":
-        out.update(k=list(cfg.ks), metric=cfg.metric)
+        out.update(k=list(cfg.knn.ks), metric=cfg.knn.metric)
     else:
         out["training"] = cfg.settings.to_json()
     if not for_digest:  # where things went does not change what is learned
-        out.update(out=str(cfg.out), device=cfg.device, cache_dir=str(cfg.cache_dir) if cfg.cache_dir else None,
-                   ray_address=cfg.ray.address if cfg.ray else None)
+        feat = cfg.features
+        out.update(out=str(cfg.out), device=feat.device, cache_dir=str(feat.cache_dir) if feat.cache_dir else None,
+                   ray_address=feat.ray.address if feat.ray else None)
     return out
 
 
@@ -234,7 +205,7 @@ def _head_meta(cfg: TrainConfig, prep: Prepared, summaries: list[HeadSummary], c
     training: dict[str, Any] = {"chosen": chosen_head.name, "selected_on": "validation accuracy",
                                 "candidates": [s.name for s in summaries], "seed": cfg.seed}
     if cfg.head == "knn":
-        training.update(k=list(cfg.ks), metric=cfg.metric)
+        training.update(k=list(cfg.knn.ks), metric=cfg.knn.metric)
     else:
         training.update(cfg.settings.to_json(), lr=float(chosen_head.setting.split()[1]),
                         best_epoch=chosen_head.best_epoch)
@@ -258,7 +229,7 @@ def _facts(cfg: TrainConfig, prep: Prepared, counts: dict[str, int], chosen: str
              ("examples", f"train {counts['train']}, val {counts['val']}, test {counts['test']}"
                           + (f"; {st.skipped} unreadable skipped" if st.skipped else "")),
              ("features", f"{st.total} images, {st.cached} from cache, {st.computed} computed ({speed})"),
-             ("head", cfg.head + (f", metric {cfg.metric}" if cfg.head == "knn" else "")),
+             ("head", cfg.head + (f", metric {cfg.knn.metric}" if cfg.head == "knn" else "")),
              ("chosen", f"`{chosen}`"), ("seed", str(cfg.seed))]
     if cfg.head != "knn":
         s = cfg.settings

@@ -18,11 +18,11 @@ import numpy as np
 from vfm.models.heads import JSON_NAME, TENSORS_NAME, Head, load_head
 from vfm.models.checkpoints import atomic_write_bytes
 
+from .config import EvalConfig
 from .data import DataError, LabeledImages, open_dataset
 from .evaluate import Evaluation, evaluate
 from .extractors import BackboneExtractor, make_extractor
 from .features import ExtractionStats, extract_features
-from .features_ray import RayOptions
 from .report import RunReport, write_report
 from .splits import stratified_take
 
@@ -50,13 +50,9 @@ def _relabel(data: LabeledImages, head: Head) -> np.ndarray:
     return np.array([head.labels.index(data.classes[i]) for i in data.labels], np.int64)
 
 
-def eval_run(run: Path, data_spec: str, subset: str = "auto", limit: int | None = None, seed: int = 0,
-             delta: float = 0.05, out: Path | None = None, device: str = "auto", cache_dir: Path | None = None,
-             use_cache: bool = True, batch_size: int = 64, ray: RayOptions | None = None,
-             progress: bool = True) -> EvalResult:
-    """Evaluate the head saved in ``run`` on ``data_spec`` (its test split, or all of it)."""
-    from .pipeline import default_cache_dir
-
+def eval_run(cfg: EvalConfig) -> EvalResult:
+    """Evaluate the head saved in ``cfg.run`` on ``cfg.data`` (its test split, or all of it)."""
+    run, data_spec, subset, feat = cfg.run, cfg.data, cfg.subset, cfg.features
     head, meta = load_head(run)
     data = open_dataset(data_spec)
     labels = _relabel(data, head)
@@ -69,34 +65,30 @@ def eval_run(run: Path, data_spec: str, subset: str = "auto", limit: int | None 
         idx = np.flatnonzero(data.given_split == 2)
     else:
         idx = np.arange(len(data))
-    if limit is not None and limit < len(idx):
-        idx = stratified_take(labels, idx, limit, np.random.default_rng(seed))
-    extractor = make_extractor(meta["backbone"], device, meta["embed"]["normalize"])
+    if cfg.limit is not None and cfg.limit < len(idx):
+        idx = stratified_take(labels, idx, cfg.limit, np.random.default_rng(cfg.seed))
+    extractor = make_extractor(meta["backbone"], feat.device, meta["embed"]["normalize"])
     if isinstance(extractor, BackboneExtractor) and meta.get("weights_sha256"):
         now = extractor.key()["weights_sha256"]
         if now != meta["weights_sha256"]:
             raise DataError(f"the head in {run} was trained on {meta['backbone']} weights {meta['weights_sha256'][:12]}"
                             f"... but this machine's weights are {now[:12]}...; its scores would mean nothing.")
-    feats = extract_features(data.source.subset(idx), extractor, (cache_dir or default_cache_dir()) if use_cache
-                             else None, batch_size, progress, ray=ray)
+    feats = extract_features(data.source.subset(idx), extractor, feat.cache_folder(), feat.extract_batch_size,
+                             feat.progress, ray=feat.ray)
     ok = feats.valid
     if not ok.any():
         raise DataError(f"{data_spec}: every image was unreadable.")
-    ev = evaluate(labels[idx][ok], head.predict(feats.features[ok]), head.labels, delta)
-    out = out or run / f"eval-{_slug(data_spec)}"
+    ev = evaluate(labels[idx][ok], head.predict(feats.features[ok]), head.labels, cfg.delta)
+    out = cfg.out
     facts = [("head", f"`{run}` ({meta['head']['type']}, backbone `{meta['backbone']}`)"),
              ("data", f"`{data_spec}`, {subset} ({int(ok.sum())} examples"
                       + (f", {feats.stats.skipped} unreadable skipped)" if feats.stats.skipped else ")")),
              ("features", f"{feats.stats.cached} from cache, {feats.stats.computed} computed")]
     write_report(out, RunReport(f"Evaluation of {run.name} on {data_spec}", facts, [], 0, ev), with_curves=False)
-    atomic_write_bytes(out / "eval.json", (json.dumps({"data": data_spec, "subset": subset, "limit": limit,
+    atomic_write_bytes(out / "eval.json", (json.dumps({"data": data_spec, "subset": subset, "limit": cfg.limit,
                                                         "test": ev.to_json(), "extraction": feats.stats.to_json()},
                                                        indent=2) + "\n").encode())
     return EvalResult(ev, out, feats.stats, subset)
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text.strip("/")).strip("_")[-60:] or "data"
 
 
 def publish(run: Path, heads_dir: Path, name: str | None = None, overwrite: bool = False) -> Path:

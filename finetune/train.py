@@ -1,6 +1,7 @@
 """Training loops for linear and MLP heads on cached features: ``sgd`` and full-batch ``gd``.
 
-Every learning rate of ``lrs`` trains its own head in the same pass (``StackedHeads``).
+Every learning rate of ``lrs`` trains its own head in the same pass (``StackedHeads``); the
+settings are ``config.TrainSettings``, which checks them.
 
 sgd: mini-batches, momentum (optionally Nesterov), weight decay, a cosine, step or constant
 schedule, and early stopping on validation; each head keeps its best epoch on validation.
@@ -23,51 +24,13 @@ from typing import Any, Iterator
 import torch
 
 from .checkpoint import generator_state, load_checkpoint, restore_generator, save_checkpoint
+from .config import TrainSettings
 from .stacked import StackedHeads, batch_losses
 
 log = logging.getLogger(__name__)
 
 _EVAL_CHUNK = 8192
 _MAX_HALVINGS = 60
-
-
-@dataclass
-class TrainSettings:
-    head: str = "linear"                 # linear | mlp
-    hidden: tuple[int, ...] = ()
-    dropout: float = 0.0
-    loss: str = "ce"                     # ce | hinge | squared
-    optimizer: str = "sgd"               # sgd | gd
-    lrs: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)
-    epochs: int = 30                     # gd: iterations
-    batch_size: int = 64
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 0.0
-    schedule: str = "cosine"             # cosine | step | constant
-    step_epochs: int | None = None       # step schedule: x0.1 every this many epochs (default epochs // 3)
-    patience: int = 10                   # sgd: stop a head after this many epochs without improvement; 0: off
-    tol: float = 1e-4                    # gd: gradient-norm tolerance
-    seed: int = 0
-    threads: int | None = None           # torch threads while training; None: 1 for small steps, else torch's
-
-    def __post_init__(self) -> None:
-        if self.optimizer == "gd" and self.dropout > 0:
-            raise ValueError("dropout needs sgd: full-batch gd would not see a falling loss through noise")
-        if self.head == "linear" and self.hidden:
-            raise ValueError("a linear head has no hidden layers")
-
-    def head_name(self, lr: float) -> str:
-        """DINOv2-style: the name says what the head is, e.g. mlp512-256_ce_sgd_lr0.1_wd0."""
-        arch = self.head + ("-".join(map(str, self.hidden)) if self.head == "mlp" else "")
-        drop = f"_drop{self.dropout:g}" if self.dropout else ""
-        return f"{arch}{drop}_{self.loss}_{self.optimizer}_lr{lr:g}_wd{self.weight_decay:g}"
-
-    def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["hidden"], out["lrs"] = list(self.hidden), list(self.lrs)
-        out.pop("threads")  # how fast, not what is learned
-        return out
 
 
 @dataclass

@@ -26,12 +26,10 @@ from torch import nn
 
 from .results import Classification, Label
 from .checkpoints import atomic_write_bytes, save_state_dict
+from .head_kinds import HEAD_TYPES, LOSSES, METRICS
 
 FORMAT = "vfm-head"
 VERSION = 1
-HEAD_TYPES = ("knn", "linear", "mlp")
-LOSSES = ("ce", "hinge", "squared")
-METRICS = ("cosine", "l2")
 JSON_NAME = "head.json"
 TENSORS_NAME = "head.safetensors"
 _CHUNK = 4096  # rows per matmul, so a large query or training set never needs an [N, M] matrix at once

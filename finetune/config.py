@@ -1,0 +1,355 @@
+"""What `vfm finetune train` and `vfm finetune eval` do, as config objects that check themselves.
+
+One config per command (``TrainConfig``, ``EvalConfig``; ``FeatureOptions`` is the part they
+share) holds every default once and refuses a bad value or combination in ``__post_init__``, so
+``train_run(TrainConfig(...))`` from Python fails with the message the CLI prints: a
+``ConfigError``, one line, exit 2. The CLI makes one flag per field, takes its default from
+here, and hands the parsed flags over unchanged.
+
+Options that only some heads or optimisers use default to ``None``, "not given": one given
+where it does not apply is refused rather than silently ignored, and the derived ``knn`` or
+``settings`` hold what the given and default values come to. Torch-free: the `vfm` command
+imports this module to build its parser.
+
+    >>> cfg = TrainConfig("tiny_cnn", "digits/", head="mlp", lrs="0.01,0.1", epochs=8)
+    >>> cfg.settings.hidden, cfg.out
+    ((512, 256), PosixPath('runs/digits-tiny_cnn-mlp'))
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from vfm.models.head_kinds import HEAD_TYPES, LOSSES, METRICS
+
+from .values import ConfigError, check_choice, check_number, check_numbers, check_optional, shown
+
+HEADS = HEAD_TYPES
+OPTIMIZERS = ("sgd", "gd")
+SCHEDULES = ("cosine", "step", "constant")
+SUBSETS = ("auto", "test", "all")
+DEFAULT_LRS = {"sgd": (0.01, 0.03, 0.1, 0.3), "gd": (0.1, 1.0, 10.0)}
+DEFAULT_EPOCHS = {"sgd": 30, "gd": 200}
+DEFAULT_HIDDEN = (512, 256)
+_TRAINED = ("linear", "mlp")  # the heads an optimiser trains
+
+# A config field's flag where it is not "--" + the field name with dashes.
+_FLAGS = {"ks": "--k", "lrs": "--lr", "use_cache": "--no-cache", "progress": "--quiet", "run": "RUN"}
+
+
+def flag(name: str) -> str:
+    """The CLI flag of a config field, as messages name it: ``lrs`` -> ``--lr``."""
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def default_of(cls: type, name: str, otherwise: Any = MISSING) -> Any:
+    """The default of field ``name`` of dataclass ``cls``; ``otherwise`` for a field without one
+    (a ``KeyError`` if not given, as for a name that is no field)."""
+    spec = {f.name: f for f in fields(cls)}[name]
+    if spec.default_factory is not MISSING:
+        return spec.default_factory()
+    if spec.default is not MISSING:
+        return spec.default
+    if otherwise is MISSING:
+        raise KeyError(f"{cls.__name__}.{name} has no default")
+    return otherwise
+
+
+@dataclass
+class RayOptions:
+    """Feature extraction with Ray Data (``features_ray``)."""
+
+    address: str                # "local" starts Ray in this process; else ray.init(address=...)
+    actors: int | None = None   # pool size; default: one per GPU, else 2
+    gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0
+    cpus_per_actor: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.actors = check_optional("--ray-actors", self.actors, int, low=1)
+        self.gpus_per_actor = check_optional("--ray-gpus", self.gpus_per_actor, float, low=0)
+        self.cpus_per_actor = check_number("cpus_per_actor", self.cpus_per_actor, float, low=0, low_open=True)
+
+
+@dataclass
+class FeatureOptions:
+    """How features are made and cached; the same for train and eval."""
+
+    device: str = "auto"              # the backbone's device: auto, cpu, cuda or cuda:N
+    cache_dir: Path | None = None     # None: $VFM_CACHE/features
+    use_cache: bool = True            # False: neither read nor write the feature cache (--no-cache)
+    extract_batch_size: int = 64      # images per backbone forward pass
+    ray_address: str | None = None    # extract with Ray Data: a cluster address, auto, or local (start Ray here)
+    ray_actors: int | None = None     # Ray: actors in the pool (None: one per GPU, else 2)
+    ray_gpus: float | None = None     # Ray: GPUs per actor (None: 1 on a GPU cluster, else 0)
+    threads: int | None = None        # torch threads for extraction and training (None: torch's, 1 for small heads)
+    progress: bool = True             # False: no progress bars (--quiet)
+    ray: RayOptions | None = field(init=False, default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.cache_dir is not None and not self.use_cache:
+            raise ConfigError("--cache-dir and --no-cache contradict each other")
+        self.cache_dir = Path(self.cache_dir).expanduser() if self.cache_dir is not None else None
+        self.extract_batch_size = check_number("--extract-batch-size", self.extract_batch_size, int, low=1)
+        self.threads = check_optional("--threads", self.threads, int, low=1)
+        if self.ray_address is None:
+            for name in ("ray_actors", "ray_gpus"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"{flag(name)} needs --ray-address")
+        else:
+            self.ray = RayOptions(self.ray_address.strip(), self.ray_actors, self.ray_gpus)
+            self.ray_actors, self.ray_gpus = self.ray.actors, self.ray.gpus_per_actor
+
+    def cache_folder(self) -> Path | None:
+        """Where features are cached; ``None`` with --no-cache."""
+        if not self.use_cache:
+            return None
+        from vfm.models.weights import cache_dir
+
+        return self.cache_dir or cache_dir() / "features"
+
+
+@dataclass
+class KNNSettings:
+    """A k-NN head; of several k, the best on validation is kept."""
+
+    ks: tuple[int, ...] = (5,)
+    metric: str = "cosine"              # cosine | l2
+
+    def __post_init__(self) -> None:
+        self.ks = check_numbers("--k", self.ks, int, low=1)
+        self.metric = check_choice("--metric", self.metric, METRICS)
+
+
+@dataclass
+class TrainSettings:
+    """How ``train.train_heads`` trains linear and MLP heads; a ``None`` resolves by head or optimiser."""
+
+    head: str = "linear"                 # linear | mlp
+    hidden: tuple[int, ...] | None = None  # mlp hidden widths; None: DEFAULT_HIDDEN for mlp, () for linear
+    dropout: float = 0.0                 # mlp with sgd: after each hidden layer
+    loss: str = "ce"                     # ce | hinge | squared
+    optimizer: str = "sgd"               # sgd | gd
+    lrs: tuple[float, ...] | None = None  # one head per rate; None: DEFAULT_LRS[optimizer]
+    epochs: int | None = None            # gd: iterations; None: DEFAULT_EPOCHS[optimizer]
+    batch_size: int = 64
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    schedule: str = "cosine"             # cosine | step | constant
+    step_epochs: int | None = None       # step schedule: x0.1 every this many epochs (None: epochs // 3)
+    patience: int = 10                   # sgd: stop a head after this many epochs without improvement; 0: off
+    tol: float = 1e-4                    # gd: gradient-norm tolerance
+    seed: int = 0
+    threads: int | None = None           # torch threads while training; None: 1 for small steps, else torch's
+
+    def __post_init__(self) -> None:
+        self.head = check_choice("--head", self.head, _TRAINED)
+        self.loss = check_choice("--loss", self.loss, LOSSES)
+        self.optimizer = check_choice("--optimizer", self.optimizer, OPTIMIZERS)
+        self.schedule = check_choice("--schedule", self.schedule, SCHEDULES)
+        if self.hidden is None:
+            self.hidden = DEFAULT_HIDDEN if self.head == "mlp" else ()
+        if self.head == "linear":
+            if self.hidden:
+                raise ConfigError("--hidden does not apply to --head linear (it is for: mlp)")
+            self.hidden = ()
+        else:  # an MLP without hidden layers would be a linear head under another name
+            self.hidden = check_numbers("--hidden", self.hidden, int, unique=False, low=1)
+        self.dropout = check_number("--dropout", self.dropout, float, 0, 1, high_open=True)
+        if self.optimizer == "gd" and self.dropout > 0:
+            raise ConfigError("--dropout needs --optimizer sgd: full-batch gd would not see a falling loss "
+                              "through noise")
+        self.lrs = check_numbers("--lr", DEFAULT_LRS[self.optimizer] if self.lrs is None else self.lrs, float,
+                                 low=0, low_open=True)
+        self.epochs = check_number("--epochs", DEFAULT_EPOCHS[self.optimizer] if self.epochs is None
+                                   else self.epochs, int, low=1)
+        self.batch_size = check_number("--batch-size", self.batch_size, int, low=1)
+        self.momentum = check_number("--momentum", self.momentum, float, 0, 1, high_open=True)
+        self.nesterov = bool(self.nesterov)
+        if self.nesterov and self.momentum == 0:
+            raise ConfigError("--nesterov needs a --momentum above 0")
+        self.weight_decay = check_number("--weight-decay", self.weight_decay, float, low=0)
+        self.step_epochs = check_optional("--step-epochs", self.step_epochs, int, low=1)
+        if self.step_epochs is not None and self.schedule != "step":
+            raise ConfigError("--step-epochs is for --schedule step")
+        self.patience = check_number("--patience", self.patience, int, low=0)
+        self.tol = check_number("--tol", self.tol, float, low=0, low_open=True)
+        self.seed = check_number("--seed", self.seed, int, low=0)
+        self.threads = check_optional("--threads", self.threads, int, low=1)
+
+    def head_name(self, lr: float) -> str:
+        """DINOv2-style: the name says what the head is, e.g. mlp512-256_ce_sgd_lr0.1_wd0."""
+        arch = self.head + ("-".join(map(str, self.hidden)) if self.head == "mlp" else "")
+        drop = f"_drop{self.dropout:g}" if self.dropout else ""
+        return f"{arch}{drop}_{self.loss}_{self.optimizer}_lr{lr:g}_wd{self.weight_decay:g}"
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["hidden"], out["lrs"] = list(self.hidden), list(self.lrs)
+        out.pop("threads")  # how fast, not what is learned
+        return out
+
+
+# TrainConfig field -> (heads, optimisers) it applies to; the order is the order of the checks.
+_APPLIES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "ks": (("knn",), OPTIMIZERS), "metric": (("knn",), OPTIMIZERS),
+    "hidden": (("mlp",), OPTIMIZERS), "dropout": (("mlp",), ("sgd",)),
+    "loss": (_TRAINED, OPTIMIZERS), "optimizer": (_TRAINED, OPTIMIZERS), "lrs": (_TRAINED, OPTIMIZERS),
+    "epochs": (_TRAINED, OPTIMIZERS), "weight_decay": (_TRAINED, OPTIMIZERS), "resume": (_TRAINED, OPTIMIZERS),
+    "batch_size": (_TRAINED, ("sgd",)), "momentum": (_TRAINED, ("sgd",)), "nesterov": (_TRAINED, ("sgd",)),
+    "schedule": (_TRAINED, ("sgd",)), "step_epochs": (_TRAINED, ("sgd",)), "patience": (_TRAINED, ("sgd",)),
+    "tol": (_TRAINED, ("gd",)),
+}
+_KNN_FIELDS = ("ks", "metric")
+_TRAINING_FIELDS = ("hidden", "dropout", "loss", "optimizer", "lrs", "epochs", "batch_size", "momentum", "nesterov",
+                    "weight_decay", "schedule", "step_epochs", "patience", "tol")
+
+
+@dataclass
+class TrainConfig:
+    """`vfm finetune train`: data -> frozen backbone features -> heads -> evaluation -> a run folder."""
+
+    backbone: str                        # a zoo backbone, or pixels[:SIZE][:rgb] (a raw-pixel baseline)
+    data: str                            # an ImageFolder folder, a .csv manifest or idx:FOLDER
+    out: Path | None = None              # the run folder; None: runs/<data>-<backbone>-<head>
+    head: str = "linear"                 # knn | linear | mlp
+    ks: tuple[int, ...] | None = None    # knn (KNNSettings)
+    metric: str | None = None            # knn
+    hidden: tuple[int, ...] | None = None  # mlp (TrainSettings, as are the rest down to tol)
+    dropout: float | None = None         # mlp with sgd
+    loss: str | None = None              # linear, mlp
+    optimizer: str | None = None         # linear, mlp
+    lrs: tuple[float, ...] | None = None  # linear, mlp
+    epochs: int | None = None            # linear, mlp
+    batch_size: int | None = None        # sgd
+    momentum: float | None = None        # sgd
+    nesterov: bool = False               # sgd
+    weight_decay: float | None = None    # linear, mlp
+    schedule: str | None = None          # sgd
+    step_epochs: int | None = None       # sgd, step schedule
+    patience: int | None = None          # sgd
+    tol: float | None = None             # gd
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train,val,test: for splits the data does not give
+    seed: int = 0                        # seeds the splits, initial weights and shuffling
+    limit: int | None = None             # at most this many examples in all, stratified
+    classes: tuple[str, ...] | None = None  # keep only these classes
+    resume: bool = False                 # linear, mlp: continue the interrupted run in out
+    overwrite: bool = False              # replace the run in out
+    delta: float = 0.05                  # the test-error bound holds with probability 1 - delta
+    normalize: bool = False              # L2-normalise the backbone's features (recorded in head.json)
+    features: FeatureOptions = field(default_factory=FeatureOptions)
+    knn: KNNSettings | None = field(init=False, default=None, repr=False, compare=False)
+    settings: TrainSettings | None = field(init=False, default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.backbone, self.data = _required("backbone", self.backbone), _required("data", self.data)
+        self.head = check_choice("--head", self.head, HEADS)
+        optimizer = None
+        if self.head != "knn":
+            optimizer = check_choice("--optimizer", default_of(TrainSettings, "optimizer") if self.optimizer is None
+                                     else self.optimizer, OPTIMIZERS)
+        self._refuse_what_does_not_apply(optimizer)
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite contradict each other")
+        self.split = _check_split(self.split)
+        self.seed = check_number("--seed", self.seed, int, low=0)
+        self.limit = check_optional("--limit", self.limit, int, low=3)  # one example for each split
+        self.classes = _check_classes(self.classes)
+        self.delta = check_number("--delta", self.delta, float, 0, 1, low_open=True, high_open=True)
+        self.resume, self.overwrite, self.normalize = bool(self.resume), bool(self.overwrite), bool(self.normalize)
+        self.out = default_run_dir(self.data, self.backbone, self.head) if self.out is None \
+            else Path(self.out).expanduser()
+        if self.head == "knn":
+            self.knn = KNNSettings(**self._given(_KNN_FIELDS))
+            self._normalise_given(self.knn, _KNN_FIELDS)
+        else:
+            self.settings = TrainSettings(head=self.head, seed=self.seed, threads=self.features.threads,
+                                          **self._given(_TRAINING_FIELDS))
+            self._normalise_given(self.settings, _TRAINING_FIELDS)
+
+    def _refuse_what_does_not_apply(self, optimizer: str | None) -> None:
+        for name, (heads, optimizers) in _APPLIES.items():
+            value = getattr(self, name)
+            if value is None or (name in ("nesterov", "resume") and not value):  # not given
+                continue
+            if self.head not in heads:
+                raise ConfigError(f"{flag(name)} does not apply to --head {self.head} (it is for: {', '.join(heads)})")
+            if optimizer is not None and optimizer not in optimizers:
+                raise ConfigError(f"{flag(name)} does not apply to --optimizer {optimizer} "
+                                  f"(it is for: {', '.join(optimizers)})")
+
+    def _given(self, names: tuple[str, ...]) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+    def _normalise_given(self, settings: Any, names: tuple[str, ...]) -> None:
+        # What was given, as the settings read it ("0.1,1" -> (0.1, 1.0)); not given stays None.
+        for name, value in self._given(names).items():
+            setattr(self, name, getattr(settings, name))
+
+
+@dataclass
+class EvalConfig:
+    """`vfm finetune eval`: a saved head on data, its own test split or all of it."""
+
+    run: Path                            # a run folder, or any folder with head.json and head.safetensors
+    data: str                            # as for train
+    subset: str = "auto"                 # test: the data's own test split; all; auto: test if the data has one
+    limit: int | None = None             # at most this many examples, stratified
+    seed: int = 0                        # seeds the --limit subset
+    delta: float = 0.05                  # the bound holds with probability 1 - delta
+    out: Path | None = None              # the report folder; None: RUN/eval-<data>
+    features: FeatureOptions = field(default_factory=FeatureOptions)
+
+    def __post_init__(self) -> None:
+        self.run = Path(_required("run", self.run)).expanduser()
+        self.data = _required("data", self.data)
+        self.subset = check_choice("--subset", self.subset, SUBSETS)
+        self.limit = check_optional("--limit", self.limit, int, low=1)
+        self.seed = check_number("--seed", self.seed, int, low=0)
+        self.delta = check_number("--delta", self.delta, float, 0, 1, low_open=True, high_open=True)
+        self.out = default_eval_dir(self.run, self.data) if self.out is None else Path(self.out).expanduser()
+
+
+def _required(name: str, value: Any) -> str:
+    text = "" if value is None else str(value).strip()
+    if not text:
+        raise ConfigError(f"{flag(name)} is required (see --help)")
+    return text
+
+
+def _check_split(split: Any) -> tuple[float, float, float]:
+    values = check_numbers("--split", split, float, unique=False, low=0, high=1)
+    if len(values) != 3:
+        raise ConfigError(f"--split {shown(values)!r}: give three fractions train,val,test")
+    if abs(sum(values) - 1) > 1e-6 or values[0] <= 0 or values[1] <= 0:
+        raise ConfigError(f"--split {shown(values)}: three fractions that sum to 1, with train and val above 0 "
+                          "(heads are chosen on validation)")
+    return values
+
+
+def _check_classes(classes: Any) -> tuple[str, ...] | None:
+    if classes is None:
+        return None
+    names = tuple(c.strip() for c in (classes.split(",") if isinstance(classes, str) else map(str, classes)))
+    if len(names) < 2 or any(not n for n in names) or len(set(names)) != len(names):
+        raise ConfigError(f"--classes {','.join(names)!r}: give at least two distinct class names, comma-separated")
+    return names
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
+
+
+def default_run_dir(data: str, backbone: str, head: str) -> Path:
+    """runs/<data>-<backbone>-<head>, each part named by its last path component."""
+    def part(text: str) -> str:
+        return _slug(Path(text.split(":", 1)[-1]).name or text) or "data"
+
+    return Path("runs") / f"{part(data)}-{part(backbone)}-{head}"
+
+
+def default_eval_dir(run: Path, data: str) -> Path:
+    """RUN/eval-<data>, the data spec made a folder name."""
+    return run / f"eval-{_slug(data.strip('/'))[-60:] or 'data'}"
