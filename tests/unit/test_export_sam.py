@@ -13,7 +13,7 @@ from skimage import data
 
 from vfm.models import load_model
 from vfm.models.export import export_model
-from vfm.models.export_common import mask_iou, parity_images
+from vfm.models.export.common import mask_iou, parity_images
 from vfm.models.results import Prompt
 
 # (height, width): square, portrait, landscape, and two extremes
