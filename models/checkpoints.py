@@ -44,8 +44,9 @@ def load_state_dict(path: str | Path) -> dict[str, Any]:
     """
     import pickle
 
-    import torch
+    from .backends.torch import import_torch
 
+    torch = import_torch()
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -103,7 +104,9 @@ def _first(names: list[str], n: int = 3) -> str:
 
 def seeded(build: Callable[[], T], seed: int = RANDOM_SEED) -> T:
     """``build()`` under a fixed torch seed, without disturbing the caller's random state."""
-    import torch
+    from .backends.torch import import_torch
+
+    torch = import_torch()
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -121,10 +124,11 @@ def save_state_dict(state: dict[str, Any], path: str | Path, metadata: dict[str,
 def check_checkpoint(path: Path | None) -> None:
     """Raise ``UnsafeCheckpoint`` for a pickle ``load_state_dict`` would refuse, found without running it
     (the service lists such a model unavailable instead of failing the application's start)."""
-    from torch.serialization import get_unsafe_globals_in_checkpoint
+    from .backends.torch import import_torch
 
     if path is None or not path.is_file() or path.suffix == ".safetensors":
         return
+    get_unsafe_globals_in_checkpoint = import_torch("torch.serialization").get_unsafe_globals_in_checkpoint
     try:
         unsafe = get_unsafe_globals_in_checkpoint(str(path))  # reads the pickle of a zip checkpoint, no tensors
     except ValueError:  # a legacy (non-zip) torch.save or a bare pickle: load it the way a runner will

@@ -5,9 +5,13 @@ parser or to list models) costs nothing.
 """
 from __future__ import annotations
 
+import importlib
+import threading
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+_IMPORT_LOCK = threading.Lock()
 
 
 class DeviceUnavailable(RuntimeError):
@@ -15,6 +19,17 @@ class DeviceUnavailable(RuntimeError):
 
 
 DTYPES = ("float32", "float16", "bfloat16")
+
+
+def import_torch(module: str = "torch") -> Any:
+    """``torch`` or one of its modules, imported under a lock.
+
+    torch is imported lazily (listing models needs none of it), so its first import may happen
+    in a worker thread (the service checks its models in a thread pool). Two threads importing
+    torch for the first time at once see a partially initialised module; one at a time is safe.
+    """
+    with _IMPORT_LOCK:
+        return importlib.import_module(module)
 
 
 def resolve_device(device: str = "auto") -> str:

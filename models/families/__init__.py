@@ -6,8 +6,11 @@ the sessions of an ONNX export. ``ONNX_RUNNERS`` maps an export's config.json "k
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
+from ..runner import Runner
+from ..spec import ModelSpec
 from . import classification, detection, mtcnn, sam, vit
 
 ONNX_RUNNERS: dict[str, Callable[..., Any]] = {
@@ -15,7 +18,8 @@ ONNX_RUNNERS: dict[str, Callable[..., Any]] = {
 }
 
 
-def build_torch_runner(spec: Any, device: str = "auto", weights: Any = None, **options: Any) -> Any:
+def build_torch_runner(spec: ModelSpec, device: str = "auto", weights: str | Path | None = None,
+                       **options: Any) -> Runner:
     """The PyTorch runner of ``spec``: its weights resolved (``vfm.models.weights``), then its registered builder."""
     from ..backends.torch import resolve_device
     from ..weights import resolve_weights

@@ -290,10 +290,10 @@ def build_torchvision_detector(spec: ModelSpec, weights_path: Path | None, devic
         builder = getattr(tvd, builder)
     num_classes = len(spec.labels) if spec.labels else None
     model = seeded(lambda: builder(weights=None, weights_backbone=None, num_classes=num_classes, **kwargs))
-    return _runner(spec, model, weights_path, device, tdtype, fixed_input_size)
+    return _detector_runner(spec, model, weights_path, device, tdtype, fixed_input_size)
 
 
-def _runner(spec: ModelSpec, model: Any, weights_path: Path | None, device: str, tdtype: Any,
+def _detector_runner(spec: ModelSpec, model: Any, weights_path: Path | None, device: str, tdtype: Any,
             fixed_input_size: bool) -> TorchvisionDetector:
     from ..backends.torch import TorchNetwork
 
@@ -419,4 +419,4 @@ def tiny_detector(spec: ModelSpec, weights_path: Path | None, device: str,
 
     tdtype = torch_dtype(dtype, device)
     model = seeded(lambda: build_tiny_faster_rcnn(len(spec.labels)), seed=TINY_SEED)
-    return _runner(spec, model, weights_path, device, tdtype, fixed_input_size=False)
+    return _detector_runner(spec, model, weights_path, device, tdtype, fixed_input_size=False)
