@@ -55,10 +55,12 @@ def load_onnx_runner(spec: ModelSpec, device: str = "auto", weights: str | Path 
     are what an automatic export starts from; an existing export made from other weights is refused.
     """
     from .backends.onnx import SESSION_OPTIONS, SessionSettings, open_sessions, resolve_onnx_device
+    from .backends.torch import import_torch
     from .export import ExportNotFound, ExportStale, export_model, find_export, folder_name
     from .families import ONNX_RUNNERS
     from .weights import cache_dir
 
+    import_torch()  # the runners' post-processing uses torch; make its first import one thread at a time
     resolved = resolve_onnx_device(device)
     dtype = options.pop("dtype", None)
     if dtype not in (None, "float32"):

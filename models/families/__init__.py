@@ -21,8 +21,9 @@ ONNX_RUNNERS: dict[str, Callable[..., Any]] = {
 def build_torch_runner(spec: ModelSpec, device: str = "auto", weights: str | Path | None = None,
                        **options: Any) -> Runner:
     """The PyTorch runner of ``spec``: its weights resolved (``vfm.models.weights``), then its registered builder."""
-    from ..backends.torch import resolve_device
+    from ..backends.torch import import_torch, resolve_device
     from ..weights import resolve_weights
 
+    import_torch()  # the builders import torch lazily; make the first import one thread at a time
     path = resolve_weights(spec.name, spec.weights, weights)
     return spec.builder(spec, path, resolve_device(device), **options)
