@@ -31,7 +31,7 @@ IMAGE_SIZE = (480, 640)  # (height, width): a VGA photo
 
 
 def images(n: int, seed: int) -> list[np.ndarray]:
-    from vfm.models.export_common import parity_images
+    from vfm.models.export.common import parity_images
 
     return parity_images(seed, [IMAGE_SIZE] * n)
 
@@ -39,7 +39,7 @@ def images(n: int, seed: int) -> list[np.ndarray]:
 def cases(name: str, task: str, runner_images: Callable[[int], list[np.ndarray]]
           ) -> list[tuple[str, Callable[[Any], Callable[[], Any]]]]:
     """(label, make(runner) -> a zero-argument call to time) for the model's main task."""
-    from vfm.models.export_sam import parity_prompts
+    from vfm.models.export.sam import parity_prompts
 
     one, eight = runner_images(1), runner_images(8)
     if task == "segment":

@@ -1,4 +1,4 @@
-"""Checkpoints and files: safe state-dict loading and saving, and atomic writes.
+"""Checkpoints and files: safe state-dict loading and saving, loading into a network, atomic writes.
 
 Checkpoints load from safetensors or with ``torch.load(weights_only=True)``: a pickle that
 needs code to load is refused (``UnsafeCheckpoint``). Every file vfm writes for others to read
@@ -9,7 +9,11 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
+
+RANDOM_SEED = 0  # weights="random" (and tiny_*) must give the same network every time
 
 
 class UnsafeCheckpoint(RuntimeError):
@@ -32,7 +36,6 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-
 def load_state_dict(path: str | Path) -> dict[str, Any]:
     """A state dict from safetensors, or from a torch checkpoint with ``weights_only=True``.
 
@@ -41,8 +44,9 @@ def load_state_dict(path: str | Path) -> dict[str, Any]:
     """
     import pickle
 
-    import torch
+    from .backends.torch import import_torch
 
+    torch = import_torch()
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -65,6 +69,50 @@ def load_state_dict(path: str | Path) -> dict[str, Any]:
     return obj
 
 
+def load_into(module: Any, path: str | Path, model_name: str) -> None:
+    """Load the checkpoint at ``path`` into ``module``, all of it or not at all.
+
+    One clear ``WeightsUnavailable`` for every way a checkpoint can fail to fit (a folder, tensors
+    missing or unexpected, right names with wrong shapes), so every family says the same thing.
+    """
+    from .weights import WeightsUnavailable
+
+    path = Path(path)
+    if path.is_dir():
+        raise WeightsUnavailable(f"Weights for model {model_name!r}: {path} is a folder; "
+                                 "give the checkpoint file (.pth or .safetensors) itself.")
+    state = load_state_dict(path)
+    expected = set(module.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise WeightsUnavailable(
+            f"The weights file {path} does not fit model {model_name!r}: {len(missing)} missing tensors "
+            f"({_first(missing)}) and {len(unexpected)} unexpected ({_first(unexpected)}); "
+            f"is it a checkpoint of {model_name}?")
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # right names, wrong shapes
+        lines = [line.strip() for line in str(exc).splitlines()]
+        first = next((line for line in lines if "size mismatch" in line), lines[-1] if lines else "")
+        raise WeightsUnavailable(f"The weights file {path} does not fit model {model_name!r}: {first[:300]}; "
+                                 f"is it a checkpoint of {model_name}?") from None
+
+
+def _first(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
+
+
+def seeded(build: Callable[[], T], seed: int = RANDOM_SEED) -> T:
+    """``build()`` under a fixed torch seed, without disturbing the caller's random state."""
+    from .backends.torch import import_torch
+
+    torch = import_torch()
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
 def save_state_dict(state: dict[str, Any], path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """Save tensors as safetensors, atomically."""
     from safetensors.torch import save
@@ -76,10 +124,11 @@ def save_state_dict(state: dict[str, Any], path: str | Path, metadata: dict[str,
 def check_checkpoint(path: Path | None) -> None:
     """Raise ``UnsafeCheckpoint`` for a pickle ``load_state_dict`` would refuse, found without running it
     (the service lists such a model unavailable instead of failing the application's start)."""
-    from torch.serialization import get_unsafe_globals_in_checkpoint
+    from .backends.torch import import_torch
 
     if path is None or not path.is_file() or path.suffix == ".safetensors":
         return
+    get_unsafe_globals_in_checkpoint = import_torch("torch.serialization").get_unsafe_globals_in_checkpoint
     try:
         unsafe = get_unsafe_globals_in_checkpoint(str(path))  # reads the pickle of a zip checkpoint, no tensors
     except ValueError:  # a legacy (non-zip) torch.save or a bare pickle: load it the way a runner will

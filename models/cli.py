@@ -252,7 +252,7 @@ def _print_human(task: str, path: str, result: dict[str, Any]) -> None:
 def cmd_predict(args: argparse.Namespace) -> int:
     from vfm.models.errors import UsageError
 
-    from .runner import load_model
+    from .loading import load_model
 
     if args.url:
         # The HTTP client lives with the service; the dispatcher wires it in (models never imports service).

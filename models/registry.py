@@ -1,118 +1,19 @@
-"""One place that names every model: a ``ModelSpec`` per name, filled by ``@register_model``.
+"""One place that names every model: look a model up by name, list names by wildcard or task.
 
-A model exists because one decorated builder says so (the timm way). Builders live in
-``models/families/*``; importing ``models`` imports every family, so the registry is full.
+The table is filled by ``@register_model`` (``vfm.models.spec``) as each family module is
+imported; every lookup here imports the families first. Family modules import torch,
+transformers and segment-anything only inside their builders, so listing and describing
+models stays fast and needs none of them.
 """
 from __future__ import annotations
 
-import difflib
 import fnmatch
-from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Sequence
 
-Task = Literal["classify", "detect", "segment", "embed"]
-ResizeMode = Literal["resize_center_crop", "resize", "longest_side", "none"]
+from .spec import (IMAGENET_MEAN, IMAGENET_STD, REGISTRY, ModelSpec, Preprocess, ResizeMode, Task, UnknownModel,
+                   register, register_model, unregister)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class UnknownModel(KeyError):
-    """A name that is not registered; the message lists the closest names."""
-
-    def __init__(self, name: str, candidates: Sequence[str]):
-        close = difflib.get_close_matches(name, list(candidates), n=5, cutoff=0.5)
-        hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        self.name = name
-        self.close = close
-        super().__init__(f"Unknown model {name!r}.{hint} (`vfm models list` shows every model.)")
-
-    def __str__(self) -> str:  # KeyError quotes its message otherwise
-        return self.args[0]
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """How an RGB uint8 image becomes the network's input tensor."""
-
-    size: int | tuple[int, int] = 224          # square side, or (height, width)
-    resize_mode: ResizeMode = "resize_center_crop"
-    crop_pct: float = 0.875                    # resize_center_crop: resize to size/crop_pct, crop size
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
-
-    def to_json(self) -> dict[str, Any]:
-        size = self.size if isinstance(self.size, int) else list(self.size)
-        return {"size": size, "resize_mode": self.resize_mode, "crop_pct": self.crop_pct,
-                "mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation}
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What the zoo knows about a model before loading it.
-
-    ``builder(spec, weights_path, device) -> Runner`` builds the runner; ``weights`` is the
-    default source (see ``vfm.models.weights``), ``None`` for random-init test variants.
-    """
-
-    name: str
-    task: Task
-    family: str
-    builder: Callable[..., Any]
-    weights: Any = None
-    preprocess: Preprocess | None = None
-    labels: tuple[str, ...] | None = None
-    feature_dim: int | None = None      # set when the model can be a fine-tuning backbone
-    random_weights: bool = False        # tiny_* and random-init structure variants
-    tasks: tuple[Task, ...] = ()        # every task method the runner has; defaults to (task,)
-    description: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not self.tasks:
-            object.__setattr__(self, "tasks", (self.task,))
-
-    @property
-    def is_backbone(self) -> bool:
-        return self.feature_dim is not None
-
-    def to_json(self) -> dict[str, Any]:
-        from .weights import describe_source
-
-        return {
-            "name": self.name,
-            "task": self.task,
-            "tasks": list(self.tasks),
-            "family": self.family,
-            "weights": describe_source(self.weights),
-            "random_weights": self.random_weights,
-            "preprocess": self.preprocess.to_json() if self.preprocess else None,
-            "num_labels": len(self.labels) if self.labels else None,
-            "feature_dim": self.feature_dim,
-            "description": self.description,
-        }
-
-
-_REGISTRY: dict[str, ModelSpec] = {}
-
-
-def register(spec: ModelSpec) -> ModelSpec:
-    """Add ``spec``; a name registered twice is a bug and raises."""
-    if spec.name in _REGISTRY:
-        raise ValueError(f"Model {spec.name!r} is already registered (by {_REGISTRY[spec.name].family}).")
-    _REGISTRY[spec.name] = spec
-    return spec
-
-
-def register_model(name: str, task: Task, family: str, **kwargs: Any) -> Callable:
-    """Decorator: the decorated function is the builder of model ``name``."""
-
-    def wrap(builder: Callable) -> Callable:
-        register(ModelSpec(name=name, task=task, family=family, builder=builder, **kwargs))
-        return builder
-
-    return wrap
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ModelSpec", "Preprocess", "ResizeMode", "Task", "UnknownModel",
+           "get_spec", "list_models", "register", "register_model", "unregister"]
 
 
 def _ensure_loaded() -> None:
@@ -123,22 +24,17 @@ def _ensure_loaded() -> None:
 def get_spec(name: str) -> ModelSpec:
     _ensure_loaded()
     try:
-        return _REGISTRY[name]
+        return REGISTRY[name]
     except KeyError:
-        raise UnknownModel(name, _REGISTRY) from None
+        raise UnknownModel(name, REGISTRY) from None
 
 
 def list_models(pattern: str | None = None, task: Task | None = None) -> list[str]:
     """Sorted names, filtered by a shell-style wildcard (``"sam_*"``) and/or a task."""
     _ensure_loaded()
-    names = sorted(_REGISTRY)
+    names = sorted(REGISTRY)
     if pattern:
         names = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
     if task:
-        names = [n for n in names if task in _REGISTRY[n].tasks]
+        names = [n for n in names if task in REGISTRY[n].tasks]
     return names
-
-
-def unregister(name: str) -> None:
-    """Remove a model (tests that register temporary specs clean up with this)."""
-    _REGISTRY.pop(name, None)

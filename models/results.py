@@ -64,7 +64,7 @@ class Prompt:
 class ImageEmbedding:
     """A SAM image embedding plus what is needed to map masks back to the original image."""
 
-    features: Any                             # torch.Tensor or np.ndarray [1, C, h, w]
+    features: Any                             # np.ndarray float32 [1, C, h, w] (a torch.Tensor is accepted)
     original_size: tuple[int, int]            # (height, width)
     input_size: tuple[int, int]               # (height, width) after the longest-side resize
     model: str = ""

@@ -1,22 +1,20 @@
-"""The runner interface every family implements, and ``load_model``.
+"""The runner interface every family implements.
 
 A runner takes decoded RGB uint8 images (HxWx3 numpy arrays) and returns plain result
-objects (``vfm.models.results``). It knows nothing of Ray, HTTP or training.
+objects (``vfm.models.results``). It holds the network(s) it calls (``vfm.models.network``),
+a PyTorch module or an ONNX Runtime session, chosen by ``load_model`` (``vfm.models.loading``).
+It knows nothing of Ray, HTTP or training.
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .registry import ModelSpec, get_spec
+from .network import Network
 from .results import Classification, Detections, ImageEmbedding, Masks, Prompt
-
-log = logging.getLogger(__name__)
-
-Backend = Literal["torch", "onnx"]
+from .spec import ModelSpec
 
 
 class UnsupportedTask(ValueError):
@@ -24,17 +22,20 @@ class UnsupportedTask(ValueError):
 
 
 class Runner:
-    """Base class: a loaded model and its task methods. Families override what they support."""
+    """Base class: a loaded model and its task methods. Families override what they support.
 
-    spec: ModelSpec
-    backend: str = "torch"
-    device: str = "cpu"
-    weights_path: Path | None = None
+    ``networks``: what the runner calls, by role ("model"; SAM "encoder"/"decoder"; MTCNN
+    "pnet"/"rnet"/"onet"). ``export``: the config.json of the ONNX export the networks came
+    from (None on PyTorch), shown by ``info()``.
+    """
 
-    def __init__(self, spec: ModelSpec, device: str = "cpu", weights_path: Path | None = None):
+    def __init__(self, spec: ModelSpec, networks: Mapping[str, Network], device: str = "cpu",
+                 weights_path: Path | None = None, export: dict[str, Any] | None = None):
         self.spec = spec
+        self.networks = dict(networks)
         self.device = device
         self.weights_path = weights_path
+        self.export = export
 
     @property
     def name(self) -> str:
@@ -44,7 +45,19 @@ class Runner:
     def tasks(self) -> tuple[str, ...]:
         return self.spec.tasks
 
-    def _unsupported(self, task: str):
+    @property
+    def backend(self) -> str:
+        return next(iter(self.networks.values())).backend if self.networks else "torch"
+
+    def torch_module(self, key: str = "model") -> Any:
+        """The PyTorch module behind network ``key`` (to save, inspect or export it); PyTorch backend only."""
+        module = getattr(self.networks[key], "module", None)
+        if module is None:
+            raise ValueError(f"{self.name} runs from an ONNX export in {self.weights_path}, which holds no PyTorch "
+                             "network; load it with backend: torch.")
+        return module
+
+    def _unsupported(self, task: str) -> UnsupportedTask:
         return UnsupportedTask(f"Model {self.name!r} does not {task}; it supports: {', '.join(self.tasks)}.")
 
     # ---- task methods (lists in, lists out) -------------------------------------------
@@ -86,28 +99,19 @@ class Runner:
         out.update(backend=self.backend, device=self.device,
                    weights_path=str(self.weights_path) if self.weights_path else None,
                    labels=list(self.spec.labels) if self.spec.labels else None)
+        if self.export is not None:
+            out["onnx"] = {"folder": str(self.weights_path), "opset": self.export.get("opset"),
+                           "exporter": self.export.get("exporter"), "parity": self.export.get("parity"),
+                           "providers": {key: network.describe().get("providers")
+                                         for key, network in self.networks.items()}}
         return out
 
 
-def load_model(name: str, backend: Backend = "torch", device: str = "auto", weights: str | Path | None = None,
-               **options: Any) -> Runner:
-    """Build the runner of a registered model.
-
-    ``weights`` overrides the spec's default source (local path, ``hf:...``, ``https://...#sha256=``).
-    ``options`` go to the family builder (e.g. ``dtype="float16"`` on CUDA).
-    """
-    from .backends.torch import resolve_device
-    from .weights import resolve_weights
-
-    spec = get_spec(name)
-    if backend == "torch":
-        path = resolve_weights(name, spec.weights, weights)
-        runner = spec.builder(spec, path, resolve_device(device), **options)
-    elif backend == "onnx":
-        from .backends.onnx import load_onnx_runner  # issue 4: ONNX Runtime backend
-
-        runner = load_onnx_runner(spec, device=device, weights=weights, **options)
-    else:
-        raise ValueError(f"Unknown backend {backend!r}; use 'torch' or 'onnx'.")
-    log.info("loaded %s (%s on %s)", name, runner.backend, runner.device)
-    return runner
+def reject_options(spec: ModelSpec, backend: str, options: Mapping[str, Any], accepted: Sequence[str],
+                   extra_hint: str = "") -> None:
+    """A ``ValueError`` naming the options a runner does not take (a config typo must not pass silently)."""
+    if options:
+        takes = f"it takes: {', '.join(accepted)}" if accepted else "it takes none"
+        where = " (ONNX)" if backend == "onnx" else ""
+        raise ValueError(f"Model {spec.name!r}{where} does not take option(s) {', '.join(sorted(options))}; "
+                         f"{takes}{extra_hint}.")

@@ -157,9 +157,9 @@ def _resolve_url(model: str, source: UrlWeights) -> Path:
     tried = [str(target)]
     candidates = [target]
     try:
-        import torch.hub
+        from .backends.torch import import_torch
 
-        hub = Path(torch.hub.get_dir()) / "checkpoints" / source.file_name
+        hub = Path(import_torch("torch.hub").get_dir()) / "checkpoints" / source.file_name
         candidates.append(hub)
         tried.append(str(hub))
     except Exception:  # torch missing or hub dir not configured: only our cache

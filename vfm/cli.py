@@ -15,7 +15,7 @@ from vfm.models.errors import UsageError
 
 from . import __version__
 
-COMMAND_MODULES = ("vfm.models.cli", "vfm.models.export_cli", "vfm.service.cli", "vfm.finetune.cli")
+COMMAND_MODULES = ("vfm.models.cli", "vfm.models.export.cli", "vfm.service.cli", "vfm.finetune.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,20 +1,18 @@
-"""ONNX Runtime plumbing: device -> execution providers, session settings, IO binding, loading runners.
+"""The ONNX Runtime backend: device -> execution providers, session settings, IO binding, sessions.
 
-``load_onnx_runner`` is what ``load_model(name, backend="onnx")`` calls. It reads an export
-from the model repository (``vfm export NAME`` writes it; see ``vfm.models.export``), makes one
-session per graph and returns the family's ONNX runner, which has the same task methods and
-gives the same results as the PyTorch runner.
+``OnnxSession`` is the ``Network`` (``vfm.models.network``) a family runner calls when a model
+runs from an ONNX export. This module only opens sessions: finding an export, making one
+(auto-export) and choosing the runner are ``vfm.models.loading``'s business.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..registry import ModelSpec
 from .torch import DeviceUnavailable
 
 log = logging.getLogger(__name__)
@@ -109,6 +107,8 @@ def providers_for(settings: SessionSettings) -> list[tuple[str, dict[str, Any]]]
 class OnnxSession:
     """One ONNX Runtime session with named outputs; on CUDA, inputs and outputs go through IO binding."""
 
+    backend = "onnx"
+
     def __init__(self, path: Path, settings: SessionSettings):
         import onnxruntime as ort
 
@@ -136,7 +136,10 @@ class OnnxSession:
         log.info("%s: ONNX Runtime providers %s, io_binding=%s", self.path.name, self.providers,
                  settings.use_io_binding)
 
-    def run(self, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    def describe(self) -> dict[str, Any]:
+        return {"file": self.path.name, "providers": self.providers}
+
+    def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         names = list(outputs or self.output_names)
         feeds = {k: np.ascontiguousarray(v) for k, v in feeds.items()}
         if not self.settings.use_io_binding:
@@ -153,72 +156,7 @@ class OnnxSession:
         return dict(zip(names, binding.copy_outputs_to_cpu()))
 
 
-@dataclass
-class LoadedExport:
-    """An export read from the repository: its folder, config.json and one session per graph."""
-
-    folder: Path
-    config: dict[str, Any]
-    sessions: dict[str, OnnxSession] = field(default_factory=dict)
-
-    @property
-    def runtime(self) -> dict[str, Any]:
-        return dict(self.config.get("runtime") or {})
-
-
-class OnnxRunnerMixin:
-    """What every ONNX runner adds to its family's runner: ``backend = "onnx"`` and the export in ``info()``."""
-
-    backend = "onnx"
-    export: LoadedExport
-
-    def info(self) -> dict[str, Any]:
-        out = super().info()  # type: ignore[misc]
-        config = self.export.config
-        out["onnx"] = {"folder": str(self.export.folder), "opset": config.get("opset"),
-                       "exporter": config.get("exporter"), "parity": config.get("parity"),
-                       "providers": {key: s.providers for key, s in self.export.sessions.items()}}
-        return out
-
-
-def open_export(folder: Path, config: dict[str, Any], settings: SessionSettings) -> LoadedExport:
+def open_sessions(folder: Path, config: dict[str, Any], settings: SessionSettings) -> dict[str, OnnxSession]:
+    """One session per graph of the export in ``folder`` (as its config.json lists them), by graph key."""
     version = folder / str(config["version"])
-    sessions = {key: OnnxSession(version / graph["file"], settings) for key, graph in config["graphs"].items()}
-    return LoadedExport(folder=folder, config=config, sessions=sessions)
-
-
-def load_onnx_runner(spec: ModelSpec, device: str = "auto", weights: str | Path | None = None,
-                     repository: str | Path | None = None, auto_export: bool = False, **options: Any) -> Any:
-    """The ONNX Runtime runner of ``spec`` from ``repository/NAME`` (exported first if ``auto_export``).
-
-    ``repository`` defaults to ``$VFM_MODEL_REPOSITORY`` or ``./model_repository``. ``weights``
-    are what an automatic export starts from; an existing export made from other weights is refused.
-    ``options``: session settings (``num_threads``, ``inter_op_threads``, ``tensorrt``, ``trt_fp16``,
-    ``io_binding``) and the family's runner options (e.g. ``pooling`` for ViTs).
-    """
-    from ..export import ExportNotFound, ExportStale, export_model, find_export, folder_name
-    from ..weights import cache_dir
-    from .onnx_runners import build_onnx_runner
-
-    resolved = resolve_onnx_device(device)
-    dtype = options.pop("dtype", None)
-    if dtype not in (None, "float32"):
-        raise ValueError(f"dtype {dtype!r} is a PyTorch backend option; ONNX exports run in float32. "
-                         "Use backend: torch for float16/bfloat16.")
-    session_options = {k: options.pop(k) for k in SESSION_OPTIONS if k in options}
-    # Checked before any export. TensorRT engines are built per machine and GPU, so they go to
-    # the local cache rather than into the (possibly shared, read-only) repository.
-    settings = SessionSettings(device=resolved, cache_dir=cache_dir() / "tensorrt" / folder_name(spec.name),
-                               **session_options)
-    try:
-        folder, config = find_export(spec.name, repository, weights)
-    except (ExportNotFound, ExportStale) as exc:
-        if not auto_export:
-            raise
-        stale = isinstance(exc, ExportStale)
-        log.log(logging.WARNING if stale else logging.INFO, "%s: %s; exporting it now (auto_export)", spec.name,
-                "the ONNX export is stale" if stale else "no ONNX export in the repository")
-        export_model(spec.name, repository, weights=weights, replace=stale)
-        folder, config = find_export(spec.name, repository, weights)
-    loaded = open_export(folder, config, settings)
-    return build_onnx_runner(spec, loaded, resolved, options)
+    return {key: OnnxSession(version / graph["file"], settings) for key, graph in config["graphs"].items()}

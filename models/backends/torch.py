@@ -1,9 +1,17 @@
-"""PyTorch plumbing shared by the families: device choice, dtypes, moving batches."""
+"""The PyTorch backend: device choice, dtypes, and ``TorchNetwork``, a module behind the ``Network`` call.
+
+torch is imported inside the functions: importing this module (e.g. to build the CLI's
+parser or to list models) costs nothing.
+"""
 from __future__ import annotations
 
-from typing import Any
+import importlib
+import threading
+from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+_IMPORT_LOCK = threading.Lock()
 
 
 class DeviceUnavailable(RuntimeError):
@@ -13,10 +21,15 @@ class DeviceUnavailable(RuntimeError):
 DTYPES = ("float32", "float16", "bfloat16")
 
 
-def cuda_available() -> bool:
-    import torch
+def import_torch(module: str = "torch") -> Any:
+    """``torch`` or one of its modules, imported under a lock.
 
-    return torch.cuda.is_available()
+    torch is imported lazily (listing models needs none of it), so its first import may happen
+    in a worker thread (the service checks its models in a thread pool). Two threads importing
+    torch for the first time at once see a partially initialised module; one at a time is safe.
+    """
+    with _IMPORT_LOCK:
+        return importlib.import_module(module)
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -69,3 +82,56 @@ def set_threads(num_threads: int | None) -> None:
 
     if num_threads:
         torch.set_num_threads(int(num_threads))
+
+
+class TorchNetwork:
+    """A PyTorch module called with named numpy arrays, returning named numpy arrays (``vfm.models.network``).
+
+    The module is moved to ``device`` and ``dtype`` (pass ``dtype=None`` to leave its
+    parameters as they are, e.g. SAM's decoder keeps its prompt encoder in float32). Float
+    inputs are cast to ``dtype`` except those named in ``uncast_inputs``, which keep their
+    numpy dtype (pixel coordinates, a float64 threshold); a list of arrays
+    becomes a list of tensors (torchvision's detectors take images of any sizes that way);
+    float outputs come back as float32. ``forward`` takes the inputs in the order of
+    ``input_names`` and returns one tensor or a tuple in the order of ``output_names``.
+    """
+
+    backend = "torch"
+
+    def __init__(self, module: Any, input_names: Sequence[str], output_names: Sequence[str], device: str = "cpu",
+                 dtype: Any = None, uncast_inputs: Sequence[str] = ()):
+        import torch
+
+        self.device = device
+        self.dtype = dtype if dtype is not None else torch.float32
+        module = module.eval().to(device=device) if dtype is None else module.eval().to(device=device, dtype=dtype)
+        module.requires_grad_(False)
+        self.module = module
+        self.input_names = list(input_names)
+        self.output_names = list(output_names)
+        self.uncast_inputs = frozenset(uncast_inputs)
+
+    def tensor(self, name: str, value: np.ndarray | Sequence[np.ndarray]) -> Any:
+        """One input as the module takes it: on the device, float in the network's dtype."""
+        dtype = None if name in self.uncast_inputs else self.dtype
+        if isinstance(value, (list, tuple)):
+            return [to_device(np.asarray(v), self.device, dtype) for v in value]
+        return to_device(np.asarray(value), self.device, dtype)
+
+    def run(self, inputs: Mapping[str, Any], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        import torch
+
+        with torch.inference_mode():
+            result = self.module(*(self.tensor(name, inputs[name]) for name in self.input_names))
+        values = result if isinstance(result, (tuple, list)) else (result,)
+        named = dict(zip(self.output_names, values, strict=True))
+        return {name: _to_numpy(named[name]) for name in (outputs or self.output_names)}
+
+    def describe(self) -> dict[str, Any]:
+        return {"device": self.device, "dtype": str(self.dtype).removeprefix("torch.")}
+
+
+def _to_numpy(tensor: Any) -> np.ndarray:
+    if tensor.is_floating_point():
+        tensor = tensor.float()
+    return tensor.cpu().numpy()

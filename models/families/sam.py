@@ -1,33 +1,208 @@
 """The SAM family (segment-anything): sam_vit_b / sam_vit_l / sam_vit_h and the random tiny_sam.
 
-Three things, kept apart as segment-anything keeps them: the network
-(``segment_anything.modeling``, built here from a ``SamConfig``), the way to call it
-(``sam_runner.SamRunner``, with prompt packing in ``sam_prompts``) and, later, the ONNX export
-wrapper (``segment_anything.utils.onnx.SamOnnxModel`` over the same network).
+Three things, kept apart as segment-anything keeps them, in this order below: the way to call
+the network (``SamRunner``: encode images once, segment many prompts, with prompt packing in
+``sam_prompts``), the network (``segment_anything.modeling.Sam``, built from a ``SamConfig``),
+and the builders of the zoo.
+
+``SamRunner`` calls two networks: the image ``encoder`` (padded, normalised image ->
+embedding) and the prompt ``decoder`` (embedding + packed prompts -> low-resolution mask
+logits for all four mask tokens and their predicted IoU). On PyTorch they are the modules of
+a ``Sam``; on ONNX Runtime the two graphs of its export (``vfm.models.export.sam``), which
+compute the same. Everything that depends on the image's size happens in the runner, in
+numpy and torch, for any size and aspect ratio: the longest-side resize and padding before
+the encoder, the prompt packing, the choice of one or three masks, and the upscale / crop of
+the padding / resize to the original size. segment-anything's own ``SamOnnxModel`` traces
+that crop for the aspect ratio it was exported with, which is why it is not used.
+
+segment-anything and torch are imported inside functions: registering these models needs neither.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
-import torch
-from segment_anything import sam_model_registry
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+import numpy as np
 
-from ..backends.torch import torch_dtype
-from ..registry import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, Preprocess, register_model
-from ..checkpoints import load_state_dict
+from ..checkpoints import RANDOM_SEED, load_into, seeded
+from ..images import as_rgb_array
+from ..network import Network
+from ..results import ImageEmbedding, Masks, Prompt
+from ..runner import Runner, reject_options
+from ..spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, Preprocess, register_model
 from ..weights import UrlWeights, WeightsUnavailable
-from .sam_runner import SamRunner
+from .sam_prompts import PADDING_LABEL, check_embedding, pack_prompts
 
 log = logging.getLogger(__name__)
 
-RANDOM_INIT_SEED = 0
+ONNX_KIND = "sam"       # config.json "kind" of an export of this family
 CHECKPOINT_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
+# Masks are upscaled to img_size x img_size before the crop; bound how many at once (16 x 1024^2 x 4 B = 64 MiB).
+POSTPROCESS_CHUNK = 16
 
+
+# ---- the runner ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SamRuntime:
+    """What the runner needs to know about the network around its calls (an export's config.json
+    "runtime" holds the same fields, so an ONNX runner knows it without the network)."""
+
+    img_size: int
+    pixel_mean: tuple[float, float, float]
+    pixel_std: tuple[float, float, float]
+    mask_threshold: float
+    embedding_shape: tuple[int, int, int]     # (channels, height, width) of one image embedding
+
+    @classmethod
+    def from_json(cls, runtime: dict[str, Any]) -> "SamRuntime":
+        return cls(img_size=int(runtime["img_size"]), pixel_mean=tuple(float(v) for v in runtime["pixel_mean"]),
+                   pixel_std=tuple(float(v) for v in runtime["pixel_std"]),
+                   mask_threshold=float(runtime["mask_threshold"]),
+                   embedding_shape=tuple(int(v) for v in runtime["embedding_shape"]))  # type: ignore[arg-type]
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def sam_runtime(sam: Any) -> SamRuntime:
+    """The ``SamRuntime`` of a segment-anything ``Sam`` network."""
+    encoder = sam.prompt_encoder
+    return SamRuntime(img_size=int(sam.image_encoder.img_size),
+                      pixel_mean=tuple(float(v) for v in sam.pixel_mean.flatten()),  # type: ignore[arg-type]
+                      pixel_std=tuple(float(v) for v in sam.pixel_std.flatten()),  # type: ignore[arg-type]
+                      mask_threshold=float(sam.mask_threshold),
+                      embedding_shape=(int(encoder.embed_dim), *(int(v) for v in encoder.image_embedding_size)))
+
+
+class SamRunner(Runner):
+    """``encode`` images into embeddings, then ``segment`` prompts on an embedding.
+
+    On PyTorch, ``dtype`` (``float16``/``bfloat16``, CUDA only) applies to the image encoder and
+    the mask decoder; the prompt encoder stays float32 because half precision cannot hold pixel
+    coordinates up to 1024 to better than half a pixel. ``model`` is the PyTorch ``Sam`` (None on ONNX).
+    """
+
+    def __init__(self, spec: ModelSpec, encoder: Network, decoder: Network, device: str, runtime: SamRuntime, *,
+                 model: Any = None, weights_path: Path | None = None, export: dict[str, Any] | None = None):
+        super().__init__(spec, {"encoder": encoder, "decoder": decoder}, device=device, weights_path=weights_path,
+                         export=export)
+        from segment_anything.utils.transforms import ResizeLongestSide
+
+        self.encoder, self.decoder = encoder, decoder
+        self.model = model
+        self.img_size = runtime.img_size
+        self.pixel_mean = np.asarray(runtime.pixel_mean, np.float32)
+        self.pixel_std = np.asarray(runtime.pixel_std, np.float32)
+        self.mask_threshold = runtime.mask_threshold
+        self.embedding_shape: tuple[int, int, int] = runtime.embedding_shape
+        self.transform = ResizeLongestSide(self.img_size)
+
+    @property
+    def postprocess_device(self) -> str:
+        import torch
+
+        # The upscaling runs in torch: on the GPU when this torch build has one
+        return self.device if self.device.startswith("cuda") and torch.cuda.is_available() else "cpu"
+
+    def info(self) -> dict[str, Any]:
+        out = super().info()
+        dtype = self.encoder.describe().get("dtype")
+        if dtype is not None:
+            out["dtype"] = dtype
+        out.update(image_size=self.img_size, embedding_shape=list(self.embedding_shape))
+        return out
+
+    # ---- encode ---------------------------------------------------------------------------
+    def encoder_input(self, image: np.ndarray, index: int = 0) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+        """(input [3, S, S] float32, original size, resized size): ``SamPredictor.set_image``'s preprocessing.
+
+        The image is resized so its longest side is ``img_size`` (``ResizeLongestSide``),
+        normalised with the model's pixel mean/std and zero-padded to a square.
+        """
+        rgb = as_rgb_array(image)
+        if rgb.shape[0] == 0 or rgb.shape[1] == 0:
+            raise ValueError(f"image {index} is empty ({rgb.shape[1]}x{rgb.shape[0]} pixels).")
+        resized = self.transform.apply_image(rgb)
+        x = (resized.astype(np.float32) - self.pixel_mean) / self.pixel_std
+        padded = np.zeros((self.img_size, self.img_size, 3), np.float32)
+        padded[: x.shape[0], : x.shape[1]] = x
+        return (np.ascontiguousarray(padded.transpose(2, 0, 1)), (int(rgb.shape[0]), int(rgb.shape[1])),
+                (int(resized.shape[0]), int(resized.shape[1])))
+
+    def encode(self, images: Sequence[np.ndarray]) -> list[ImageEmbedding]:
+        """One embedding per image (features: float32 numpy [1, C, h, w]); all images in one encoder call."""
+        if not images:
+            return []
+        prepared = [self.encoder_input(image, i) for i, image in enumerate(images)]
+        batch = np.stack([p[0] for p in prepared])
+        features = self.encoder.run({"image": batch}, ["image_embeddings"])["image_embeddings"]
+        # copy: a slice would keep the whole batch alive in an embedding cache.
+        return [ImageEmbedding(features=np.array(features[i:i + 1], np.float32), original_size=original,
+                               input_size=input_size, model=self.name)
+                for i, (_, original, input_size) in enumerate(prepared)]
+
+    # ---- segment --------------------------------------------------------------------------
+    def segment(self, embedding: ImageEmbedding, prompts: Sequence[Prompt]) -> list[Masks]:
+        """Masks for each prompt, at the original image resolution, in the order of ``prompts``.
+
+        Points and boxes are pixels of the original image. Points must lie on the image
+        (0 <= x <= width, 0 <= y <= height), else ``ValueError``; boxes are clipped to the image
+        and one with no part on it is a ``ValueError`` (see ``sam_prompts.validate_prompt``).
+        Prompts with the same number of points share one decoder call; a prompt's masks do not
+        depend on the other prompts in the call. ``multimask`` gives the decoder's three masks,
+        else its single mask; scores are the predicted IoU; ``low_res_logits`` are the decoder's
+        logits (256x256 for full-size SAM).
+        """
+        import torch
+
+        features = self._check_embedding(embedding)
+        groups = pack_prompts(prompts, embedding.original_size, self.img_size)
+        results: list[Masks | None] = [None] * len(prompts)
+        for group in groups:
+            out = self.decoder.run({"image_embeddings": features, "point_coords": group.coords,
+                                    "point_labels": group.labels}, ["low_res_masks", "iou_predictions"])
+            logits, iou = out["low_res_masks"], out["iou_predictions"]
+            # The decoder always predicts 1 + 3 masks; like MaskDecoder.forward, token 0 is the single-mask answer.
+            chosen = [slice(1, None) if multi else slice(0, 1) for multi in group.multimask]
+            low_res = [logits[row, sl] for row, sl in enumerate(chosen)]
+            scores = [iou[row, sl] for row, sl in enumerate(chosen)]
+            masks = self._postprocess(torch.from_numpy(np.concatenate(low_res)), embedding.input_size,
+                                      embedding.original_size)
+            start = 0
+            for index, lr, score in zip(group.indices, low_res, scores):
+                results[index] = Masks(masks=masks[start:start + len(lr)], scores=np.asarray(score, np.float32),
+                                       low_res_logits=np.asarray(lr, np.float32))
+                start += len(lr)
+        return results  # type: ignore[return-value]  # every index was filled by its group
+
+    def _postprocess(self, low_res: Any, input_size: tuple[int, int], original_size: tuple[int, int]) -> np.ndarray:
+        """Logits [M, h, w] -> bool masks [M, H, W]: upscale, crop the padding, resize to the original."""
+        import torch.nn.functional as F
+
+        out = np.empty((len(low_res), *original_size), dtype=bool)
+        for start in range(0, len(low_res), POSTPROCESS_CHUNK):
+            chunk = low_res[start:start + POSTPROCESS_CHUNK].unsqueeze(1).to(self.postprocess_device)
+            # The three steps of ``Sam.postprocess_masks``, with the same calls
+            masks = F.interpolate(chunk, (self.img_size, self.img_size), mode="bilinear", align_corners=False)
+            masks = masks[..., : input_size[0], : input_size[1]]
+            upscaled = F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
+            out[start:start + len(chunk)] = (upscaled[:, 0] > self.mask_threshold).cpu().numpy()
+        return out
+
+    def _check_embedding(self, embedding: ImageEmbedding) -> np.ndarray:
+        """The embedding's features as float32 numpy, after checking they fit this model."""
+        check_embedding(embedding, self.name, self.img_size, self.embedding_shape)
+        features = embedding.features
+        if hasattr(features, "detach"):  # a torch tensor (e.g. made by hand)
+            features = features.detach().float().cpu().numpy()
+        return np.ascontiguousarray(features, dtype=np.float32)
+
+
+# ---- the network -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class SamConfig:
@@ -70,8 +245,14 @@ SAM_PREPROCESS = Preprocess(size=1024, resize_mode="longest_side", mean=IMAGENET
 TINY_SAM_PREPROCESS = Preprocess(size=256, resize_mode="longest_side", mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
-def build_sam_network(config: SamConfig) -> Sam:
-    """A randomly initialised ``Sam`` of ``config``'s shape (seed it with ``seeded_sam_network``)."""
+def build_sam_network(config: SamConfig) -> Any:
+    """A randomly initialised ``Sam`` of ``config``'s shape (``seeded`` makes it reproducible)."""
+    from functools import partial
+
+    import torch
+    from segment_anything import sam_model_registry
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
     if config.registry_key is not None:
         return sam_model_registry[config.registry_key](checkpoint=None)
     embedding = config.embedding_size
@@ -96,12 +277,51 @@ def build_sam_network(config: SamConfig) -> Sam:
     ).eval()
 
 
-def seeded_sam_network(config: SamConfig, seed: int = RANDOM_INIT_SEED) -> Sam:
-    """The same random weights on every call, without disturbing the caller's RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build_sam_network(config)
+def embed_points(prompt_encoder: Any, coords: Any, labels: Any) -> Any:
+    """Sparse prompt embeddings [B, N, C] for points labelled -1/0/1/2/3 (see ``sam_prompts``).
 
+    The same sums as ``PromptEncoder._embed_points`` + ``_embed_boxes`` (and ``SamOnnxModel``'s
+    ``_embed_points``), but for every label in one pass so mixed prompts stack into one tensor.
+    """
+    pe = prompt_encoder.pe_layer.forward_with_coords(coords + 0.5, prompt_encoder.input_image_size)
+    labels = labels.unsqueeze(-1)
+    # Multiplying by a 0/1 mask adds exact zeros, so each token equals the reference sum bit for bit.
+    embedding = pe * (labels != PADDING_LABEL)
+    embedding = embedding + prompt_encoder.not_a_point_embed.weight * (labels == PADDING_LABEL)
+    for i in range(prompt_encoder.num_point_embeddings):
+        embedding = embedding + prompt_encoder.point_embeddings[i].weight * (labels == i)
+    return embedding
+
+
+def prompt_decoder_module(sam: Any) -> Any:
+    """The decoder call as one module: ``image_embeddings``, ``point_coords``, ``point_labels`` ->
+    ``low_res_masks``, ``iou_predictions`` (sparse + dense prompt embeddings and the mask decoder,
+    nothing that depends on the image's size). The PyTorch backend calls it; the export traces it.
+    The prompt encoder runs in float32 whatever the mask decoder's dtype."""
+    from torch import nn
+
+    class SamPromptDecoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.prompt_encoder = sam.prompt_encoder
+            self.mask_decoder = sam.mask_decoder
+            self.register_buffer("image_pe", sam.prompt_encoder.get_dense_pe().detach().clone())
+
+        def forward(self, image_embeddings: Any, point_coords: Any, point_labels: Any) -> tuple[Any, Any]:
+            dtype = self.mask_decoder.iou_token.weight.dtype
+            sparse = embed_points(self.prompt_encoder, point_coords, point_labels)
+            height, width = self.prompt_encoder.image_embedding_size
+            dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
+                point_coords.shape[0], -1, height, width)
+            return self.mask_decoder.predict_masks(image_embeddings=image_embeddings.to(dtype),
+                                                   image_pe=self.image_pe.to(dtype),
+                                                   sparse_prompt_embeddings=sparse.to(dtype),
+                                                   dense_prompt_embeddings=dense.to(dtype))
+
+    return SamPromptDecoder().eval()
+
+
+# ---- building --------------------------------------------------------------------------------
 
 def _checkpoint_file(spec: ModelSpec, path: Path) -> Path:
     """A weights folder holds the checkpoint under its official name (or is the only .pth/.safetensors)."""
@@ -116,34 +336,35 @@ def _checkpoint_file(spec: ModelSpec, path: Path) -> Path:
     return found[0]
 
 
-def load_sam_weights(spec: ModelSpec, model: Sam, path: Path) -> None:
-    """Load a checkpoint safely into ``model``; a checkpoint of another shape is ``WeightsUnavailable``."""
-    path = _checkpoint_file(spec, Path(path))
-    state = load_state_dict(path)
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # size mismatches raise even with strict=False
-        first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc)[:200])
-        raise WeightsUnavailable(f"Weights {path} do not fit model {spec.name!r} ({first}); is it the checkpoint "
-                                 f"of another SAM size?") from None
-    if missing or unexpected:
-        raise WeightsUnavailable(
-            f"Weights {path} do not fit model {spec.name!r}: {len(missing)} missing tensors "
-            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}) and {len(unexpected)} unexpected "
-            f"({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''}).")
-
-
 def build_sam_runner(spec: ModelSpec, config: SamConfig, weights_path: Path | None, device: str,
                      dtype: str | None = None) -> SamRunner:
     """The network of ``config`` with the checkpoint at ``weights_path`` (``None``: seeded random init)."""
-    torch_dtype(dtype, device)  # a dtype this device cannot run fails before building a 600M-parameter network
-    model = seeded_sam_network(config)
-    if weights_path is not None:
-        load_sam_weights(spec, model, weights_path)
-    else:
-        log.info("%s: seeded random weights (seed %d)", spec.name, RANDOM_INIT_SEED)
-    return SamRunner(spec, model, device=device, weights_path=weights_path, dtype=dtype)
+    from ..backends.torch import TorchNetwork, torch_dtype
 
+    tdtype = torch_dtype(dtype, device)  # a dtype this device cannot run fails before building a 600M-parameter network
+    model = seeded(lambda: build_sam_network(config))
+    if weights_path is not None:
+        load_into(model, _checkpoint_file(spec, Path(weights_path)), spec.name)
+    else:
+        log.info("%s: seeded random weights (seed %d)", spec.name, RANDOM_SEED)
+    model = model.eval().to(device)
+    encoder = TorchNetwork(model.image_encoder, ["image"], ["image_embeddings"], device=device, dtype=tdtype)
+    model.mask_decoder.to(tdtype)
+    decoder = TorchNetwork(prompt_decoder_module(model), ["image_embeddings", "point_coords", "point_labels"],
+                           ["low_res_masks", "iou_predictions"], device=device,
+                           uncast_inputs=("image_embeddings", "point_coords", "point_labels"))
+    return SamRunner(spec, encoder, decoder, device, sam_runtime(model), model=model, weights_path=weights_path)
+
+
+def from_export(spec: ModelSpec, networks: dict[str, Network], config: dict[str, Any], folder: Path, device: str,
+                **options: Any) -> SamRunner:
+    """The ONNX runner: the same ``SamRunner`` over the export's encoder and decoder graphs."""
+    reject_options(spec, "onnx", options, ())
+    return SamRunner(spec, networks["encoder"], networks["decoder"], device,
+                     SamRuntime.from_json(config.get("runtime") or {}), weights_path=folder, export=config)
+
+
+# ---- the zoo ---------------------------------------------------------------------------------
 
 def _official(file_name: str, sha256: str) -> UrlWeights:
     return UrlWeights(CHECKPOINT_URL + file_name, sha256=sha256)

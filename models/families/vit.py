@@ -1,7 +1,9 @@
 """The ViT family through Hugging Face transformers: DINOv2 backbones and the ImageNet ViT classifier.
 
 Preprocessing is ours (``vfm.models.images.preprocess_batch``), not the HF image processor: it is
-faster per request and it is the same code the ONNX backend runs, so the two stay comparable.
+faster per request, and one ``ViTRunner`` runs it before either backend's network call (the
+PyTorch module or its ONNX export), so the two stay comparable. transformers is imported
+only inside the builders.
 
 With no weights (``weights="random"``, ``tiny_vit``) the network is built from a local config
 holding the published hyper-parameters and a seeded init, so structure and timing work offline.
@@ -17,16 +19,18 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..backends.torch import to_device, torch_dtype
+from ..checkpoints import seeded
 from ..images import preprocess_batch
 from ..labels import imagenet_categories, numbered_labels
-from ..registry import ModelSpec, Preprocess, register_model
+from ..network import Network
 from ..results import Classification, Label
-from ..runner import Runner
+from ..runner import Runner, reject_options
+from ..spec import ModelSpec, Preprocess, register_model
 from ..weights import HFWeights, WeightsUnavailable
 
 log = logging.getLogger(__name__)
 
+ONNX_KIND = "vit"      # config.json "kind" of an export of this family
 POOLINGS = ("cls", "mean", "cls+mean")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 
@@ -59,46 +63,43 @@ TINY_VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, inte
 TINY_LABELS = numbered_labels(10)
 
 
-class HFViTRunner(Runner):
-    """A transformers ViT/DINOv2 model behind the runner interface.
+class ViTRunner(Runner):
+    """A transformers ViT/DINOv2 network (or its ONNX export) behind the runner interface.
 
-    ``embed`` pools the final-layernorm tokens: ``cls``, ``mean`` (patch tokens) or ``cls+mean``
-    (their concatenation, DINOv2's linear-eval feature). ``classify`` needs a classifier head.
+    The network call is ``input`` -> ``tokens`` (final-layernorm tokens [N, 1+P, D]) and, with a
+    classifier head, ``logits``. ``embed`` pools the tokens: ``cls``, ``mean`` (patch tokens) or
+    ``cls+mean`` (their concatenation, DINOv2's linear-eval feature). ``classify`` needs the head.
     """
 
-    def __init__(self, spec: ModelSpec, model: Any, device: str, weights_path: Path | None, *,
-                 dtype: Any, pooling: str, labels: tuple[str, ...] | None, batch_size: int):
-        super().__init__(spec, device=device, weights_path=weights_path)
-        self.model = model
-        self.dtype = dtype
-        self.pooling = pooling
+    def __init__(self, spec: ModelSpec, network: Network, device: str, *, hidden_size: int, has_classifier: bool,
+                 labels: tuple[str, ...] | None, pooling: str = "cls", batch_size: int = 32,
+                 weights_path: Path | None = None, export: dict[str, Any] | None = None):
+        super().__init__(spec, {"model": network}, device=device, weights_path=weights_path, export=export)
+        _check_runner_options(pooling, batch_size)
+        self.network = network
+        self.hidden_size = int(hidden_size)
+        self.has_classifier = bool(has_classifier)
         self.labels = labels
+        self.pooling = pooling
         self.batch_size = batch_size
-        self.hidden_size = int(model.config.hidden_size)
-        # A classifier checkpoint may be trained at another resolution than our preprocessing.
-        size = spec.preprocess.size
-        self._interpolate = (size if isinstance(size, int) else max(size)) != model.config.image_size
+
+    @property
+    def model(self) -> Any:
+        """The transformers network (PyTorch backend only), e.g. to ``save_pretrained`` it."""
+        return self.torch_module().model
 
     @property
     def feature_dim(self) -> int:
         return self.hidden_size * (2 if self.pooling == "cls+mean" else 1)
 
-    @property
-    def has_classifier(self) -> bool:
-        return hasattr(self.model, "classifier")
-
     def _forward(self, images: Sequence[np.ndarray]) -> tuple[Any, Any]:
-        """Final-layernorm tokens [N, 1+P, D] and, with a classifier head, logits [N, C]."""
+        """Tokens [N, 1+P, D] and, with a classifier head, logits [N, C], as CPU float32 tensors."""
         import torch
 
-        x = to_device(preprocess_batch(images, self.spec.preprocess), self.device, self.dtype)
-        with torch.inference_mode():
-            if self.has_classifier:
-                # model.vit + model.classifier is ViTForImageClassification.forward, but keeps
-                # the tokens so one pass serves classify and embed.
-                tokens = self.model.vit(x, interpolate_pos_encoding=self._interpolate).last_hidden_state
-                return tokens, self.model.classifier(tokens[:, 0, :])
-            return self.model(x).last_hidden_state, None
+        names = ["tokens", "logits"] if self.has_classifier else ["tokens"]
+        out = self.network.run({"input": preprocess_batch(images, self.spec.preprocess)}, names)
+        logits = torch.from_numpy(out["logits"]) if self.has_classifier else None
+        return torch.from_numpy(out["tokens"]), logits
 
     def _pool(self, tokens: Any) -> Any:
         import torch
@@ -119,7 +120,7 @@ class HFViTRunner(Runner):
         images = list(images)
         if not images:
             return np.zeros((0, self.feature_dim), np.float32)
-        parts = [self._pool(self._forward(chunk)[0]).float().cpu().numpy() for chunk in self._chunks(images)]
+        parts = [self._pool(self._forward(chunk)[0]).float().numpy() for chunk in self._chunks(images)]
         feats = np.concatenate(parts).astype(np.float32, copy=False)
         if normalize:
             feats = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
@@ -136,7 +137,7 @@ class HFViTRunner(Runner):
         for chunk in self._chunks(list(images)):
             probs = self._forward(chunk)[1].float().softmax(dim=-1)
             scores, indices = probs.topk(k, dim=-1)
-            for row_scores, row_indices in zip(scores.cpu().numpy(), indices.cpu().numpy()):
+            for row_scores, row_indices in zip(scores.numpy(), indices.numpy()):
                 out.append(Classification([Label(int(i), self.labels[int(i)], float(s))
                                            for s, i in zip(row_scores, row_indices)]))
         return out
@@ -144,8 +145,38 @@ class HFViTRunner(Runner):
     def info(self) -> dict[str, Any]:
         out = super().info()
         out.update(labels=list(self.labels) if self.labels else None, feature_dim=self.feature_dim,
-                   pooling=self.pooling, dtype=str(self.dtype).replace("torch.", ""))
+                   pooling=self.pooling, dtype=self.network.describe().get("dtype", "float32"))
         return out
+
+
+def _check_runner_options(pooling: str, batch_size: int) -> None:
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}; got {pooling!r}.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+
+
+def tokens_module(model: Any, interpolate: bool) -> Any:
+    """The network call as one module: ``input`` -> final-layernorm tokens (+ logits with a classifier head).
+
+    ``model.vit`` + ``model.classifier`` is ``ViTForImageClassification.forward``, but keeps the
+    tokens so one pass serves classify and embed. The PyTorch backend calls this module and the
+    ONNX export traces it.
+    """
+    from torch import nn
+
+    class ViTTokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, x: Any) -> Any:
+            if hasattr(self.model, "classifier"):
+                tokens = self.model.vit(x, interpolate_pos_encoding=interpolate).last_hidden_state
+                return tokens, self.model.classifier(tokens[:, 0, :])
+            return self.model(x).last_hidden_state
+
+    return ViTTokens().eval()
 
 
 # ---- building ----------------------------------------------------------------------------
@@ -161,17 +192,12 @@ def _model_class(model_type: str) -> tuple[Any, Any]:
 
 def _random_model(model_type: str, arch: dict[str, Any], labels: tuple[str, ...] | None,
                   attn_implementation: str, seed: int) -> Any:
-    import torch
-
     config_cls, model_cls = _model_class(model_type)
     kwargs = dict(arch, attn_implementation=attn_implementation)
     if labels is not None:
         kwargs.update(id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
     config = config_cls(**kwargs)
-    # Seed without disturbing the caller's global RNG stream.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return model_cls(config)
+    return seeded(lambda: model_cls(config), seed)
 
 
 def _pretrained_model(name: str, folder: Path, model_type: str, dtype: Any,
@@ -217,14 +243,13 @@ def _labels_from_config(spec: ModelSpec, config: Any) -> tuple[str, ...]:
 
 def _build(spec: ModelSpec, weights_path: Path | None, device: str, *, model_type: str, arch: dict[str, Any],
            dtype: str | None = None, pooling: str = "cls", attn_implementation: str = "sdpa",
-           batch_size: int = 32, seed: int = 0) -> HFViTRunner:
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}; got {pooling!r}.")
+           batch_size: int = 32, seed: int = 0) -> ViTRunner:
+    from ..backends.torch import TorchNetwork, torch_dtype
+
+    _check_runner_options(pooling, batch_size)
     if attn_implementation not in ATTN_IMPLEMENTATIONS:
         raise ValueError(f"attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}; "
                          f"got {attn_implementation!r}.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     tdtype = torch_dtype(dtype, device)
     classifier = model_type == "vit"
     if weights_path is None:
@@ -235,9 +260,28 @@ def _build(spec: ModelSpec, weights_path: Path | None, device: str, *, model_typ
             raise WeightsUnavailable(f"Weights for model {spec.name!r} in {weights_path} have hidden size "
                                      f"{model.config.hidden_size}; {spec.name!r} has {spec.feature_dim}.")
     labels = _labels_from_config(spec, model.config) if classifier else None
-    model = model.to(device=device, dtype=tdtype).eval()
-    return HFViTRunner(spec, model, device, weights_path, dtype=tdtype, pooling=pooling, labels=labels,
-                       batch_size=batch_size)
+    # A classifier checkpoint may be trained at another resolution than our preprocessing.
+    size = spec.preprocess.size
+    interpolate = (size if isinstance(size, int) else max(size)) != model.config.image_size
+    outputs = ["tokens", "logits"] if classifier else ["tokens"]
+    network = TorchNetwork(tokens_module(model, interpolate), ["input"], outputs, device=device, dtype=tdtype)
+    return ViTRunner(spec, network, device, hidden_size=int(model.config.hidden_size), has_classifier=classifier,
+                     labels=labels, pooling=pooling, batch_size=batch_size, weights_path=weights_path)
+
+
+def from_export(spec: ModelSpec, networks: dict[str, Network], config: dict[str, Any], folder: Path, device: str,
+                pooling: str = "cls", batch_size: int = 32, attn_implementation: str | None = None,
+                **options: Any) -> ViTRunner:
+    """The ONNX runner: the same ``ViTRunner`` over the export's ``model`` graph.
+
+    ``attn_implementation`` was chosen at export time; it is accepted so one config serves both backends.
+    """
+    reject_options(spec, "onnx", options, ("pooling", "batch_size"))
+    runtime = config.get("runtime") or {}
+    labels = config.get("labels")
+    return ViTRunner(spec, networks["model"], device, hidden_size=int(runtime["hidden_size"]),
+                     has_classifier=bool(runtime["has_classifier"]), labels=tuple(labels) if labels else None,
+                     pooling=pooling, batch_size=batch_size, weights_path=folder, export=config)
 
 
 # ---- the zoo -----------------------------------------------------------------------------
@@ -248,14 +292,14 @@ _DINOV2_OPTIONS = "options: pooling (cls | mean | cls+mean), dtype, attn_impleme
 @register_model("dinov2_small", task="embed", family="vit", weights=HFWeights("facebook/dinov2-small"),
                 preprocess=DINOV2_PREPROCESS, feature_dim=384, tasks=("embed",),
                 description=f"DINOv2 ViT-S/14 self-supervised backbone (22M); {_DINOV2_OPTIONS}.")
-def dinov2_small(spec: ModelSpec, weights_path: Path | None, device: str, **options: Any) -> HFViTRunner:
+def dinov2_small(spec: ModelSpec, weights_path: Path | None, device: str, **options: Any) -> ViTRunner:
     return _build(spec, weights_path, device, model_type="dinov2", arch=DINOV2_SMALL, **options)
 
 
 @register_model("dinov2_base", task="embed", family="vit", weights=HFWeights("facebook/dinov2-base"),
                 preprocess=DINOV2_PREPROCESS, feature_dim=768, tasks=("embed",),
                 description=f"DINOv2 ViT-B/14 self-supervised backbone (86M); {_DINOV2_OPTIONS}.")
-def dinov2_base(spec: ModelSpec, weights_path: Path | None, device: str, **options: Any) -> HFViTRunner:
+def dinov2_base(spec: ModelSpec, weights_path: Path | None, device: str, **options: Any) -> ViTRunner:
     return _build(spec, weights_path, device, model_type="dinov2", arch=DINOV2_BASE, **options)
 
 
@@ -263,7 +307,7 @@ def dinov2_base(spec: ModelSpec, weights_path: Path | None, device: str, **optio
                 weights=HFWeights("google/vit-base-patch16-224"), preprocess=VIT_PREPROCESS,
                 labels=IMAGENET_LABELS, feature_dim=768, tasks=("classify", "embed"),
                 description="ViT-B/16 (ImageNet-21k pre-trained, ImageNet-1k fine-tuned) via transformers.")
-def vit_base_patch16_224(spec: ModelSpec, weights_path: Path | None, device: str, **options: Any) -> HFViTRunner:
+def vit_base_patch16_224(spec: ModelSpec, weights_path: Path | None, device: str, **options: Any) -> ViTRunner:
     return _build(spec, weights_path, device, model_type="vit", arch=VIT_BASE, **options)
 
 
@@ -271,5 +315,5 @@ def vit_base_patch16_224(spec: ModelSpec, weights_path: Path | None, device: str
                 labels=TINY_LABELS, feature_dim=TINY_VIT["hidden_size"], random_weights=True,
                 tasks=("classify", "embed"),
                 description="Tiny seeded random ViT (32x32 input, 2 layers, 10 classes) for tests and smoke deploys.")
-def tiny_vit(spec: ModelSpec, weights_path: Path | None, device: str, **options: Any) -> HFViTRunner:
+def tiny_vit(spec: ModelSpec, weights_path: Path | None, device: str, **options: Any) -> ViTRunner:
     return _build(spec, weights_path, device, model_type="vit", arch=TINY_VIT, **options)

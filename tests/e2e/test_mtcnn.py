@@ -8,7 +8,7 @@ from skimage import data
 from skimage.feature import Cascade
 
 from vfm.models import load_model
-from vfm.models.families.detection_mtcnn import facenet_data_dir
+from vfm.models.families.mtcnn import facenet_data_dir
 from vfm.models.checkpoints import load_state_dict
 
 pytestmark = pytest.mark.e2e
@@ -38,7 +38,7 @@ def reference_face(image: np.ndarray) -> tuple[float, float, float]:
 def test_weights_come_from_the_facenet_package(mtcnn):
     assert mtcnn.weights_path == facenet_data_dir()
     shipped = load_state_dict(facenet_data_dir() / "onet.pt")
-    assert torch.equal(mtcnn.nets["onet"].state_dict()["dense6_3.weight"], shipped["dense6_3.weight"])
+    assert torch.equal(mtcnn.torch_module("onet").state_dict()["dense6_3.weight"], shipped["dense6_3.weight"])
 
 
 def test_finds_the_astronauts_face(mtcnn):

@@ -127,7 +127,7 @@ def test_weights_file_round_trip_and_a_changed_file_changes_the_model(tiny, imag
 def test_a_checkpoint_of_another_network_is_refused_clearly(tmp_path):
     wrong = tmp_path / "wrong.safetensors"
     save_state_dict({"layer.weight": torch.zeros(2, 2)}, wrong)
-    with pytest.raises(WeightsUnavailable, match=r"tiny_cnn.*does not fit"):
+    with pytest.raises(WeightsUnavailable, match="does not fit model 'tiny_cnn'"):
         load_model("tiny_cnn", device="cpu", weights=str(wrong))
     state = load_model("tiny_cnn", device="cpu").state_dict()
     state["fc.weight"] = torch.zeros(3, state["fc.weight"].shape[1])  # right names, wrong shape
@@ -157,3 +157,23 @@ def test_offline_without_the_file_names_the_model_and_where_to_put_it(tmp_path, 
     message = str(info.value)
     assert "'resnet50'" in message
     assert str(tmp_path / "cache" / "resnet50" / "resnet50-11ad3fa6.pth") in message
+
+
+@pytest.mark.parametrize("name,enum", [
+    ("resnet50", "ResNet50_Weights.IMAGENET1K_V2"), ("efficientnet_b0", "EfficientNet_B0_Weights.IMAGENET1K_V1"),
+    ("convnext_tiny", "ConvNeXt_Tiny_Weights.IMAGENET1K_V1"), ("vit_b_16", "ViT_B_16_Weights.IMAGENET1K_V1"),
+    ("swin_t", "Swin_T_Weights.IMAGENET1K_V1")])
+def test_registered_metadata_matches_torchvisions_weights_enum(name, enum):
+    # The specs are written out so that listing models needs no torchvision; they must not drift from it.
+    import torchvision.models as tvm
+
+    group, member = enum.split(".")
+    weights = getattr(getattr(tvm, group), member)
+    transform = weights.transforms()
+    spec = get_spec(name)
+    assert spec.weights.url == weights.url
+    assert spec.preprocess.size == transform.crop_size[0]
+    assert spec.preprocess.crop_pct == transform.crop_size[0] / transform.resize_size[0]
+    assert spec.preprocess.interpolation == transform.interpolation.value
+    assert list(spec.preprocess.mean) == list(transform.mean) and list(spec.preprocess.std) == list(transform.std)
+    assert spec.labels == tuple(weights.meta["categories"])

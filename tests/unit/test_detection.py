@@ -13,7 +13,7 @@ from torchvision.models import detection as tvd
 from torchvision.ops import box_iou
 
 from vfm.models import Detections, UnsupportedTask, WeightsUnavailable, get_spec, load_model
-from vfm.models.families.detection_torchvision import TorchvisionDetector
+from vfm.models.families.detection import TorchvisionDetector
 from vfm.models.checkpoints import save_state_dict
 
 COCO_DETECTORS = {
@@ -202,3 +202,16 @@ def test_offline_without_weights_says_where_to_put_them(monkeypatch, tmp_path):
     message = str(info.value)
     assert str(expected) in message and "VFM_OFFLINE=1" in message
     assert COCO_DETECTORS["fasterrcnn_resnet50_fpn_v2"].url in message
+
+
+def test_a_checkpoint_with_a_wrong_shaped_tensor_is_one_clear_error(tiny, tmp_path):
+    # Right names, one tensor of another shape (e.g. a head trained for other classes): the same
+    # WeightsUnavailable every family gives, naming the tensor, not PyTorch's multi-line RuntimeError.
+    state = dict(tiny.model.state_dict())
+    state["roi_heads.box_predictor.cls_score.weight"] = torch.zeros(3, 64)
+    path = tmp_path / "reshaped.safetensors"
+    save_state_dict(state, path)
+    with pytest.raises(WeightsUnavailable, match=r"does not fit model 'tiny_detector': size mismatch for "
+                                                 r"roi_heads\.box_predictor\.cls_score\.weight") as info:
+        load_model("tiny_detector", device="cpu", weights=str(path))
+    assert "\n" not in str(info.value)

@@ -12,7 +12,7 @@ from skimage import data
 
 from vfm.models import load_model
 from vfm.models.export import export_model, folder_name
-from vfm.models.export_common import parity_images
+from vfm.models.export.common import parity_images
 from vfm.models.registry import get_spec, register, unregister
 
 # (height, width): landscape, portrait, square, a thin strip

@@ -15,8 +15,8 @@ from torchvision.models import detection as tvd
 
 from vfm.models import load_model
 from vfm.models.export import export_model
-from vfm.models.export_common import parity_images
-from vfm.models.families.detection_torchvision import build_torchvision_detector
+from vfm.models.export.common import parity_images
+from vfm.models.families.detection import build_torchvision_detector
 from vfm.models.registry import get_spec, register, unregister
 
 # landscape, portrait, square, wide strip, portrait downscaled. tiny_detector resizes them to

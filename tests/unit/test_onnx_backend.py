@@ -10,7 +10,7 @@ from vfm.models.backends.onnx import (CPU, CUDA, SessionSettings, available_prov
                                   resolve_onnx_device)
 from vfm.models.backends.torch import DeviceUnavailable
 from vfm.models.export import ExportNotFound, ExportStale, ParityError, Tolerance, export_model
-from vfm.models.export_common import parity_images
+from vfm.models.export.common import parity_images
 from vfm.models.registry import get_spec, register, unregister
 from vfm.models.weights import WeightsUnavailable
 
@@ -58,12 +58,12 @@ def _traced_constant_network():
     """
     from torch import nn
 
-    from vfm.models.families.classification import _tiny_cnn_network
+    from vfm.models.families.classification import tiny_cnn_network
 
     class FirstPixelScaled(nn.Module):
         def __init__(self):
             super().__init__()
-            self.net = _tiny_cnn_network()
+            self.net = tiny_cnn_network()
 
         def forward(self, x):
             return self.net(x * (1.0 + float(x[0, 0, 0, 0])))
@@ -76,12 +76,12 @@ def _traced_constant_network():
 
 @pytest.fixture
 def trap_model():
-    from vfm.models.families.classification import _make_runner
+    from vfm.models.families.classification import build_classifier
 
     spec = get_spec("tiny_cnn")
 
     def build(spec, weights_path, device, dtype=None):
-        return _make_runner(spec, _traced_constant_network, "fc", None, device, dtype, {})
+        return build_classifier(spec, _traced_constant_network, "fc", None, device, dtype)
 
     register(dataclasses.replace(spec, name="test_traced_constant", builder=build))
     yield "test_traced_constant"
@@ -132,7 +132,7 @@ def test_session_settings_and_io_binding_give_the_same_answers(repo, images):
     plain = load_model("tiny_cnn", backend="onnx", device="cpu", repository=repo)
     bound = load_model("tiny_cnn", backend="onnx", device="cpu", repository=repo, num_threads=1,
                        inter_op_threads=1, spinning=False, io_binding=True)
-    assert bound.session.settings.use_io_binding and not plain.session.settings.use_io_binding
+    assert bound.network.settings.use_io_binding and not plain.network.settings.use_io_binding
     np.testing.assert_array_equal(bound.embed(images), plain.embed(images))
 
 
@@ -162,3 +162,13 @@ def test_providers_follow_the_device_and_this_build():
         assert resolve_onnx_device("auto") == "cpu"
         with pytest.raises(DeviceUnavailable, match="no CUDA provider.*onnxruntime-gpu"):
             resolve_onnx_device("cuda")
+
+
+def test_one_runner_class_serves_both_backends(repo):
+    torch_runner = load_model("tiny_cnn", device="cpu")
+    onnx_runner = load_model("tiny_cnn", backend="onnx", device="cpu", repository=repo)
+    assert type(onnx_runner) is type(torch_runner)
+    assert (torch_runner.backend, onnx_runner.backend) == ("torch", "onnx")
+    assert onnx_runner.info()["weights_path"] == str(repo / "tiny_cnn")
+    with pytest.raises(ValueError, match="ONNX export"):
+        onnx_runner.state_dict()

@@ -12,7 +12,7 @@ from vfm.models.backends.torch import DeviceUnavailable
 from vfm.models.masks import decode_rle, encode_rle, mask_to_json
 from vfm.models.registry import get_spec, list_models
 from vfm.models.results import ImageEmbedding, Prompt
-from vfm.models.runner import load_model
+from vfm.models import load_model
 from vfm.models.weights import WeightsUnavailable
 
 WIDE = (48, 80)   # (height, width)

@@ -7,7 +7,7 @@ import torch
 
 from vfm.models.backends.torch import DeviceUnavailable
 from vfm.models.registry import get_spec
-from vfm.models.runner import UnsupportedTask, load_model
+from vfm.models import UnsupportedTask, load_model
 from vfm.models.weights import WeightsUnavailable
 
 # Different sizes and aspect ratios (wide, tall, smaller than the 32x32 input).

@@ -1,7 +1,7 @@
 """Export MTCNN (``mtcnn_faces``) as its three small networks: pnet.onnx, rnet.onnx, onet.onnx.
 
 MTCNN is a cascade run in Python (an image pyramid through PNet, NMS, crops through RNet and
-ONet, box regression). Only the networks go to ONNX; the ONNX runner runs facenet's own
+ONet, box regression). Only the networks go to ONNX; ``MTCNNFaceDetector`` runs facenet's own
 ``detect_face`` around them, so the cascade is the same code on both backends. PNet is fully
 convolutional and takes any batch, height and width; RNet (24x24 crops) and ONet (48x48)
 take any number of crops.
@@ -14,16 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from .export_common import FamilyExport, Parity, Tolerance, export_graph, parity_session
+from ..families.mtcnn import NET_OUTPUTS
+from .common import FamilyExport, Parity, Tolerance, export_graph, parity_session
 
 log = logging.getLogger(__name__)
 
-# (input crop side or None for any size, output names in the order the network returns them)
-NET_OUTPUTS: dict[str, tuple[int | None, tuple[str, ...]]] = {
-    "pnet": (None, ("regression", "probability")),
-    "rnet": (24, ("regression", "probability")),
-    "onet": (48, ("regression", "landmarks", "probability")),
-}
+# Input crop side of each network, None for any size (PNet is fully convolutional)
+CROP_SIDES: dict[str, int | None] = {"pnet": None, "rnet": 24, "onet": 48}
 # PNet inputs of several sizes and aspect ratios (pyramid levels are every size from 12 up)
 PNET_PARITY_SHAPES = ((1, 12, 12), (2, 37, 53), (1, 120, 80), (1, 53, 211), (3, 64, 64))
 CROP_PARITY_BATCHES = (1, 7, 32)
@@ -43,8 +40,9 @@ def export_mtcnn(runner: Any, folder: Path, opset: int, tolerance: Tolerance, ex
     rng = np.random.default_rng(seed)
     graphs = []
     parity = Parity(tolerance, sizes=[list(s) for s in PNET_PARITY_SHAPES])
-    for key, (side, outputs) in NET_OUTPUTS.items():
-        net = runner.nets[key].float().eval()
+    for key, outputs in NET_OUTPUTS.items():
+        side = CROP_SIDES[key]
+        net = runner.torch_module(key).float().eval()
         if side is None:
             axes = {"input": {0: "batch", 2: "height", 3: "width"},
                     **{name: {0: "batch", 2: "out_height", 3: "out_width"} for name in outputs}}
@@ -67,5 +65,5 @@ def export_mtcnn(runner: Any, folder: Path, opset: int, tolerance: Tolerance, ex
             parity.count(f"{key}_inputs_compared")
         graphs.append(graph)
     return FamilyExport(kind="mtcnn", graphs=graphs, parity=parity.to_json(),
-                        runtime={"outputs": {k: list(v[1]) for k, v in NET_OUTPUTS.items()}},
+                        runtime={"outputs": {k: list(v) for k, v in NET_OUTPUTS.items()}},
                         labels=list(runner.labels))

@@ -6,11 +6,11 @@
   pixels) and ``point_labels`` [P, N] (-1 pad, 0/1 points, 2/3 box corners) -> ``low_res_masks``
   [P, 4, 4h, 4w] and ``iou_predictions`` [P, 4], for P prompts of N points each.
 
-The decoder graph computes what ``SamRunner.segment`` computes before post-processing (the
-same ``embed_points`` and ``MaskDecoder.predict_masks``) and nothing that depends on the
-image's size, which stays in Python (``backends.onnx_sam``). Parity runs the two runners end
-to end on square, portrait and landscape images and compares embeddings, low-res logits,
-predicted IoU and the final masks (IoU).
+The decoder graph is the module the PyTorch backend calls (``prompt_decoder_module`` in
+``families.sam``: ``embed_points`` and ``MaskDecoder.predict_masks``), with nothing that depends
+on the image's size, which stays in ``SamRunner``. Parity runs the runner on PyTorch and on the
+new graphs end to end on square, portrait and landscape images and compares embeddings,
+low-res logits, predicted IoU and the final masks (IoU).
 """
 from __future__ import annotations
 
@@ -20,38 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from .export_common import (FamilyExport, Parity, ParityError, Tolerance, export_graph, mask_iou, parity_images)
-from .results import Prompt
+from ..families.sam import from_export, prompt_decoder_module, sam_runtime
+from ..results import Prompt
+from .common import FamilyExport, Parity, ParityError, Tolerance, export_graph, mask_iou, parity_images
 
 log = logging.getLogger(__name__)
 
 # square, portrait, landscape (and a strongly landscape one): the crop differs for each
 SAM_PARITY_SIZES: tuple[tuple[int, int], ...] = ((300, 300), (400, 240), (150, 420))
-
-
-def _decoder_module(sam: Any) -> Any:
-    from torch import nn
-
-    from .families.sam_runner import embed_points
-
-    class SamPromptDecoder(nn.Module):
-        """Sparse + dense prompt embeddings and the mask decoder, as ``SamRunner.segment`` calls them."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.prompt_encoder = sam.prompt_encoder
-            self.mask_decoder = sam.mask_decoder
-            self.register_buffer("image_pe", sam.prompt_encoder.get_dense_pe().detach().clone())
-
-        def forward(self, image_embeddings: Any, point_coords: Any, point_labels: Any) -> tuple[Any, Any]:
-            sparse = embed_points(self.prompt_encoder, point_coords, point_labels)
-            height, width = self.prompt_encoder.image_embedding_size
-            dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
-                point_coords.shape[0], -1, height, width)
-            return self.mask_decoder.predict_masks(image_embeddings=image_embeddings, image_pe=self.image_pe,
-                                                   sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense)
-
-    return SamPromptDecoder().eval()
 
 
 def parity_prompts(rng: np.random.Generator, height: int, width: int) -> list[Prompt]:
@@ -70,22 +46,13 @@ def parity_prompts(rng: np.random.Generator, height: int, width: int) -> list[Pr
                    multimask=True)]
 
 
-def sam_runtime(sam: Any) -> dict[str, Any]:
-    encoder = sam.prompt_encoder
-    return {"img_size": int(sam.image_encoder.img_size),
-            "pixel_mean": [float(v) for v in sam.pixel_mean.flatten()],
-            "pixel_std": [float(v) for v in sam.pixel_std.flatten()],
-            "mask_threshold": float(sam.mask_threshold),
-            "embedding_shape": [int(encoder.embed_dim), *(int(v) for v in encoder.image_embedding_size)]}
-
-
 def export_sam(runner: Any, folder: Path, opset: int, tolerance: Tolerance, external_data: bool | None,
                seed: int) -> FamilyExport:
     """``SamRunner`` -> encoder.onnx + decoder.onnx, checked end to end against the PyTorch runner."""
     import torch
 
     sam = runner.model.float().eval()
-    runtime = sam_runtime(sam)
+    runtime = sam_runtime(sam).to_json()
     size = runtime["img_size"]
     channels, emb_h, emb_w = runtime["embedding_shape"]
     encoder = export_graph(sam.image_encoder, (torch.randn(1, 3, size, size),), folder, "encoder", ["image"],
@@ -93,7 +60,7 @@ def export_sam(runner: Any, folder: Path, opset: int, tolerance: Tolerance, exte
                            external_data)
     example = (torch.randn(1, channels, emb_h, emb_w), torch.rand(2, 3, 2) * size,
                torch.tensor([[1.0, 0.0, -1.0], [2.0, 3.0, 1.0]]))
-    decoder = export_graph(_decoder_module(sam), example, folder, "decoder",
+    decoder = export_graph(prompt_decoder_module(sam), example, folder, "decoder",
                            ["image_embeddings", "point_coords", "point_labels"], ["low_res_masks", "iou_predictions"],
                            {"point_coords": {0: "prompts", 1: "points"}, "point_labels": {0: "prompts", 1: "points"},
                             "low_res_masks": {0: "prompts"}, "iou_predictions": {0: "prompts"}}, opset, external_data)
@@ -104,20 +71,18 @@ def export_sam(runner: Any, folder: Path, opset: int, tolerance: Tolerance, exte
 def check_sam_parity(runner: Any, folder: Path, runtime: dict[str, Any], tolerance: Tolerance, seed: int
                      ) -> dict[str, Any]:
     """The ONNX runner on the new graphs against ``runner``: embeddings, low-res logits, IoU scores, masks."""
-    from .backends.onnx import LoadedExport, OnnxSession, SessionSettings
-    from .backends.onnx_sam import OnnxSam
+    from ..backends.onnx import OnnxSession, SessionSettings
 
     settings = SessionSettings(device="cpu")
-    loaded = LoadedExport(folder=folder.parent, config={"runtime": runtime},
-                          sessions={k: OnnxSession(folder / f"{k}.onnx", settings) for k in ("encoder", "decoder")})
-    onnx_runner = OnnxSam(runner.spec, loaded, "cpu")
+    sessions = {k: OnnxSession(folder / f"{k}.onnx", settings) for k in ("encoder", "decoder")}
+    onnx_runner = from_export(runner.spec, sessions, {"runtime": runtime}, folder.parent, "cpu")
     parity = Parity(tolerance, sizes=SAM_PARITY_SIZES)
     rng = np.random.default_rng(seed)
     images = parity_images(seed, SAM_PARITY_SIZES)
     ort_embeddings = onnx_runner.encode(images)
     torch_embeddings = runner.encode(images)
     for image, got, ref in zip(images, ort_embeddings, torch_embeddings):
-        parity.tensor("image_embeddings", got.features, ref.features.float().cpu().numpy())
+        parity.tensor("image_embeddings", got.features, ref.features)
         prompts = parity_prompts(rng, *image.shape[:2])
         for prompt, a, b in zip(prompts, onnx_runner.segment(got, prompts), runner.segment(ref, prompts)):
             parity.tensor("low_res_logits", a.low_res_logits, b.low_res_logits)

@@ -5,7 +5,7 @@ model's own output dict, named by its keys (Faster R-CNN says boxes, labels, sco
 boxes, scores, labels). The model's resize, anchors, box decoding and NMS are in the graph.
 
 The thresholds the torch runner sets per call cannot change inside a traced graph, so the
-graph is traced with the loosest settings and the shared ``detection_base.finalize`` applies
+graph is traced with the loosest settings and the shared ``families.detection.finalize`` applies
 the caller's (score threshold, class-aware NMS, max detections), as it does for every
 detector. Loosest means: scores above ``min_score`` (callers may not ask for less), NMS off
 (IoU 1.0), and the best ``max_candidates`` per image. The answer is then the torch runner's,
@@ -21,7 +21,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .export_common import (ExportError, FamilyExport, Parity, ParityError, Tolerance, export_graph,
+from ..families.detection import DetectArgs, image_tensor, set_postprocess
+from .common import (ExportError, FamilyExport, Parity, ParityError, Tolerance, export_graph,
                             parity_images, parity_session)
 
 log = logging.getLogger(__name__)
@@ -73,11 +74,6 @@ def float64_resize() -> Iterator[None]:
         tv_transform._resize_image_and_masks = original
 
 
-def image_tensor(image: np.ndarray) -> np.ndarray:
-    """HxWx3 uint8 -> [3, H, W] float32 in [0, 1], as ``TorchvisionDetector`` feeds the model."""
-    return np.ascontiguousarray(image.transpose(2, 0, 1)).astype(np.float32) / np.float32(255.0)
-
-
 def _one_image(model: Any, keys: list[str]) -> Any:
     from torch import nn
 
@@ -100,13 +96,11 @@ def export_torchvision_detector(runner: Any, folder: Path, opset: int, tolerance
     """``TorchvisionDetector`` -> ``model.onnx``: ``image`` [3, H, W] -> the model's outputs [K, ...]."""
     import torch
 
-    from .families.detection_base import DetectArgs
-
     if isinstance(min_score, bool) or not isinstance(min_score, (int, float)) or not 0.0 <= min_score < 1.0:
         raise ExportError(f"min_score must be a number in [0, 1), got {min_score!r}.")
     if isinstance(max_candidates, bool) or not isinstance(max_candidates, int) or max_candidates < 1:
         raise ExportError(f"max_candidates must be a whole number >= 1, got {max_candidates!r}.")
-    runner._set_postprocess(DetectArgs(float(min_score), NMS_OFF, int(max_candidates)))
+    set_postprocess(runner.model, DetectArgs(float(min_score), NMS_OFF, int(max_candidates)))
     example = torch.from_numpy(image_tensor(parity_images(seed + 1000, [(240, 320)])[0]))
     with torch.no_grad():
         keys = list(runner.model([example])[0].keys())  # the model's own names, in its own order

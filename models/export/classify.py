@@ -1,7 +1,8 @@
 """Export classifiers (CNNs) and ViTs: one graph, preprocessed batch in, features/tokens and logits out.
 
-The graph stops where the runners' shared code starts: softmax/top-k, pooling of ViT tokens
-and normalisation stay in Python, so the ONNX runners reuse the PyTorch runners' code for them.
+The graph is the module the PyTorch backend calls (``features_and_logits_module``,
+``tokens_module`` in the families), so it stops where the runner's own code starts: softmax/top-k,
+pooling of ViT tokens and normalisation stay in the runner, the same for both backends.
 The batch axis is dynamic; the spatial size is the preprocessing's fixed crop.
 """
 from __future__ import annotations
@@ -12,46 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from .export_common import FamilyExport, Parity, Tolerance, export_graph, parity_images, parity_session
-from .images import preprocess_batch
+from ..images import preprocess_batch
+from .common import FamilyExport, Parity, ParityError, Tolerance, export_graph, parity_images, parity_session
 
 log = logging.getLogger(__name__)
-
-
-def _features_and_logits(net: Any) -> Any:
-    from torch import nn
-
-    class FeaturesAndLogits(nn.Module):
-        # body -> features and head -> logits in one graph, as TorchClassifier runs them
-        def __init__(self) -> None:
-            super().__init__()
-            self.body, self.head = net.body, net.head
-
-        def forward(self, x: Any) -> tuple[Any, Any]:
-            features = self.body(x)
-            return features, self.head(features)
-
-    return FeaturesAndLogits().eval()
-
-
-def _vit_tokens(runner: Any) -> Any:
-    from torch import nn
-
-    model, interpolate = runner.model, runner._interpolate
-
-    class ViTTokens(nn.Module):
-        # the same calls as HFViTRunner._forward: final-layernorm tokens, and logits when there is a head
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, x: Any) -> Any:
-            if hasattr(self.model, "classifier"):
-                tokens = self.model.vit(x, interpolate_pos_encoding=interpolate).last_hidden_state
-                return tokens, self.model.classifier(tokens[:, 0, :])
-            return self.model(x).last_hidden_state
-
-    return ViTTokens().eval()
 
 
 def _parity_batches(spec: Any, seed: int) -> list[np.ndarray]:
@@ -61,8 +26,6 @@ def _parity_batches(spec: Any, seed: int) -> list[np.ndarray]:
 
 
 def _check_top1(parity: Parity, what: str, ort_logits: np.ndarray, torch_logits: np.ndarray) -> None:
-    from .export_common import ParityError
-
     for row_ort, row_torch in zip(ort_logits, torch_logits):
         top = np.sort(row_torch)[::-1]
         # a near-tie may legitimately swap; past the logit tolerance it is a wrong graph
@@ -75,10 +38,10 @@ def _check_top1(parity: Parity, what: str, ort_logits: np.ndarray, torch_logits:
 
 def export_classifier(runner: Any, folder: Path, opset: int, tolerance: Tolerance, external_data: bool | None,
                       seed: int) -> FamilyExport:
-    """``TorchClassifier`` -> ``model.onnx`` with outputs ``features`` [N, D] and ``logits`` [N, C]."""
+    """``Classifier`` -> ``model.onnx`` with outputs ``features`` [N, D] and ``logits`` [N, C]."""
     import torch
 
-    module = _features_and_logits(runner.model)
+    module = runner.torch_module()
     example = torch.from_numpy(preprocess_batch(parity_images(seed + 1000, [(64, 80), (90, 60)]),
                                                 runner.spec.preprocess))
     axes = {"input": {0: "batch"}, "features": {0: "batch"}, "logits": {0: "batch"}}
@@ -100,17 +63,17 @@ def export_classifier(runner: Any, folder: Path, opset: int, tolerance: Toleranc
 
 def export_vit(runner: Any, folder: Path, opset: int, tolerance: Tolerance, external_data: bool | None,
                seed: int) -> FamilyExport:
-    """``HFViTRunner`` -> ``model.onnx`` with ``tokens`` [N, 1+P, D] (+ ``logits`` [N, C] with a head).
+    """``ViTRunner`` -> ``model.onnx`` with ``tokens`` [N, 1+P, D] (+ ``logits`` [N, C] with a head).
 
     Pooling (cls / mean / cls+mean) is a load-time option of the runner, so it stays outside.
     """
     import torch
 
-    module = _vit_tokens(runner)
+    module = runner.torch_module()
     classifier = bool(runner.has_classifier)
     outputs = ["tokens", "logits"] if classifier else ["tokens"]
     example = torch.from_numpy(preprocess_batch(parity_images(seed + 1000, [(64, 80), (90, 60)]),
-                                                runner.spec.preprocess)).to(runner.dtype)
+                                                runner.spec.preprocess)).to(runner.networks["model"].dtype)
     axes = {"input": {0: "batch"}, **{name: {0: "batch"} for name in outputs}}
     graph = export_graph(module, (example,), folder, "model", ["input"], outputs, axes, opset, external_data)
     session = parity_session(folder / graph.file)

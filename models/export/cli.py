@@ -8,7 +8,7 @@ from typing import Any
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    from .export_common import DEFAULT_OPSET, Tolerance
+    from .common import DEFAULT_OPSET, Tolerance
 
     default = Tolerance()
     p = sub.add_parser("export", help="export a model to ONNX (checked against PyTorch) into a model repository",
@@ -41,7 +41,7 @@ def _tolerance(name: str, args: argparse.Namespace) -> Any:
     """The family's parity limits with the ones given on the command line."""
     import dataclasses
 
-    from .export import default_tolerance
+    from .repository import default_tolerance
 
     given = (("atol", args.atol), ("rtol", args.rtol), ("min_iou", args.min_iou))
     overrides = {k: v for k, v in given if v is not None}
@@ -51,9 +51,9 @@ def _tolerance(name: str, args: argparse.Namespace) -> Any:
 def cmd_export(args: argparse.Namespace) -> int:
     from vfm.models.errors import UsageError
 
-    from .export import export_model
-    from .export_common import ExportError, check_opset
-    from .registry import UnknownModel, get_spec
+    from .repository import export_model
+    from .common import ExportError, check_opset
+    from ..registry import UnknownModel, get_spec
 
     try:
         get_spec(args.name)

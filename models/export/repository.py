@@ -1,6 +1,6 @@
-"""Export any model of the zoo to ONNX, checked against PyTorch, into a model repository.
+"""The model repository and ``export_model``: any model of the zoo to ONNX, checked against PyTorch.
 
-    >>> from models.export import export_model
+    >>> from vfm.models.export import export_model
     >>> result = export_model("efficientnet_lite0", "model_repository")
     >>> result.config["parity"]["logits_max_abs_diff"]
 
@@ -32,14 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .export_common import DEFAULT_OPSET, EXPORTER, ExportError, ParityError, Tolerance, check_opset
-from .registry import ModelSpec, get_spec
-from .weights import LocalWeights, WeightsUnavailable, describe_source, parse_source
+from ..registry import get_spec
+from ..spec import ModelSpec
+from ..weights import LocalWeights, WeightsUnavailable, describe_source, parse_source
+from .common import DEFAULT_OPSET, EXPORTER, ExportError, Tolerance, check_opset
 
 log = logging.getLogger(__name__)
-
-__all__ = ["DEFAULT_OPSET", "ExportError", "ExportNotFound", "ExportResult", "ExportStale", "ParityError",
-           "Tolerance", "default_tolerance", "export_model", "find_export", "model_folder", "repository_root"]
 
 FORMAT = "vfm-onnx-export/1"
 CONFIG_FILE = "config.json"
@@ -152,18 +150,18 @@ def default_tolerance(name: str) -> Tolerance:
 
 
 def _exporter_for(runner: Any) -> Callable[..., Any]:
-    from .export_classify import export_classifier, export_vit
-    from .export_detect import export_torchvision_detector
-    from .export_mtcnn import export_mtcnn
-    from .export_sam import export_sam
-    from .families.classification import TorchClassifier
-    from .families.detection_mtcnn import MTCNNFaceDetector
-    from .families.detection_torchvision import TorchvisionDetector
-    from .families.sam_runner import SamRunner
-    from .families.vit import HFViTRunner
+    from ..families.classification import Classifier
+    from ..families.detection import TorchvisionDetector
+    from ..families.mtcnn import MTCNNFaceDetector
+    from ..families.sam import SamRunner
+    from ..families.vit import ViTRunner
+    from .classify import export_classifier, export_vit
+    from .detect import export_torchvision_detector
+    from .mtcnn import export_mtcnn
+    from .sam import export_sam
 
     table: list[tuple[type, Callable[..., Any]]] = [
-        (TorchClassifier, export_classifier), (HFViTRunner, export_vit),
+        (Classifier, export_classifier), (ViTRunner, export_vit),
         (TorchvisionDetector, export_torchvision_detector), (MTCNNFaceDetector, export_mtcnn),
         (SamRunner, export_sam),
     ]
@@ -188,11 +186,11 @@ def export_model(name: str, repository: str | Path | None = None, *, opset: int 
     export that another process published meanwhile (auto-export by several replicas). Raises
     ``ParityError`` when ONNX Runtime and PyTorch disagree; nothing is written then.
     """
-    from .runner import load_model
+    from ..families import build_torch_runner
 
     spec = get_spec(name)
     check_opset(opset)
-    runner = load_model(name, backend="torch", device="cpu", weights=weights, **(model_options or {}))
+    runner = build_torch_runner(spec, "cpu", weights, **(model_options or {}))
     exporter = _exporter_for(runner)
     params = list(inspect.signature(exporter).parameters)
     accepted = params[params.index("seed") + 1:]  # every exporter takes (runner, ..., seed, **its own)

@@ -85,7 +85,7 @@ class GraphFile:
 class FamilyExport:
     """What a family exporter hands back: its graphs, the parity figures and runner settings."""
 
-    kind: str                              # which ONNX runner serves it (see backends.onnx_runners)
+    kind: str                              # which ONNX runner serves it (config.json "kind"; see families.ONNX_RUNNERS)
     graphs: list[GraphFile]
     parity: dict[str, Any]
     runtime: dict[str, Any] = field(default_factory=dict)   # family settings the ONNX runner needs

@@ -1,0 +1,89 @@
+"""``load_model``: choose the backend, build the network(s), hand them to the family's runner.
+
+- ``backend="torch"``: the weights are resolved (``vfm.models.weights``) and the model's
+  registered builder makes its PyTorch network(s) and runner.
+- ``backend="onnx"``: the export is found in the model repository (``vfm export NAME`` makes
+  one; ``auto_export=True`` makes it here when it is missing or stale), one ONNX Runtime
+  session is opened per graph, and the family's ``from_export`` makes the same runner over them.
+
+This module sits above the families, the backends and the export code, so none of them has to
+import another to make this choice.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+from .runner import Runner
+from .spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+Backend = Literal["torch", "onnx"]
+
+
+def load_model(name: str, backend: Backend = "torch", device: str = "auto", weights: str | Path | None = None,
+               **options: Any) -> Runner:
+    """Build the runner of a registered model.
+
+    ``weights`` overrides the spec's default source (local path, ``hf:...``, ``https://...#sha256=``).
+    ``options`` go to the family builder (e.g. ``dtype="float16"`` on CUDA); on ONNX also the
+    session settings (``num_threads``, ``inter_op_threads``, ``spinning``, ``tensorrt``,
+    ``trt_fp16``, ``io_binding``), ``repository`` and ``auto_export``.
+    """
+    from .registry import get_spec
+
+    spec = get_spec(name)
+    if backend == "torch":
+        from .families import build_torch_runner
+
+        runner = build_torch_runner(spec, device, weights, **options)
+    elif backend == "onnx":
+        runner = load_onnx_runner(spec, device, weights, **options)
+    else:
+        raise ValueError(f"Unknown backend {backend!r}; use 'torch' or 'onnx'.")
+    log.info("loaded %s (%s on %s)", name, runner.backend, runner.device)
+    return runner
+
+
+def load_onnx_runner(spec: ModelSpec, device: str = "auto", weights: str | Path | None = None,
+                     repository: str | Path | None = None, auto_export: bool = False, **options: Any) -> Runner:
+    """The ONNX Runtime runner of ``spec`` from ``repository/NAME`` (exported first if ``auto_export``).
+
+    ``repository`` defaults to ``$VFM_MODEL_REPOSITORY`` or ``./model_repository``. ``weights``
+    are what an automatic export starts from; an existing export made from other weights is refused.
+    """
+    from .backends.onnx import SESSION_OPTIONS, SessionSettings, open_sessions, resolve_onnx_device
+    from .backends.torch import import_torch
+    from .export import ExportNotFound, ExportStale, export_model, find_export, folder_name
+    from .families import ONNX_RUNNERS
+    from .weights import cache_dir
+
+    import_torch()  # the runners' post-processing uses torch; make its first import one thread at a time
+    resolved = resolve_onnx_device(device)
+    dtype = options.pop("dtype", None)
+    if dtype not in (None, "float32"):
+        raise ValueError(f"dtype {dtype!r} is a PyTorch backend option; ONNX exports run in float32. "
+                         "Use backend: torch for float16/bfloat16.")
+    session_options = {k: options.pop(k) for k in SESSION_OPTIONS if k in options}
+    # Checked before any export. TensorRT engines are built per machine and GPU, so they go to
+    # the local cache rather than into the (possibly shared, read-only) repository.
+    settings = SessionSettings(device=resolved, cache_dir=cache_dir() / "tensorrt" / folder_name(spec.name),
+                               **session_options)
+    try:
+        folder, config = find_export(spec.name, repository, weights)
+    except (ExportNotFound, ExportStale) as exc:
+        if not auto_export:
+            raise
+        stale = isinstance(exc, ExportStale)
+        log.log(logging.WARNING if stale else logging.INFO, "%s: %s; exporting it now (auto_export)", spec.name,
+                "the ONNX export is stale" if stale else "no ONNX export in the repository")
+        export_model(spec.name, repository, weights=weights, replace=stale)
+        folder, config = find_export(spec.name, repository, weights)
+    kind = config.get("kind")
+    if kind not in ONNX_RUNNERS:
+        raise ValueError(f"{folder}/config.json names runner kind {kind!r}, which this vfm does not know; "
+                         f"re-export with `vfm export {spec.name}`.")
+    sessions = open_sessions(folder, config, settings)
+    return ONNX_RUNNERS[kind](spec, sessions, config, folder, resolved, **options)
