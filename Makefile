@@ -29,6 +29,11 @@ $(STAMP): pyproject.toml Makefile
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The import contracts of pyproject.toml ([tool.importlinter]); `make test` runs them too.
+.PHONY: lint-imports
+lint-imports: $(STAMP)
+	$(PY) -m pytest -q tests/unit/test_architecture.py
+
 # The OpenAPI fuzzing of the live service with a larger budget than `make test` gives it (8 per operation).
 .PHONY: fuzz
 fuzz: $(STAMP)
