@@ -85,3 +85,9 @@ def test_tests_and_tools_read_nothing_outside_the_repository() -> None:
         if "../shared" in text or '"shared"' in text or "ROOT.parent" in text:
             offenders.append(str(path.relative_to(ROOT)))
     assert not offenders
+
+
+def test_test_modules_have_unique_basenames() -> None:
+    """pytest's default (rootdir) import mode imports test files by basename: two of one name break collection."""
+    names = [p.name for p in (ROOT / "tests").rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
