@@ -5,6 +5,8 @@ options) to run the same checks on it.
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from skimage import data
@@ -15,6 +17,7 @@ from vfm.models.pipelines import SegmentedDetections, box_prompt, detect_then_se
 
 SAM = "tiny_sam"
 SAM_OPTIONS: dict = {"device": "cpu"}
+SAM_CLI_OPTIONS: list[str] = []    # the same for `vfm predict`, e.g. ["--backend", "onnx"]
 
 
 @pytest.fixture(autouse=True)
@@ -95,3 +98,59 @@ def test_the_detector_must_detect_and_the_segmenter_must_segment(faces, sam):
         detect_then_segment(faces, faces, [image])
     with pytest.raises(ValueError, match="score_threshold"):
         detect_then_segment(faces, sam, [image], score_threshold=2.0)
+
+
+# ---- from the command line -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def astronaut_path(tmp_path_factory):
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("img") / "astronaut.png"
+    Image.fromarray(data.astronaut()).save(path)
+    return path
+
+
+def test_cli_writes_one_mask_per_face_and_prints_boxes_and_labels(capsys, astronaut_path, tmp_path):
+    from PIL import Image
+
+    from vfm.cli import main
+
+    argv = ["predict", SAM, str(astronaut_path), *SAM_CLI_OPTIONS, "--detector", "mtcnn_faces",
+            "--score-threshold", "0.9", "--out", str(tmp_path)]
+    assert main([*argv, "--json"]) == 0
+    (answer,) = json.loads(capsys.readouterr().out)
+    assert answer["image"] == str(astronaut_path) and answer["image_size"] == {"height": 512, "width": 512}
+    (face,) = answer["detections"]
+    assert face["label"] == "face" and len(face["box"]) == 4
+    (mask,) = face["masks"]
+    assert mask["png"] == str(tmp_path / "astronaut.det0.mask0.png")
+    picture = np.asarray(Image.open(mask["png"]))
+    assert picture.shape == (512, 512) and int((picture > 0).sum()) == mask["area"]
+
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == str(astronaut_path) and "face" in lines[1] and "box=" in lines[1]
+    assert lines[2].strip().startswith("mask score=") and lines[2].endswith("astronaut.det0.mask0.png")
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--detector", "tiny_cnn"], "'tiny_cnn' is not a detector"),
+    (["--detector", "mtcnn_faces", "--point", "10,10"], "drop --point/--box"),
+    (["--detector", "mtcnn_faces", "--task", "detect"], "does not go with --task detect"),
+    (["--detector", "mtcnn_faces", "--score-threshold", "1.5"], "--score-threshold"),
+    (["--detector", "no_such_detector"], "no_such_detector"),
+])
+def test_cli_bad_detector_options_are_one_line_usage_errors(capsys, astronaut_path, extra, needle):
+    from vfm.cli import main
+
+    assert main(["predict", SAM, str(astronaut_path), *SAM_CLI_OPTIONS, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err and "Traceback" not in err
+
+
+def test_cli_the_named_model_must_be_a_sam(capsys, astronaut_path):
+    from vfm.cli import main
+
+    assert main(["predict", "tiny_cnn", str(astronaut_path), "--detector", "mtcnn_faces"]) == 2
+    assert "--detector prompts a SAM; 'tiny_cnn' does" in capsys.readouterr().err
