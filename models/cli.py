@@ -37,6 +37,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="segment: a point prompt in pixels (label 1 foreground, 0 background); repeatable")
     p.add_argument("--box", metavar="X0,Y0,X1,Y1", help="segment: a box prompt in pixels")
     p.add_argument("--multimask", action="store_true", help="segment: return 3 candidate masks")
+    p.add_argument("--detector", metavar="DETECTOR",
+                   help="segment: prompt the SAM with the boxes this detector finds (detect, then segment; "
+                        "takes the detect options)")
+    p.add_argument("--detector-backend", choices=("torch", "onnx"), default="torch",
+                   help="--detector: the detector's backend (default torch)")
     p.add_argument("--out", type=Path, default=Path("."), help="segment: folder for the mask PNGs (default .)")
     p.add_argument("--backend", choices=("torch", "onnx"), default="torch")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -249,11 +254,103 @@ def _print_human(task: str, path: str, result: dict[str, Any]) -> None:
             print(f"  score={m['score']:.4f} area={m['area']} bbox={m['bbox']} -> {m.get('png', '(rle)')}")
 
 
+# ---- predict --detector: detect, then segment -----------------------------------------------
+
+def detect_segment_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of ``--detector``: the detect options, ``multimask``, and no hand-made prompt."""
+    from vfm.models.errors import UsageError
+
+    if args.task not in (None, "segment"):
+        raise UsageError(f"--detector segments what the detector finds; it does not go with --task {args.task}")
+    if args.point or args.box:
+        raise UsageError("--detector makes the prompts from its boxes; drop --point/--box")
+    return {**task_options("detect", args), "detector": args.detector, "multimask": bool(args.multimask)}
+
+
+def run_detect_segment(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """``vfm predict SAM IMAGE... --detector DETECTOR``: boxes, labels and masks (PNG files in ``--out``)."""
+    from vfm.models.errors import UsageError
+
+    from .loading import load_model
+    from .pipelines import detect_then_segment, merge_json
+
+    options = detect_segment_options(args)
+    if args.url:
+        remote = getattr(args, "remote_predict", None)
+        if remote is None:
+            raise UsageError("--url needs the service package (pip install vfm)")
+        answers = remote(args.url, args.name, args.images, {**options, "format": "png"}, "detect-segment")
+        return [_save_remote_masks(answer, path, args.out) for answer, path in zip(answers, args.images)]
+    spec, detector_spec = _spec(args.name), _spec(args.detector)
+    if "segment" not in spec.tasks:
+        raise UsageError(f"--detector prompts a SAM; {spec.name!r} does {', '.join(spec.tasks)}")
+    if "detect" not in detector_spec.tasks:
+        raise UsageError(f"--detector {detector_spec.name!r} is not a detector; it does "
+                         f"{', '.join(detector_spec.tasks)}")
+    images = _read_images(args.images)
+    sam = load_model(spec.name, backend=args.backend, device=args.device, weights=args.weights)
+    detector = load_model(detector_spec.name, backend=args.detector_backend, device=args.device)
+    detect = {k: v for k, v in options.items() if k in ("score_threshold", "iou_threshold", "max_detections")}
+    results = detect_then_segment(detector, sam, images, multimask=options["multimask"], **detect)
+    out = []
+    for result, path in zip(results, args.images):
+        saved = [[_save_mask(mask, score, _mask_path(args.out, path, i, j)) for j, (mask, score)
+                  in enumerate(zip(masks.masks, masks.scores))] for i, masks in enumerate(result.masks)]
+        out.append({"image_size": {"height": result.image_size[0], "width": result.image_size[1]},
+                    "detections": merge_json([d.to_json() for d in result.detections], saved)})
+    return out
+
+
+def _mask_path(out_dir: Path, image_path: str, detection: int, mask: int) -> Path:
+    return out_dir / f"{Path(image_path).stem}.det{detection}.mask{mask}.png"
+
+
+def _save_mask(mask: Any, score: float, target: Path) -> dict[str, Any]:
+    from PIL import Image
+
+    from .masks import mask_bbox
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(mask.astype("uint8") * 255, "L").save(target)
+    return {"png": str(target), "score": round(float(score), 6), "area": int(mask.sum()), "bbox": mask_bbox(mask)}
+
+
+def _save_remote_masks(answer: dict[str, Any], image_path: str, out_dir: Path) -> dict[str, Any]:
+    """A server's answer with each base64 PNG mask written to ``out_dir`` and replaced by the file's path."""
+    import base64
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i, detection in enumerate(answer.get("detections", [])):
+        for j, mask in enumerate(detection.get("masks", [])):
+            target = _mask_path(out_dir, image_path, i, j)
+            target.write_bytes(base64.b64decode(mask["png"]))
+            mask["png"] = str(target)
+    return answer
+
+
+def _print_detect_segment(path: str, result: dict[str, Any]) -> None:
+    print(path)
+    if not result["detections"]:
+        print("  no detections")
+    for d in result["detections"]:
+        print(f"  {d['score']:.4f}  {d['label']:<12} box={d['box']}")
+        for m in d["masks"]:
+            print(f"    mask score={m['score']:.4f} area={m['area']} bbox={m['bbox']} -> {m['png']}")
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from vfm.models.errors import UsageError
 
     from .loading import load_model
 
+    if args.detector:
+        results = run_detect_segment(args)
+        if args.json:
+            print(json.dumps([{"image": p, **r} for p, r in zip(args.images, results)], indent=2))
+        else:
+            for path, result in zip(args.images, results):
+                _print_detect_segment(path, result)
+        return 0
     if args.url:
         # The HTTP client lives with the service; the dispatcher wires it in (models never imports service).
         # The server knows its served names (which may alias registry models), so no local lookup here.

@@ -157,6 +157,10 @@ class VfmClient(_Base):
     def segment(self, name: str, image: ImageLike | None = None, **options: Any) -> dict[str, Any]:
         return self.call("POST", _model_path(name, "segment"), image, **options)
 
+    def detect_segment(self, name: str, image: ImageLike, detector: str, **options: Any) -> dict[str, Any]:
+        """SAM ``name``'s masks for the boxes ``detector`` finds (``score_threshold``, ``format``, ...)."""
+        return self.call("POST", _model_path(name, "detect-segment"), image, detector=detector, **options)
+
     def heads(self) -> list[dict[str, Any]]:
         return self.call("GET", "/v1/heads")["heads"]
 
@@ -203,7 +207,8 @@ class AsyncVfmClient(_Base):
         return await self.call("POST", _model_path(name, "embed"), image, **options)
 
 
-ROUTE_OF_TASK = {None: "predict", "classify": "predict", "detect": "predict", "embed": "embed", "segment": "segment"}
+ROUTE_OF_TASK = {None: "predict", "classify": "predict", "detect": "predict", "embed": "embed", "segment": "segment",
+                 "detect-segment": "detect-segment"}
 
 
 def remote_predict(url: str, name: str, image_paths: Sequence[str | Path], options: dict[str, Any],
@@ -211,7 +216,7 @@ def remote_predict(url: str, name: str, image_paths: Sequence[str | Path], optio
     """`vfm predict --url`: run ``task`` (default: the model's predict route) on each image on a running
     server; one answer per path, in order. The API key defaults to $VFM_API_KEY."""
     if task not in ROUTE_OF_TASK:
-        raise ValueError(f"Unknown task {task!r}; use one of classify, detect, embed, segment.")
+        raise ValueError(f"Unknown task {task!r}; use one of {', '.join(t for t in ROUTE_OF_TASK if t)}.")
     api_key = api_key if api_key is not None else os.environ.get("VFM_API_KEY")
     with VfmClient(url, api_key=api_key) as client:
         return [client.call("POST", _model_path(name, ROUTE_OF_TASK[task]), Path(p), **options) for p in image_paths]

@@ -277,6 +277,35 @@ class Ingress:
             result["results"] = results
         return {"model": name, "format": options.format, **result}
 
+    async def detect_segment(self, route: Route, request: Request, name: str) -> dict[str, Any]:
+        """Detect, then segment: the detector's predict and this SAM's encode run at once (the embedding does not
+        wait for the boxes), then the boxes go to the SAM's segment as box prompts on the cached embedding. Each
+        replica is called as its own route calls it, so batching, timeouts, metrics and the cache all apply."""
+        from vfm.models.pipelines import merge_json
+
+        self.model(name, route)
+        parsed = await parse_image_request(request, self.limits, image_required=route.image == "required")
+        options = parse_options(route.options_for(), parsed.options, self.limits)
+        detector = self.model(options.detector)
+        if "detect" not in detector.tasks:
+            raise bad_request(f"Model {options.detector!r} is not a detector (it does {', '.join(detector.tasks)}); "
+                              "`detector` must name a served detection model.", type="unsupported_task")
+        image_id, rid = image_id_of(parsed.image), request_id(request)
+        sam_image = await self.image_arg(name, parsed.image)
+        detector_image = await self.image_arg(options.detector, parsed.image)
+        detected, encoded = await _all(
+            self.call(options.detector, "predict", detector_image, options.detect_kwargs(self.limits), rid),
+            self.call(name, "encode", sam_image, image_id, rid))
+        found = detected["detections"]
+        masks: list[list[dict[str, Any]]] = []
+        if found:  # the image is sent too, so an embedding evicted meanwhile is computed again, not a 404
+            prompts = [{"box": d["box"], "multimask": options.multimask} for d in found]
+            segmented = await self.call(name, "segment", sam_image, image_id, prompts, options.format, rid)
+            masks = [r["masks"] for r in segmented["results"]]
+        return {"model": name, "detector": options.detector, "format": options.format, "image_id": image_id,
+                "cached": encoded["cached"], "image_size": encoded["image_size"],
+                "detections": merge_json(found, masks)}
+
     async def list_heads(self, route: Route, request: Request) -> dict[str, Any]:
         return {"heads": self.heads.list()}
 
@@ -319,3 +348,12 @@ class Ingress:
                 return name
         raise unavailable("backbone_unavailable", f"The head's backbone {backbone!r} is not served here; add it "
                           "under `models:` in the config.", self.cfg.retry_after_s)
+
+
+async def _all(*calls: Any) -> list[Any]:
+    """Await every call (none is left running unobserved), then raise the first error, if any."""
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results

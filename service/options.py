@@ -121,6 +121,30 @@ class SegmentOptions(Options):
                                       f"{limits.max_points} per prompt.")
 
 
+class DetectSegmentOptions(Options):
+    """Detect, then segment: the ``detector``'s boxes (with its usual options) become this SAM's box prompts."""
+
+    detector: str = Field(..., min_length=1, description="served detector whose boxes are the prompts",
+                          examples=["mtcnn_faces"])
+    score_threshold: float = Field(0.5, ge=0, le=1, description="drop detections scored below this")
+    iou_threshold: float = Field(0.5, ge=0, le=1, description="non-maximum suppression overlap")
+    max_detections: int | None = Field(None, ge=1, description="segment at most this many detections, best "
+                                       "first (default and most: the service's max_prompts)")
+    multimask: bool = Field(False, description="three candidate masks per box instead of one")
+    format: Literal["rle", "png", "polygons"] = Field("rle", description="COCO RLE, base64 PNG or polygons")
+
+    def check_limits(self, limits: Limits) -> None:
+        # Every detection is one SAM prompt, so the prompt limit bounds them.
+        if self.max_detections is not None and self.max_detections > limits.max_prompts:
+            raise invalid_options(f"max_detections: {self.max_detections} is above this service's limit of "
+                                  f"{limits.max_prompts} prompts per request.")
+
+    def detect_kwargs(self, limits: Limits) -> dict[str, Any]:
+        """The detector's ``detect`` options (what its own predict route would take)."""
+        return {"score_threshold": self.score_threshold, "iou_threshold": self.iou_threshold,
+                "max_detections": self.max_detections or limits.max_prompts}
+
+
 class HeadPredictOptions(ClassifyOptions):
     pass
 

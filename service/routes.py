@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping
 
-from .options import (ClassifyOptions, DetectOptions, EmbedOptions, EncodeOptions, HeadPredictOptions, Options,
-                      SegmentOptions)
+from .options import (ClassifyOptions, DetectOptions, DetectSegmentOptions, EmbedOptions, EncodeOptions,
+                      HeadPredictOptions, Options, SegmentOptions)
 
 ImageNeed = Literal["required", "optional"]
 AuthScope = Literal["admin", "api"]     # admin: needs the key when one is set; api: only with api_key_scope: all
@@ -111,6 +111,20 @@ ROUTES: tuple[Route, ...] = (
                             "image_size": {"height": 300, "width": 451}, "masks": [
                                 {"score": 0.97, "area": 5120, "bbox": [180, 90, 260, 200],
                                  "rle": {"size": [300, 451], "counts": "..."}}]}),
+    # Its own row, not a form of segment: other options, another answer, and an image it must have.
+    # The SAM is the path's model; the detector is an option, checked like a path model (404, 400).
+    Route("detect_segment", "POST", "/v1/models/{name:path}/detect-segment",
+          "Detect, then segment: a served detector's boxes as this SAM's box prompts, masks per detection",
+          "segmentation", "detect_segment", tasks=("segment",), options=DetectSegmentOptions, image="required",
+          replica_method="segment",
+          example_request={"image": _B64, "detector": "mtcnn_faces", "score_threshold": 0.9},
+          example_response={"model": "tiny_sam", "detector": "mtcnn_faces", "format": "rle", "image_id": "9f86d0...",
+                            "cached": False, "image_size": {"height": 512, "width": 512}, "detections": [
+                                {"box": [181.05, 62.16, 267.75, 172.05], "score": 0.999998, "label": "face",
+                                 "index": 0, "landmarks": [[205.01, 101.73], [246.76, 103.71], [224.67, 128.96],
+                                                           [201.72, 139.25], [245.27, 141.86]],
+                                 "masks": [{"score": 0.93, "area": 7204, "bbox": [183, 64, 266, 171],
+                                            "rle": {"size": [512, 512], "counts": "..."}}]}]}),
     Route("heads", "GET", "/v1/heads", "Fine-tuned heads and their backbones", "heads", "list_heads",
           example_response={"heads": []}),
     # The head runs here, in the ingress, on the features its backbone's replica computes.

@@ -18,7 +18,7 @@ SEED = int(os.environ.get("VFM_FUZZ_SEED", "20261125"))
 # Served models each model route is also fuzzed on (besides generated names). Left out on purpose:
 # sam_vit_b (unavailable: 503 by design), test/slow_cnn and hardening/* (503/504 by design).
 MODELS_BY_ROUTE = {"predict": ["tiny_cnn", "tiny_detector"], "embed": ["tiny_vit"], "encode": ["tiny_sam"],
-                   "segment": ["tiny_sam"]}
+                   "segment": ["tiny_sam"], "detect-segment": ["tiny_sam"]}
 
 
 def _with_image(image: bytes) -> Any:

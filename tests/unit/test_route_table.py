@@ -107,3 +107,25 @@ def test_model_routes_check_the_model_task_options_and_image_before_calling_a_re
     assert "top_k: unknown option" in answers[2].json()["error"]["message"]
     assert "did you mean normalize?" in answers[4].json()["error"]["message"]
     assert "segment needs the image" in answers[7].json()["error"]["message"]
+
+
+def test_detect_segment_checks_the_sam_the_detector_and_the_options_before_calling_a_replica(tmp_path: Path) -> None:
+    png = {"content": b"\x89PNG not really", "headers": {"Content-Type": "image/png"}}
+    answers = asyncio.run(_answers(tmp_path, [
+        ("POST", "/v1/models/nope/detect-segment?detector=detector", png),
+        ("POST", "/v1/models/detector/detect-segment?detector=detector", png),     # the path names the SAM
+        ("POST", "/v1/models/sam/detect-segment", png),                            # no detector
+        ("POST", "/v1/models/sam/detect-segment?detector=detector&max_detections=17", png),  # > max_prompts 16
+        ("POST", "/v1/models/sam/detect-segment?detector=detector&box=[1,2,3,4]", png),
+        ("POST", "/v1/models/sam/detect-segment?detector=nope", png),
+        ("POST", "/v1/models/sam/detect-segment?detector=classifier", png),
+        ("POST", "/v1/models/sam/detect-segment?detector=gone", png),
+        ("POST", "/v1/models/sam/detect-segment", {"json": {"detector": "detector"}}),  # no image
+    ]))
+    assert [_error(a) for a in answers] == [
+        (404, "unknown_model"), (400, "unsupported_task"), (422, "invalid_options"), (422, "invalid_options"),
+        (422, "invalid_options"), (404, "unknown_model"), (400, "unsupported_task"), (503, "model_unavailable"),
+        (400, "missing_image")]
+    assert "detector: Field required" in answers[2].json()["error"]["message"]
+    assert "limit of 16 prompts" in answers[3].json()["error"]["message"]
+    assert "'classifier' is not a detector" in answers[6].json()["error"]["message"]
