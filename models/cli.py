@@ -9,6 +9,16 @@ from pathlib import Path
 from typing import Any
 
 TASKS = ("classify", "detect", "embed", "segment")
+# The --everything options (EverythingOptions' fields; defaults there).
+EVERYTHING_FLAGS = (
+    ("--points-per-side", int, "grid points per side (default 32)"),
+    ("--points-per-batch", int, "grid points per decoder call (default 64)"),
+    ("--pred-iou-thresh", float, "keep masks whose predicted IoU is above this (default 0.88)"),
+    ("--stability-score-thresh", float, "keep masks at least this stable (default 0.95)"),
+    ("--nms-thresh", float, "no two masks overlap (mask IoU) above this (default 0.7)"),
+    ("--min-mask-area", int, "drop masks of fewer pixels (default 0)"),
+    ("--max-masks", int, "at most this many masks, largest first"),
+)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -42,6 +52,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         "takes the detect options)")
     p.add_argument("--detector-backend", choices=("torch", "onnx"), default="torch",
                    help="--detector: the detector's backend (default torch)")
+    p.add_argument("--everything", action="store_true",
+                   help="segment every object, without a prompt (a grid of points; SAM's automatic mask generator)")
+    for flag, kind, text in EVERYTHING_FLAGS:
+        p.add_argument(flag, type=kind, help=f"--everything: {text}")
     p.add_argument("--out", type=Path, default=Path("."), help="segment: folder for the mask PNGs (default .)")
     p.add_argument("--backend", choices=("torch", "onnx"), default="torch")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -164,6 +178,8 @@ def task_options(task: str | None, args: argparse.Namespace) -> dict[str, Any]:
     from vfm.models.errors import UsageError
 
     opts: dict[str, Any] = {}
+    if args.everything and task != "segment":
+        raise UsageError(f"--everything segments; it does not go with --task {task}")
     if task in ("classify", None) and args.top_k is not None:
         if args.top_k < 1:
             raise UsageError("--top-k must be at least 1")
@@ -181,6 +197,8 @@ def task_options(task: str | None, args: argparse.Namespace) -> dict[str, Any]:
             opts["max_detections"] = args.max_detections
     if task == "embed" and args.normalize:
         opts["normalize"] = True
+    if task == "segment" and args.everything:
+        return {"mode": "everything", **everything_options(args)}
     if task == "segment":
         prompt = prompt_from_args(args)
         if prompt is None:
@@ -192,6 +210,23 @@ def task_options(task: str | None, args: argparse.Namespace) -> dict[str, Any]:
             opts["box"] = prompt.box.tolist()
         opts["multimask"] = bool(prompt.multimask)
     return opts
+
+
+def everything_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The --everything options the user gave, checked as ``EverythingOptions`` checks them."""
+    from vfm.models.errors import UsageError
+
+    from .families.sam_everything import EverythingOptions
+
+    if args.point or args.box or args.multimask:
+        raise UsageError("--everything takes no prompt: leave out --point, --box and --multimask")
+    given = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag, _, _ in EVERYTHING_FLAGS}
+    given = {k: v for k, v in given.items() if v is not None}
+    try:
+        EverythingOptions(**given)
+    except ValueError as exc:
+        raise UsageError(f"--{str(exc).replace('_', '-')}") from None
+    return given
 
 
 def run_predict(runner, task: str, images: list, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -208,6 +243,10 @@ def run_predict(runner, task: str, images: list, args: argparse.Namespace) -> li
     if task == "embed":
         feats = runner.embed(images, normalize=args.normalize)
         return [{"embedding": [round(float(v), 6) for v in row], "dim": int(feats.shape[1])} for row in feats]
+    if args.everything:
+        options = {k: v for k, v in opts.items() if k != "mode"}
+        return [_segment_everything_one(runner, image, options, path, args.out)
+                for image, path in zip(images, args.images)]
     prompt = prompt_from_args(args)  # task_options above refused a missing prompt
     return [_segment_one(runner, image, prompt, path, args.out) for image, path in zip(images, args.images)]
 
@@ -227,6 +266,23 @@ def _segment_one(runner, image, prompt, path: str, out_dir: Path) -> dict[str, A
         results.append({"png": str(target), "score": round(float(score), 6), "area": int(mask.sum()),
                         "bbox": mask_bbox(mask)})
     return {"masks": results, "image_size": {"height": image.shape[0], "width": image.shape[1]}}
+
+
+def _segment_everything_one(runner, image, options: dict[str, Any], path: str, out_dir: Path) -> dict[str, Any]:
+    from PIL import Image
+
+    embedding = runner.encode([image])[0]
+    found = runner.segment_everything(embedding, **options)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for i, item in enumerate(found.masks):
+        target = out_dir / f"{Path(path).stem}.everything{i}.png"
+        Image.fromarray(item.mask.astype("uint8") * 255, "L").save(target)
+        answer = item.to_json()
+        del answer["rle"]
+        results.append({"png": str(target), **answer})
+    return {"masks": results, "points": found.points,
+            "image_size": {"height": image.shape[0], "width": image.shape[1]}}
 
 
 def _result_task(result: dict[str, Any]) -> str:
@@ -250,6 +306,8 @@ def _print_human(task: str, path: str, result: dict[str, Any]) -> None:
         v = result["embedding"]
         print(f"  dim={result['dim']} [{', '.join(f'{x:.4f}' for x in v[:6])}{', ...' if len(v) > 6 else ''}]")
     else:
+        if not result["masks"]:
+            print("  no masks")
         for m in result["masks"]:
             print(f"  score={m['score']:.4f} area={m['area']} bbox={m['bbox']} -> {m.get('png', '(rle)')}")
 
@@ -343,6 +401,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from .loading import load_model
 
+    if args.detector and args.everything:
+        raise UsageError("--detector prompts the SAM with the detector's boxes and --everything with a grid of "
+                         "points: use one of them")
     if args.detector:
         results = run_detect_segment(args)
         if args.json:
@@ -357,10 +418,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         remote = getattr(args, "remote_predict", None)
         if remote is None:
             raise UsageError("--url needs the service package (pip install vfm)")
-        results = remote(args.url, args.name, args.images, task_options(args.task, args), args.task)
+        task = args.task or ("segment" if args.everything else None)
+        results = remote(args.url, args.name, args.images, task_options(task, args), task)
     else:
         spec = _spec(args.name)
-        task = args.task or spec.task
+        task = args.task or ("segment" if args.everything else spec.task)
         if task not in spec.tasks:
             raise UsageError(f"model {spec.name!r} does not {task}; it supports: {', '.join(spec.tasks)}")
         images = _read_images(args.images)

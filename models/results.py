@@ -87,3 +87,52 @@ class Masks:
         from .masks import mask_to_json
 
         return {"masks": [mask_to_json(m, float(s), fmt) for m, s in zip(self.masks, self.scores)]}
+
+
+@dataclass
+class EverythingMask:
+    """One mask of "segment everything": an object found by a grid point, without a prompt from the user."""
+
+    rle: dict[str, Any]                       # COCO RLE {"size": [H, W], "counts": str} (``masks.encode_rle``)
+    score: float                              # the decoder's predicted IoU
+    stability_score: float                    # IoU of the mask thresholded at logit +offset and -offset
+    area: int                                 # pixels
+    bbox: tuple[int, int, int, int]           # x0, y0, x1, y1 (exclusive), like ``masks.mask_bbox``
+    point: tuple[float, float]                # the grid point (x, y) that produced it, original-image pixels
+
+    @property
+    def mask(self) -> np.ndarray:
+        """[H, W] bool."""
+        from .masks import decode_rle
+
+        return decode_rle(self.rle)
+
+    def to_json(self, fmt: str = "rle") -> dict[str, Any]:
+        from .masks import MASK_FORMATS, encode_png, mask_polygons
+
+        if fmt not in MASK_FORMATS:
+            raise ValueError(f"Unknown mask format {fmt!r}; use one of {', '.join(MASK_FORMATS)}.")
+        out: dict[str, Any] = {"score": round(float(self.score), 6),
+                               "stability_score": round(float(self.stability_score), 6), "area": int(self.area),
+                               "bbox": [int(v) for v in self.bbox],
+                               "point": [round(float(v), 2) for v in self.point]}
+        if fmt == "rle":
+            out["rle"] = dict(self.rle)
+        elif fmt == "png":
+            out["png"] = encode_png(self.mask)
+        else:
+            out["polygons"] = mask_polygons(self.mask)
+        return out
+
+
+@dataclass
+class EverythingMasks:
+    """The masks "segment everything" found on one image, largest first, no two overlapping above the
+    NMS threshold (mask IoU)."""
+
+    masks: list[EverythingMask]
+    image_size: tuple[int, int]               # (height, width)
+    points: int = 0                           # grid points decoded
+
+    def to_json(self, fmt: str = "rle") -> dict[str, Any]:
+        return {"masks": [m.to_json(fmt) for m in self.masks], "points": int(self.points)}

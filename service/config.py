@@ -114,6 +114,7 @@ class Limits(_Strict):
     max_detections: int = Field(1000, ge=1)
     max_points: int = Field(64, ge=1)
     max_prompts: int = Field(16, ge=1)
+    max_points_per_side: int = Field(64, ge=1, description="segment everything: the largest grid (n x n points)")
 
 
 class IngressConfig(_Strict):

@@ -141,6 +141,21 @@ class ModelServer:
             return Failure(422, "invalid_options", str(exc))
         return {"image_id": image_id, "cached": cached, **_size_json(embedding.original_size), "results": results}
 
+    async def segment_everything(self, image: bytes | np.ndarray | None, image_id: str, options: dict[str, Any],
+                                 mask_format: str, request_id: str = "") -> dict | Failure:
+        """Every object on the image (``SamRunner.segment_everything``), on the cached embedding when there is one."""
+        if self.cache is None:
+            return self._unsupported("segment")
+        found = await self._embedding(image, image_id, request_id)
+        if isinstance(found, Failure):
+            return found
+        embedding, cached = found
+        try:
+            result = await asyncio.to_thread(self._segment_everything, embedding, options, mask_format)
+        except ValueError as exc:
+            return Failure(422, "invalid_options", str(exc))
+        return {"image_id": image_id, "cached": cached, **_size_json(embedding.original_size), **result}
+
     def check_health(self) -> None:
         if self._failures >= UNHEALTHY_AFTER:
             raise RuntimeError(f"{self.served}: the last {self._failures} model calls failed ({self._last_error})")
@@ -259,6 +274,13 @@ class ModelServer:
         masks = self.runner.segment(embedding, objects)
         self.metrics.observe("vfm_inference_latency_seconds", (self.served, "segment"), time.perf_counter() - started)
         return [m.to_json(mask_format) for m in masks]
+
+    def _segment_everything(self, embedding: Any, options: dict[str, Any], mask_format: str) -> dict[str, Any]:
+        started = time.perf_counter()
+        found = self.runner.segment_everything(embedding, **options)
+        self.metrics.observe("vfm_inference_latency_seconds", (self.served, "segment_everything"),
+                             time.perf_counter() - started)
+        return found.to_json(mask_format)
 
     def _unsupported(self, route: str) -> Failure:
         return Failure(400, "unsupported_task", f"Model {self.served!r} has no {route} route; it supports: "

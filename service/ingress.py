@@ -30,6 +30,9 @@ from .transport import parse_image_request
 
 log = logging.getLogger(__name__)
 
+# The ModelServer method that answers the segment route's `mode: everything` (its prompts go to route.replica_method).
+EVERYTHING_REPLICA_METHOD = "segment_everything"
+
 
 def request_id(request: Request) -> str:
     """The request's id: the client's X-Request-ID, else the one Serve's proxy made (it echoes it back)."""
@@ -253,7 +256,8 @@ class Ingress:
         return {"model": name, **echoed, **result}
 
     async def segment(self, route: Route, request: Request, name: str) -> dict[str, Any]:
-        """SAM prompts on an image or on the image_id of one already encoded: the image is optional here."""
+        """SAM prompts (or ``mode: everything``) on an image or on the image_id of one already encoded: the image
+        is optional here."""
         entry = self.model(name, route)
         parsed = await parse_image_request(request, self.limits, image_required=route.image == "required")
         options = parse_options(route.options_for(entry.tasks), parsed.options, self.limits)
@@ -268,6 +272,10 @@ class Ingress:
         else:
             raise bad_request("segment needs the image (field `image`) or the image_id that encode returned.",
                               type="missing_image")
+        if options.mode == "everything":
+            result = await self.call(name, EVERYTHING_REPLICA_METHOD, image, image_id, options.everything_options(),
+                                     options.format, request_id(request))
+            return {"model": name, "mode": "everything", "format": options.format, **result}
         result = await self.call(name, route.replica_method, image, image_id, options.prompt_list(),
                                  options.format, request_id(request))
         results = result.pop("results")

@@ -80,8 +80,14 @@ def _check_prompt(points: list | None, point_labels: list | None, box: tuple | N
         raise ValueError(f"{len(point_labels)} point_labels for {len(points)} points; give one label per point")
 
 
+EVERYTHING_OPTIONS = ("points_per_side", "pred_iou_thresh", "stability_score_thresh", "nms_thresh", "min_mask_area",
+                      "max_masks")
+
+
 class SegmentOptions(Options):
-    """A single prompt (``points``/``point_labels``/``box``/``multimask``) or a list of ``prompts``."""
+    """A single prompt (``points``/``point_labels``/``box``/``multimask``) or a list of ``prompts``; or, with
+    ``mode: everything``, no prompt: every object found from a grid of points (segment-anything's
+    automatic mask generator), tuned by the options of ``EVERYTHING_OPTIONS`` (defaults: the library's)."""
 
     image_id: str | None = Field(None, pattern=IMAGE_ID_PATTERN,
                                  description="sha256 of an image already sent to encode or segment")
@@ -91,10 +97,30 @@ class SegmentOptions(Options):
     multimask: bool = False
     prompts: list[PromptOptions] | None = Field(None, description="several prompts on the same image")
     format: Literal["rle", "png", "polygons"] = Field("rle", description="COCO RLE, base64 PNG or polygons")
+    mode: Literal["prompts", "everything"] = Field(
+        "prompts", description="`everything`: no prompt; every object, from a grid of points, largest first")
+    points_per_side: int | None = Field(None, ge=1, description="everything: the grid has this many points per "
+                                        "side (default 32; the service's limits.max_points_per_side caps it)")
+    pred_iou_thresh: float | None = Field(None, ge=0, le=1, description="everything: keep masks whose predicted "
+                                          "IoU is above this (default 0.88)")
+    stability_score_thresh: float | None = Field(None, ge=0, le=1, description="everything: keep masks at least "
+                                                 "this stable under a change of the logit cutoff (default 0.95)")
+    nms_thresh: float | None = Field(None, ge=0, le=1, description="everything: no two masks overlap (mask IoU) "
+                                     "above this (default 0.7)")
+    min_mask_area: int | None = Field(None, ge=0, description="everything: drop masks of fewer pixels (default 0)")
+    max_masks: int | None = Field(None, ge=1, description="everything: at most this many masks, largest first")
 
     @model_validator(mode="after")
     def _one_form(self) -> "SegmentOptions":
         single = self.points is not None or self.box is not None or self.point_labels is not None
+        tuned = [name for name in EVERYTHING_OPTIONS if getattr(self, name) is not None]
+        if self.mode == "everything":
+            if single or self.prompts is not None or self.multimask:
+                raise ValueError("`mode: everything` takes no prompt (`points`, `point_labels`, `box`, `multimask`, "
+                                 "`prompts`): it finds every object by itself")
+            return self
+        if tuned:
+            raise ValueError(f"{', '.join(f'`{n}`' for n in tuned)} only apply with `mode: everything`")
         if self.prompts is not None and single:
             raise ValueError("give either `prompts` or one prompt's `points`/`point_labels`/`box`, not both")
         if self.prompts is None:
@@ -109,7 +135,20 @@ class SegmentOptions(Options):
         return [{"points": self.points, "point_labels": self.point_labels, "box": self.box,
                  "multimask": self.multimask}]
 
+    def everything_options(self) -> dict[str, Any]:
+        """The ``EverythingOptions`` keyword arguments the request gave (the others keep the library's defaults)."""
+        return {name: getattr(self, name) for name in EVERYTHING_OPTIONS if getattr(self, name) is not None}
+
     def check_limits(self, limits: Limits) -> None:
+        if self.mode == "everything":
+            if self.points_per_side is None:  # the library's default grid, within this service's limit
+                from vfm.models.families.sam_everything import EverythingOptions
+
+                self.points_per_side = min(EverythingOptions().points_per_side, limits.max_points_per_side)
+            elif self.points_per_side > limits.max_points_per_side:
+                raise invalid_options(f"points_per_side: {self.points_per_side} is above this service's limit of "
+                                      f"{limits.max_points_per_side}.")
+            return
         prompts = self.prompt_list()
         if len(prompts) > limits.max_prompts:
             raise invalid_options(f"prompts: {len(prompts)} prompts; this service takes at most {limits.max_prompts} "

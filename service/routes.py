@@ -104,7 +104,8 @@ ROUTES: tuple[Route, ...] = (
           example_response={"model": "sam_vit_b", "image_id": "9f86d0...", "cached": False,
                             "image_size": {"height": 300, "width": 451}}),
     Route("segment", "POST", "/v1/models/{name:path}/segment",
-          "SAM: masks for point/box prompts, on an image or a cached image_id", "segmentation", "segment",
+          "SAM: masks for point/box prompts, or for every object (`mode: everything`), on an image or a cached "
+          "image_id", "segmentation", "segment",
           tasks=("segment",), options=SegmentOptions, image="optional", replica_method="segment",
           example_request={"image_id": "9f86d0...", "points": [[220, 140]], "point_labels": [1], "format": "rle"},
           example_response={"model": "sam_vit_b", "image_id": "9f86d0...", "cached": True, "format": "rle",

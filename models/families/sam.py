@@ -22,18 +22,21 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from ..checkpoints import RANDOM_SEED, load_into, seeded
 from ..images import as_rgb_array
 from ..network import Network
-from ..results import ImageEmbedding, Masks, Prompt
+from ..results import EverythingMasks, ImageEmbedding, Masks, Prompt
 from ..runner import Runner, reject_options
 from ..spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, Preprocess, register_model
 from ..weights import UrlWeights, WeightsUnavailable
 from .sam_prompts import PADDING_LABEL, check_embedding, pack_prompts
+
+if TYPE_CHECKING:
+    from .sam_everything import EverythingOptions
 
 log = logging.getLogger(__name__)
 
@@ -181,17 +184,50 @@ class SamRunner(Runner):
 
     def _postprocess(self, low_res: Any, input_size: tuple[int, int], original_size: tuple[int, int]) -> np.ndarray:
         """Logits [M, h, w] -> bool masks [M, H, W]: upscale, crop the padding, resize to the original."""
-        import torch.nn.functional as F
-
         out = np.empty((len(low_res), *original_size), dtype=bool)
         for start in range(0, len(low_res), POSTPROCESS_CHUNK):
-            chunk = low_res[start:start + POSTPROCESS_CHUNK].unsqueeze(1).to(self.postprocess_device)
-            # The three steps of ``Sam.postprocess_masks``, with the same calls
-            masks = F.interpolate(chunk, (self.img_size, self.img_size), mode="bilinear", align_corners=False)
-            masks = masks[..., : input_size[0], : input_size[1]]
-            upscaled = F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
-            out[start:start + len(chunk)] = (upscaled[:, 0] > self.mask_threshold).cpu().numpy()
+            upscaled = self.upscale_logits(low_res[start:start + POSTPROCESS_CHUNK], input_size, original_size)
+            out[start:start + len(upscaled)] = (upscaled > self.mask_threshold).cpu().numpy()
         return out
+
+    def upscale_logits(self, low_res: Any, input_size: tuple[int, int], original_size: tuple[int, int]) -> Any:
+        """Low-res logits [M, h, w] (numpy or torch) -> logits [M, H, W] at the original size, a float torch
+        tensor on ``postprocess_device`` (callers bound M: see ``POSTPROCESS_CHUNK``)."""
+        import torch
+        import torch.nn.functional as F
+
+        chunk = torch.as_tensor(low_res).unsqueeze(1).to(self.postprocess_device)
+        # The three steps of ``Sam.postprocess_masks``, with the same calls
+        masks = F.interpolate(chunk, (self.img_size, self.img_size), mode="bilinear", align_corners=False)
+        masks = masks[..., : input_size[0], : input_size[1]]
+        return F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)[:, 0]
+
+    # ---- segment everything -----------------------------------------------------------------
+    def point_candidates(self, embedding: ImageEmbedding, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every mask the decoder offers for each of ``points`` [B, 2] (original-image pixels) as a lone
+        foreground click, in one decoder call: low-res logits [B, M, h, w] and predicted IoU [B, M].
+
+        M is 3 for SAM's multimask tokens (what its automatic mask generator asks for), or 1 for a
+        decoder that predicts one mask per prompt."""
+        features = self._check_embedding(embedding)
+        prompts = [Prompt(points=np.asarray(p, np.float64).reshape(1, 2), point_labels=np.ones(1), multimask=True)
+                   for p in points]
+        (group,) = pack_prompts(prompts, embedding.original_size, self.img_size)  # all have one point + padding
+        out = self.decoder.run({"image_embeddings": features, "point_coords": group.coords,
+                                "point_labels": group.labels}, ["low_res_masks", "iou_predictions"])
+        logits, iou = out["low_res_masks"], out["iou_predictions"]
+        tokens = slice(0, 1) if logits.shape[1] == 1 else slice(1, None)
+        return np.asarray(logits[:, tokens], np.float32), np.asarray(iou[:, tokens], np.float32)
+
+    def segment_everything(self, embedding: ImageEmbedding, options: "EverythingOptions | None" = None,
+                           **kwargs: Any) -> EverythingMasks:
+        """Every object of the image: see ``sam_everything.segment_everything`` (options as an
+        ``EverythingOptions`` or as its keyword arguments)."""
+        from .sam_everything import EverythingOptions, segment_everything
+
+        if options is not None and kwargs:
+            raise ValueError("give segment_everything() an EverythingOptions or keyword options, not both.")
+        return segment_everything(self, embedding, options or EverythingOptions(**kwargs))
 
     def _check_embedding(self, embedding: ImageEmbedding) -> np.ndarray:
         """The embedding's features as float32 numpy, after checking they fit this model."""

@@ -54,7 +54,7 @@ BASE_MODELS: dict[str, dict[str, Any]] = {
 BASE_SETTINGS: dict[str, Any] = {
     "request_timeout_s": 60,
     "limits": {"max_body_bytes": 2 * 1024 * 1024, "max_pixels": 4_000_000, "max_top_k": 20, "max_points": 8,
-               "max_prompts": 4},
+               "max_prompts": 4, "max_points_per_side": 8},  # segment everything: 64 decoder prompts at most
     "api_key_env": "VFM_TEST_API_KEY",
     "sam_cache_size": 8,
     "metrics_flush_s": 0.25,

@@ -74,8 +74,24 @@ def test_predict_segment_writes_mask_png(capsys, photo_path, tmp_path):
     assert mask.shape == (300, 451)  # the photo's size, not the encoder's
 
 
+def test_predict_everything_writes_one_png_per_mask_largest_first(capsys, photo_path, tmp_path):
+    assert main(["predict", "tiny_sam", str(photo_path), "--everything", "--points-per-side", "3",
+                 "--pred-iou-thresh", "0", "--stability-score-thresh", "0", "--out", str(tmp_path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)[0]
+    assert out["points"] == 9 and len(out["masks"]) >= 1
+    assert [m["area"] for m in out["masks"]] == sorted((m["area"] for m in out["masks"]), reverse=True)
+    for m in out["masks"]:
+        mask = np.asarray(Image.open(m["png"])) > 0
+        assert mask.shape == (300, 451) and int(mask.sum()) == m["area"]
+        assert {"score", "stability_score", "bbox", "point"} <= set(m)
+
+
 @pytest.mark.parametrize("argv, code, needle", [
     (["predict", "tiny_sam", "{img}"], 2, "needs a prompt"),
+    (["predict", "tiny_sam", "{img}", "--everything", "--point", "1,2"], 2, "--everything takes no prompt"),
+    (["predict", "tiny_sam", "{img}", "--everything", "--points-per-side", "0"], 2, "--points-per-side must be"),
+    (["predict", "tiny_sam", "{img}", "--everything", "--nms-thresh", "1.5"], 2, "--nms-thresh must be"),
+    (["predict", "tiny_cnn", "{img}", "--everything"], 2, "does not segment"),
     (["predict", "tiny_sam", "{img}", "--point", "1,nan"], 2, "--point"),
     (["predict", "tiny_cnn", "{img}", "--top-k", "0"], 2, "--top-k"),
     (["predict", "tiny_cnn", "{img}", "--task", "detect"], 2, "does not detect"),
