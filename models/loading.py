@@ -44,10 +44,8 @@ def load_model(name: str, backend: Backend | None = None, device: str = "auto", 
         from .families import build_torch_runner
 
         runner = build_torch_runner(spec, device, weights, **options)
-    elif backend == "onnx":
-        runner = load_onnx_runner(spec, device, weights, **options)
     else:
-        raise ValueError(f"Unknown backend {backend!r}; use 'torch' or 'onnx'.")
+        runner = load_onnx_runner(spec, device, weights, **options)
     log.info("loaded %s (%s on %s)", name, runner.backend, runner.device)
     return runner
 
@@ -73,7 +71,7 @@ def load_onnx_graphs(spec: ModelSpec, device: str = "auto", weights: str | Path 
     """The runner of a model whose weights are ONNX graphs (``spec.onnx_graphs``): one session per
     graph file of its weights folder, handed to its builder. ``repository`` and ``auto_export``
     (which the service passes to every ONNX model) do not apply: there is nothing to export."""
-    from .backends.onnx import SESSION_OPTIONS, SessionSettings, OnnxSession, resolve_onnx_device
+    from .backends.onnx import SESSION_OPTIONS, OnnxSession, SessionSettings, resolve_onnx_device
     from .backends.torch import import_torch
     from .weights import WeightsUnavailable, cache_dir, resolve_weights
 

