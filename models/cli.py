@@ -69,6 +69,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = wsub.add_parser("where", help="where to put a model's weights for offline use")
     p.add_argument("name")
     p.set_defaults(func=cmd_weights_where)
+    p = wsub.add_parser("fetch", help="download a model's weights into the cache now (not with VFM_OFFLINE=1)")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_weights_fetch)
 
 
 # ---- models ------------------------------------------------------------------------------
@@ -122,6 +125,15 @@ def cmd_weights_where(args: argparse.Namespace) -> int:
 
     spec = _spec(args.name)
     print(where_weights(spec.name, spec.weights))
+    return 0
+
+
+def cmd_weights_fetch(args: argparse.Namespace) -> int:
+    from .weights import resolve_weights
+
+    spec = _spec(args.name)
+    path = resolve_weights(spec.name, spec.weights)  # WeightsUnavailable says what to do instead
+    print(path if path is not None else f"{spec.name} has random weights; nothing to download.")
     return 0
 
 

@@ -23,28 +23,76 @@ log = logging.getLogger(__name__)
 Backend = Literal["torch", "onnx"]
 
 
-def load_model(name: str, backend: Backend = "torch", device: str = "auto", weights: str | Path | None = None,
+def load_model(name: str, backend: Backend | None = None, device: str = "auto", weights: str | Path | None = None,
                **options: Any) -> Runner:
     """Build the runner of a registered model.
 
+    ``backend``: None is the model's default (``spec.backends[0]``: torch, or onnx for ONNX-only models).
     ``weights`` overrides the spec's default source (local path, ``hf:...``, ``https://...#sha256=``).
     ``options`` go to the family builder (e.g. ``dtype="float16"`` on CUDA); on ONNX also the
     session settings (``num_threads``, ``inter_op_threads``, ``spinning``, ``tensorrt``,
-    ``trt_fp16``, ``io_binding``), ``repository`` and ``auto_export``.
+    ``trt_fp16``, ``io_binding``), ``repository`` and ``auto_export``. A model that has ONNX
+    graphs only (``spec.backends == ("onnx",)``) runs on ONNX whatever ``backend`` says.
     """
     from .registry import get_spec
 
     spec = get_spec(name)
-    if backend == "torch":
+    backend = choose_backend(spec, backend)
+    if spec.onnx_graphs:
+        runner = load_onnx_graphs(spec, device, weights, **options)
+    elif backend == "torch":
         from .families import build_torch_runner
 
         runner = build_torch_runner(spec, device, weights, **options)
-    elif backend == "onnx":
-        runner = load_onnx_runner(spec, device, weights, **options)
     else:
-        raise ValueError(f"Unknown backend {backend!r}; use 'torch' or 'onnx'.")
+        runner = load_onnx_runner(spec, device, weights, **options)
     log.info("loaded %s (%s on %s)", name, runner.backend, runner.device)
     return runner
+
+
+def choose_backend(spec: ModelSpec, backend: str | None) -> Backend:
+    """The backend ``spec`` runs on when ``backend`` is asked for (None: the model's default).
+
+    A model whose weights are ONNX graphs has no PyTorch network to fall back on, and configs
+    and the CLI ask for ``torch`` by default, so such a model runs on ONNX (logged) rather than fail.
+    """
+    if backend is None:
+        return spec.backends[0]  # type: ignore[return-value]
+    if backend not in ("torch", "onnx"):
+        raise ValueError(f"Unknown backend {backend!r}; use 'torch' or 'onnx'.")
+    if backend not in spec.backends:
+        log.info("%s has no %s network; running it on %s", spec.name, backend, spec.backends[0])
+        return spec.backends[0]  # type: ignore[return-value]
+    return backend  # type: ignore[return-value]
+
+
+def load_onnx_graphs(spec: ModelSpec, device: str = "auto", weights: str | Path | None = None,
+                     **options: Any) -> Runner:
+    """The runner of a model whose weights are ONNX graphs (``spec.onnx_graphs``): one session per
+    graph file of its weights folder, handed to its builder. ``repository`` and ``auto_export``
+    (which the service passes to every ONNX model) do not apply: there is nothing to export."""
+    from .backends.onnx import SESSION_OPTIONS, OnnxSession, SessionSettings, resolve_onnx_device
+    from .backends.torch import import_torch
+    from .weights import WeightsUnavailable, cache_dir, resolve_weights
+
+    import_torch()  # the runners' post-processing uses torch; make its first import one thread at a time
+    assert spec.onnx_graphs is not None
+    for key in ("repository", "auto_export"):
+        options.pop(key, None)
+    if options.pop("dtype", None) not in (None, "float32"):
+        raise ValueError(f"Model {spec.name!r} is ONNX graphs in float32; it takes no dtype.")
+    resolved = resolve_onnx_device(device)
+    session_options = {k: options.pop(k) for k in SESSION_OPTIONS if k in options}
+    settings = SessionSettings(device=resolved, cache_dir=cache_dir() / "tensorrt" / spec.name, **session_options)
+    folder = resolve_weights(spec.name, spec.weights, weights)
+    if folder is None or not Path(folder).is_dir():
+        raise WeightsUnavailable(f"Weights for model {spec.name!r} are a folder holding "
+                                 f"{', '.join(spec.onnx_graphs.values())}; got {folder}.")
+    missing = [file for file in spec.onnx_graphs.values() if not (Path(folder) / file).is_file()]
+    if missing:
+        raise WeightsUnavailable(f"Weights for model {spec.name!r}: the folder {folder} has no {', '.join(missing)}.")
+    sessions = {key: OnnxSession(Path(folder) / file, settings) for key, file in spec.onnx_graphs.items()}
+    return spec.builder(spec, sessions, Path(folder), resolved, **options)
 
 
 def load_onnx_runner(spec: ModelSpec, device: str = "auto", weights: str | Path | None = None,

