@@ -30,6 +30,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; caches and heads may be read by the service's user
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -75,7 +76,7 @@ def load_into(module: Any, path: str | Path, model_name: str) -> None:
     One clear ``WeightsUnavailable`` for every way a checkpoint can fail to fit (a folder, tensors
     missing or unexpected, right names with wrong shapes), so every family says the same thing.
     """
-    from .weights import WeightsUnavailable
+    from .errors import WeightsUnavailable
 
     path = Path(path)
     if path.is_dir():

