@@ -17,6 +17,7 @@ EVERYTHING_FLAGS = (
     ("--stability-score-thresh", float, "keep masks at least this stable (default 0.95)"),
     ("--nms-thresh", float, "no two masks overlap (mask IoU) above this (default 0.7)"),
     ("--min-mask-area", int, "drop masks of fewer pixels (default 0)"),
+    ("--max-mask-fraction", float, "drop masks covering more than this fraction of the image (default 0.95)"),
     ("--max-masks", int, "at most this many masks, largest first"),
 )
 

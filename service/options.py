@@ -81,7 +81,7 @@ def _check_prompt(points: list | None, point_labels: list | None, box: tuple | N
 
 
 EVERYTHING_OPTIONS = ("points_per_side", "pred_iou_thresh", "stability_score_thresh", "nms_thresh", "min_mask_area",
-                      "max_masks")
+                      "max_mask_fraction", "max_masks")
 
 
 class SegmentOptions(Options):
@@ -108,6 +108,8 @@ class SegmentOptions(Options):
     nms_thresh: float | None = Field(None, ge=0, le=1, description="everything: no two masks overlap (mask IoU) "
                                      "above this (default 0.7)")
     min_mask_area: int | None = Field(None, ge=0, description="everything: drop masks of fewer pixels (default 0)")
+    max_mask_fraction: float | None = Field(None, gt=0, le=1, description="everything: drop masks covering more "
+                                            "than this fraction of the image: background, not an object (default 0.95)")
     max_masks: int | None = Field(None, ge=1, description="everything: at most this many masks, largest first")
 
     @model_validator(mode="after")

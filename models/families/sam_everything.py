@@ -59,6 +59,7 @@ class EverythingOptions:
     stability_score_offset: float = 1.0
     nms_thresh: float = 0.7
     min_mask_area: int = 0
+    max_mask_fraction: float = 0.95           # a mask of (nearly) the whole image is background, not an object
     max_masks: int | None = None
 
     def __post_init__(self) -> None:
@@ -70,6 +71,8 @@ class EverythingOptions:
             value = getattr(self, name)
             if not _is_number(value) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be a number between 0 and 1, got {value!r}.")
+        if not _is_number(self.max_mask_fraction) or not 0.0 < self.max_mask_fraction <= 1.0:
+            raise ValueError(f"max_mask_fraction must be a number in (0, 1], got {self.max_mask_fraction!r}.")
         if not _is_number(self.stability_score_offset) or self.stability_score_offset < 0:
             raise ValueError(f"stability_score_offset must be a number >= 0, got {self.stability_score_offset!r}.")
 
@@ -141,6 +144,8 @@ def _filter(runner: PointDecoder, embedding: ImageEmbedding, points: np.ndarray,
         masks = upscaled > threshold
         areas = masks.flatten(1).sum(1)
         keep = areas >= max(1, options.min_mask_area)
+        if options.max_mask_fraction < 1.0:
+            keep &= areas <= options.max_mask_fraction * masks.shape[-1] * masks.shape[-2]
         if options.stability_score_thresh > 0:
             keep &= stability >= options.stability_score_thresh
         if not bool(keep.any()):

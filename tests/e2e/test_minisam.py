@@ -147,3 +147,43 @@ def test_vfm_predict_with_a_point(tmp_path, capsys):
     assert "photo.mask0.png" in capsys.readouterr().out
     mask = np.asarray(Image.open(tmp_path / "photo.mask0.png")) > 0
     assert mask.shape == (400, 600) and inside(mask, CUP_AND_SAUCER).sum() > 0.98 * mask.sum()
+
+
+def test_segment_everything_on_coffee_finds_several_objects_that_do_not_overlap(minisam):
+    from pycocotools import mask as mask_utils
+
+    embedding = minisam.encode([data.coffee()])[0]
+    found = minisam.segment_everything(embedding, points_per_side=8, nms_thresh=0.7)
+    assert len(found.masks) >= 3
+    areas = [m.area for m in found.masks]
+    assert areas == sorted(areas, reverse=True)
+    rles = [{"size": m.rle["size"], "counts": m.rle["counts"].encode()} for m in found.masks]
+    overlap = mask_utils.iou(rles, rles, [0] * len(rles))
+    np.fill_diagonal(overlap, 0)
+    assert overlap.max() <= 0.7
+    # one of them is the cup with its saucer, inside the region read off the photo
+    x0, y0, x1, y1 = CUP_AND_SAUCER
+    assert any(m.bbox[0] >= x0 - 5 and m.bbox[1] >= y0 - 5 and m.bbox[2] <= x1 + 5 and m.bbox[3] <= y1 + 5
+               and m.area > 0.3 * (x1 - x0) * (y1 - y0) for m in found.masks)
+
+
+@pytest.mark.parametrize("grey", [0, 128, 255])
+def test_segment_everything_on_a_blank_image_finds_nothing(minisam, grey):
+    embedding = minisam.encode([np.full((400, 600, 3), grey, np.uint8)])[0]
+    assert minisam.segment_everything(embedding, points_per_side=8).masks == []
+
+
+def test_detect_then_segment_gives_the_astronauts_face_box_and_a_face_mask_inside_it(minisam):
+    from vfm.models.pipelines import detect_then_segment
+
+    result = detect_then_segment(load_model("mtcnn_faces", device="cpu"), minisam, [data.astronaut()])[0]
+    assert len(result.detections) == 1 and len(result.masks) == 1
+    x0, y0, x1, y1 = result.detections[0].box
+    fx0, fy0, fx1, fy1 = FACE_BOX
+    assert fx0 - 15 <= x0 and fy0 - 15 <= y0 and x1 <= fx1 + 15 and y1 <= fy1 + 15   # the face, as read off the photo
+    mask = result.masks[0].masks[0]
+    assert mask.shape == (512, 512)
+    ys, xs = np.nonzero(mask)
+    pad = 10
+    inside_box = (xs >= x0 - pad) & (xs <= x1 + pad) & (ys >= y0 - pad) & (ys <= y1 + pad)
+    assert inside_box.mean() > 0.9 and mask.sum() > 0.5 * (x1 - x0) * (y1 - y0)

@@ -183,7 +183,8 @@ def test_without_nms_the_masks_are_segment_anythings_automatic_mask_generators(t
                                                                                thresholds):
     """With NMS off (threshold 1) both keep every candidate that passes the predicted-IoU and stability
     filters: the same masks, scores and points as ``SamAutomaticMaskGenerator`` on the same network
-    (it keeps empty masks, which segment everything drops). tiny_sam's random logits stay within ±1, so the
+    (it keeps empty masks, which segment everything drops, and whole-image masks, which
+    ``max_mask_fraction=1.0`` keeps here too). tiny_sam's random logits stay within ±1, so the
     second case shifts the cutoff by 0.02 instead of 1 for the stability score to mean something."""
     from segment_anything import SamAutomaticMaskGenerator
 
@@ -191,7 +192,8 @@ def test_without_nms_the_masks_are_segment_anythings_automatic_mask_generators(t
     theirs = sorted(((round(a["point_coords"][0][0], 2), round(a["point_coords"][0][1], 2),
                       round(a["predicted_iou"], 4), round(a["stability_score"], 4), a["area"])
                      for a in generator.generate(coffee) if a["area"] > 0))
-    found = tiny.segment_everything(coffee_embedding, points_per_side=3, nms_thresh=1.0, **thresholds)
+    found = tiny.segment_everything(coffee_embedding, points_per_side=3, nms_thresh=1.0, max_mask_fraction=1.0,
+                                    **thresholds)
     ours = sorted((round(m.point[0], 2), round(m.point[1], 2), round(m.score, 4), round(m.stability_score, 4), m.area)
                   for m in found.masks)
     assert len(ours) >= 1 and ours == theirs
