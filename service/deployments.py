@@ -18,7 +18,7 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from ray import serve
@@ -129,21 +129,19 @@ class ModelServer:
 
     async def segment(self, image: bytes | np.ndarray | None, image_id: str, prompts: list[dict[str, Any]],
                       mask_format: str, request_id: str = "") -> dict | Failure:
-        if self.cache is None:
-            return self._unsupported("segment")
-        found = await self._embedding(image, image_id, request_id)
-        if isinstance(found, Failure):
-            return found
-        embedding, cached = found
-        try:
-            results = await asyncio.to_thread(self._segment, embedding, prompts, mask_format)
-        except ValueError as exc:
-            return Failure(422, "invalid_options", str(exc))
-        return {"image_id": image_id, "cached": cached, **_size_json(embedding.original_size), "results": results}
+        return await self._on_embedding(image, image_id, request_id,
+                                        lambda embedding: {"results": self._segment(embedding, prompts, mask_format)})
 
     async def segment_everything(self, image: bytes | np.ndarray | None, image_id: str, options: dict[str, Any],
                                  mask_format: str, request_id: str = "") -> dict | Failure:
         """Every object on the image (``SamRunner.segment_everything``), on the cached embedding when there is one."""
+        return await self._on_embedding(image, image_id, request_id,
+                                        lambda embedding: self._segment_everything(embedding, options, mask_format))
+
+    async def _on_embedding(self, image: bytes | np.ndarray | None, image_id: str, request_id: str,
+                            work: Callable[[Any], dict[str, Any]]) -> dict | Failure:
+        """``work(embedding)`` in a thread on the cached embedding of ``image_id`` (encoding ``image`` on a miss);
+        its ValueError (options the model refuses) is a 422."""
         if self.cache is None:
             return self._unsupported("segment")
         found = await self._embedding(image, image_id, request_id)
@@ -151,7 +149,7 @@ class ModelServer:
             return found
         embedding, cached = found
         try:
-            result = await asyncio.to_thread(self._segment_everything, embedding, options, mask_format)
+            result = await asyncio.to_thread(work, embedding)
         except ValueError as exc:
             return Failure(422, "invalid_options", str(exc))
         return {"image_id": image_id, "cached": cached, **_size_json(embedding.original_size), **result}
