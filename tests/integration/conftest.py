@@ -269,6 +269,16 @@ class MetricsReader:
     def value(samples: Samples, name: str, **labels: str) -> float:
         return samples.get((name, frozenset(labels.items())), 0.0)
 
+    def expect_one_cache_hit_without_encoding(self, before: Samples, sam: str, encoder: dict[str, str]) -> None:
+        """Since ``before`` (settled on the SAM cache and batch metrics): exactly one embedding-cache hit, no
+        miss, and no batch of the encoder (labels ``encoder``): the request reused the cached embedding."""
+        value, hits, misses = self.value, "vfm_sam_cache_hits_total", "vfm_sam_cache_misses_total"
+        self.read(until=lambda s: value(s, hits, model=sam) > value(before, hits, model=sam))
+        after = self.settled(hits, misses, "vfm_batch_size_count")
+        assert value(after, hits, model=sam) == value(before, hits, model=sam) + 1
+        assert value(after, misses, model=sam) == value(before, misses, model=sam)
+        assert value(after, "vfm_batch_size_count", **encoder) == value(before, "vfm_batch_size_count", **encoder)
+
 
 @pytest.fixture
 def metrics(client: VfmClient) -> MetricsReader:

@@ -47,7 +47,6 @@ def test_everything_by_image_id_hits_the_cache_and_skips_the_encoder(client: Vfm
                                                                      random_pngs) -> None:
     image = random_pngs(1, seed=21)[0]
     encoded = client.encode(SAM, image)
-    value = metrics.value
     watched = ("vfm_sam_cache_hits_total", "vfm_sam_cache_misses_total", "vfm_batch_size_count")
     before = metrics.settled(*watched)
 
@@ -55,14 +54,7 @@ def test_everything_by_image_id_hits_the_cache_and_skips_the_encoder(client: Vfm
                             format="png", transport="json", **KEEP_ALL)
     assert answer["cached"] is True and answer["image_size"] == {"height": 48, "width": 64}
     assert all(set(m) == {"score", "stability_score", "area", "bbox", "point", "png"} for m in answer["masks"])
-    metrics.read(until=lambda s: value(s, "vfm_sam_cache_hits_total", model=SAM)
-                 > value(before, "vfm_sam_cache_hits_total", model=SAM))
-    after = metrics.settled(*watched)
-    assert value(after, "vfm_sam_cache_hits_total", model=SAM) == value(before, "vfm_sam_cache_hits_total",
-                                                                        model=SAM) + 1
-    assert value(after, "vfm_sam_cache_misses_total", model=SAM) == value(before, "vfm_sam_cache_misses_total",
-                                                                          model=SAM)
-    assert value(after, "vfm_batch_size_count", **ENCODER) == value(before, "vfm_batch_size_count", **ENCODER)
+    metrics.expect_one_cache_hit_without_encoding(before, SAM, ENCODER)
 
 
 def test_a_blank_image_gives_an_empty_list(client: VfmClient, png) -> None:
