@@ -164,10 +164,11 @@ def head_module(meta: dict[str, Any]) -> Any:
 
 def network_module(meta: dict[str, Any]) -> Any:
     """The base's ``features_and_logits`` module with a random init and the head of ``meta``."""
-    from .families import build_torch_runner
-    from .registry import get_spec
+    from .families import build_torch_runner  # importing the families registers the zoo
 
-    base = get_spec(meta["base"])
+    base = REGISTRY.get(meta["base"])
+    if base is None or base.extra.get("published"):
+        raise InvalidModel(f"model.json: base {meta['base']!r} is not a model of this vfm's zoo.")
     runner = build_torch_runner(base, "cpu", "random")
     module = runner.network.module
     module.head = head_module(meta)
@@ -214,8 +215,8 @@ def publish_model(run: str | Path, name: str | None = None, to: str | Path | Non
 
     ``to`` defaults to the first models folder (``publish_dir``). The name may not be a zoo model's.
     """
+    from . import families  # noqa: F401  (registers the zoo: a published name may not be a zoo model's)
     from .checkpoints import atomic_write_bytes
-    from .registry import list_models
 
     run = Path(run)
     meta = read_meta(run)
@@ -225,7 +226,7 @@ def publish_model(run: str | Path, name: str | None = None, to: str | Path | Non
     if not NAME.match(name):
         raise InvalidModel(f"model name {name!r}: use letters, digits, '.', '_' and '-' (at most 128, starting "
                            "with a letter or digit).")
-    list_models()
+    discover()
     if name in REGISTRY and name not in _published:
         raise InvalidModel(f"{name!r} is the name of a zoo model; choose another --name.")
     root = Path(to).expanduser() if to is not None else publish_dir()
