@@ -199,3 +199,19 @@ def test_the_frozen_part_then_the_trainable_part_is_the_backbone(name: str) -> N
         for n in (1, chain.count):
             frozen, trainable = chain.split(n)
             assert torch.equal(trainable(frozen(x)), whole)
+
+
+def test_augment_runs_the_whole_backbone_and_still_writes_a_model(tmp_path: Path) -> None:
+    import torch
+
+    from vfm.finetune.unfreeze import _augment, unfreeze_run
+
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    out = _augment(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and not torch.equal(out, x)
+    summary = unfreeze_run(TrainConfig("tiny_cnn", FASHION, out=tmp_path / "run", unfreeze=2, augment=True,
+                                       head="linear", lrs="0.01", epochs=2, limit=100,
+                                       features=_features(tmp_path / "cache")))
+    assert len(summary.heads[0].history) == 2 and (tmp_path / "run" / "model.safetensors").is_file()
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert meta["training"]["augment"] is True and meta["unfreeze"] == 2
