@@ -41,6 +41,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden", default="512,256")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--cache-dir", help="activation cache (default: a fresh temporary folder, so the time includes "
+                   "the extraction)")
     return p
 
 
@@ -86,7 +88,7 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     hidden = tuple(int(h) for h in args.hidden.split(","))
     with tempfile.TemporaryDirectory(prefix="vfm-bench-unfreeze-") as tmp:
-        cache = Path(tmp) / "cache"
+        cache = Path(args.cache_dir) if args.cache_dir else Path(tmp) / "cache"
         features = FeatureOptions(device=args.device, cache_dir=cache, threads=args.threads)
         t0 = time.perf_counter()
         unfrozen = unfreeze_run(TrainConfig(args.backbone, args.data, out=Path(tmp) / "unfrozen", limit=args.limit,
