@@ -150,6 +150,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     _field(g, T, "overwrite", action="store_true", help="replace the run in --out")
     _field(g, T, "delta", type=_FLOAT, metavar="D", help="the test-error bound holds with probability 1 - D "
            f"(default {_default(T, 'delta')})")
+    g = p.add_argument_group("fine-tuning the backbone (the result is a model: `vfm finetune publish` it)")
+    _field(g, T, "unfreeze", type=_INT, metavar="N", help="train the backbone's last N blocks with the head "
+           "(sgd, ce); the frozen part's activations are cached unless --augment")
+    _field(g, T, "backbone_lr", type=_FLOAT, metavar="LR", help="--unfreeze: the blocks' learning rate "
+           "(default: the head's / 10)")
+    _field(g, T, "augment", action="store_true", help="--unfreeze: random flips and shifts of the training images "
+           "(runs the whole backbone every epoch)")
     g = _add_feature_arguments(p)
     _field(g, T, "normalize", action="store_true", help="L2-normalise the backbone's features (recorded in "
            "head.json, so the service does the same)")
@@ -194,8 +201,10 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 def add_publish_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_publish)
     p.add_argument("run", nargs="?", metavar="RUN", help="a run folder")
-    p.add_argument("--to", metavar="HEADS_DIR", help="the service's heads folder (required)")
-    p.add_argument("--name", metavar="NAME", help="served as /v1/heads/NAME (default: the run folder's name)")
+    p.add_argument("--to", metavar="HEADS_DIR", help="the service's heads folder (required); for an --unfreeze "
+                   "run, the models folder (default $VFM_MODELS_DIR, else ~/.local/share/vfm/models)")
+    p.add_argument("--name", metavar="NAME", help="served as /v1/heads/NAME, or as model NAME for an --unfreeze "
+                   "run (default: the run folder's name)")
     p.add_argument("--overwrite", action="store_true", help="replace a published head of the same name")
 
 
@@ -236,8 +245,10 @@ def _use_threads(count: int | None) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = train_config(args)
     _use_threads(cfg.features.threads)
-    from .pipeline import train_run
-
+    if cfg.unfreeze:  # a model, not a head: finetune/unfreeze.py
+        from .unfreeze import unfreeze_run as train_run
+    else:
+        from .pipeline import train_run
     try:
         summary = train_run(cfg)
     except _known_errors() as exc:
@@ -259,6 +270,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"chosen on validation: {summary.chosen}; test accuracy {ev.accuracy:.4f}")
     print(ev.bound_sentence())
     print(f"report: {summary.out / 'report.md'}")
+    if cfg.unfreeze:
+        print(f"a model: `vfm finetune publish {summary.out} --name NAME`, then `vfm predict NAME IMAGE`")
     return 0
 
 
@@ -286,6 +299,10 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
     from .runs import publish
 
+    if args.run and (Path(args.run).expanduser() / "model.json").is_file():  # an --unfreeze run: a model
+        from .unfreeze import cmd_publish_model
+
+        return cmd_publish_model(args)
     for name, value in (("RUN", args.run), ("--to", args.to)):
         if not (value or "").strip():  # checked here: argparse's own message is a usage dump, not one line
             raise UsageError(f"{name} is required (see --help)")

@@ -239,6 +239,9 @@ class TrainConfig:
     overwrite: bool = False              # replace the run in out
     delta: float = 0.05                  # the test-error bound holds with probability 1 - delta
     normalize: bool = False              # L2-normalise the backbone's features (recorded in head.json)
+    unfreeze: int | None = None          # train the backbone's last N blocks with the head (finetune.unfreeze)
+    backbone_lr: float | None = None     # --unfreeze: the blocks' learning rate (None: each lr / 10)
+    augment: bool = False                # --unfreeze: flips and shifts (then nothing is cached)
     features: FeatureOptions = field(default_factory=FeatureOptions)
     knn: KNNSettings | None = field(init=False, default=None, repr=False, compare=False)
     settings: TrainSettings | None = field(init=False, default=None, repr=False, compare=False)
@@ -268,6 +271,24 @@ class TrainConfig:
             self.settings = TrainSettings(head=self.head, seed=self.seed, threads=self.features.threads,
                                           **self._given(_TRAINING_FIELDS))
             self._normalise_given(self.settings, _TRAINING_FIELDS)
+        self._check_unfreeze()
+
+    def _check_unfreeze(self) -> None:
+        self.unfreeze = check_optional("--unfreeze", self.unfreeze, int, low=1)
+        self.backbone_lr = check_optional("--backbone-lr", self.backbone_lr, float, low=0, low_open=True)
+        self.augment = bool(self.augment)
+        if self.unfreeze is None:
+            for name in ("backbone_lr", "augment"):
+                if getattr(self, name):
+                    raise ConfigError(f"{flag(name)} needs --unfreeze N")
+            return
+        if self.head == "knn" or self.settings.optimizer != "sgd" or self.settings.loss != "ce":
+            raise ConfigError("--unfreeze trains the blocks with the head by sgd on the ce loss: use --head linear "
+                              "or mlp, --optimizer sgd, --loss ce")
+        for name, given in (("resume", self.resume), ("normalize", self.normalize),
+                            ("ray_address", self.features.ray_address)):
+            if given:
+                raise ConfigError(f"{flag(name)} does not apply with --unfreeze")
 
     def _refuse_what_does_not_apply(self, optimizer: str | None) -> None:
         for name, (heads, optimizers) in _APPLIES.items():

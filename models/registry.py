@@ -17,12 +17,19 @@ __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ModelSpec", "Preprocess", "ResizeMo
 
 
 def _ensure_loaded() -> None:
-    # Families register themselves on import.
+    # Families register themselves on import; published models (fine-tuned, in the models folders) after them.
     from . import families  # noqa: F401
+    from .published import discover
+
+    discover()
 
 
 def get_spec(name: str) -> ModelSpec:
     _ensure_loaded()
+    if name not in REGISTRY:
+        from .published import discover
+
+        discover(rescan=True)  # published since this process first looked
     try:
         return REGISTRY[name]
     except KeyError:

@@ -59,7 +59,9 @@ def absolutize(cfg: ServiceConfig, base: Path | None = None) -> ServiceConfig:
     base = base or Path.cwd()
     models = {name: mc.model_copy(update={"weights": str((base / mc.weights).resolve())})
               if mc.weights and _is_local_path(mc.weights) else mc for name, mc in cfg.models.items()}
+    models_dir = str((base / cfg.models_dir).resolve()) if cfg.models_dir else None
     return cfg.model_copy(update={"heads_dir": str((base / cfg.heads_dir).resolve()), "models": models,
+                                  "models_dir": models_dir,
                                   "model_repository": str((base / cfg.model_repository).resolve())})
 
 
@@ -104,7 +106,9 @@ def _availability(cfg: ServiceConfig, served: str) -> str | None:
 def plan_service(cfg: ServiceConfig) -> ServicePlan:
     """Every configured model with its status; weights are resolved in parallel."""
     from vfm.models import get_spec, list_models
+    from vfm.models.published import use_models_dir
 
+    use_models_dir(cfg.models_dir)
     list_models()  # import every family once, here, before the threads below look models up
     names = list(cfg.models)
     with ThreadPoolExecutor(max_workers=max(1, min(8, len(names)))) as pool:

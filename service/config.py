@@ -137,6 +137,8 @@ class ServiceConfig(_Strict):
     api_key_scope: Literal["admin", "all"] = Field("admin", description="routes that need the key when it is set")
     cors_origins: list[str] = Field(default_factory=list, description="browser origins allowed by CORS; none: off")
     heads_dir: str = "heads"
+    models_dir: str | None = Field(None, description="published fine-tuned models (`vfm finetune publish`), looked "
+                                   "for before $VFM_MODELS_DIR and ~/.local/share/vfm/models")
     model_repository: str = Field("model_repository", description="ONNX exports (`vfm export`), for backend: onnx")
     sam_cache_size: int = Field(32, ge=1, description="SAM image embeddings kept per replica (LRU)")
     metrics_flush_s: float = Field(1.0, gt=0, le=60)
@@ -198,7 +200,9 @@ def _explain(exc: ValidationError) -> list[str]:
 def check_model_names(cfg: ServiceConfig) -> list[str]:
     """Every served model must name a registered model; the error lists close names."""
     from vfm.models import UnknownModel, get_spec
+    from vfm.models.published import use_models_dir
 
+    use_models_dir(cfg.models_dir)
     problems = []
     for served in cfg.models:
         try:

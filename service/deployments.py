@@ -73,6 +73,9 @@ class ModelServer:
     async def __init__(self, served: str, cfg: ServiceConfig, hub: Any):
         from vfm.models import ImageLimits, load_model
         from vfm.models.backends.torch import set_threads
+        from vfm.models.published import use_models_dir
+
+        use_models_dir(cfg.models_dir)  # a fine-tuned model published there is looked up by name in this process
 
         self.served = served
         self.cfg = cfg.models[served]

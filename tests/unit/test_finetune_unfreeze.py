@@ -1,0 +1,217 @@
+"""`vfm finetune train --unfreeze N`: the backbone's last blocks train with the head, and the result is a model
+that `vfm finetune publish` puts where `load_model`, `vfm predict` and `vfm export` find it by name.
+
+Real data (300 Fashion-MNIST images), the real tiny_cnn, real files; a few seconds per run.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vfm.cli import main
+from vfm.finetune.config import ConfigError, TrainConfig
+
+FASHION = "idx:/usr/share/datasets/fashion-mnist"
+COMMON = dict(head="linear", lrs="0.01", epochs=10, limit=300, seed=0)
+
+
+@pytest.fixture(autouse=True)
+def forget_published_models():
+    """Models a test publishes are registered in this process; unregister them after it."""
+    from vfm.models import list_models, published
+    from vfm.models.registry import unregister
+
+    before = set(list_models())
+    yield
+    for name in set(list_models()) - before:
+        unregister(name)
+        published._published.pop(name, None)
+
+
+def _features(cache: Path):
+    from vfm.finetune.config import FeatureOptions
+
+    return FeatureOptions(device="cpu", cache_dir=cache, progress=False)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory):
+    """The same data, epochs, rate and seed: a frozen run (a head on cached features) and an --unfreeze 1 run."""
+    from vfm.finetune.pipeline import train_run
+    from vfm.finetune.unfreeze import unfreeze_run
+
+    root = tmp_path_factory.mktemp("unfreeze")
+    frozen = train_run(TrainConfig("tiny_cnn", FASHION, out=root / "frozen", features=_features(root / "cache"),
+                                   **COMMON))
+    unfrozen = unfreeze_run(TrainConfig("tiny_cnn", FASHION, out=root / "unfrozen", unfreeze=1,
+                                        features=_features(root / "cache"), **COMMON))
+    return root, frozen, unfrozen
+
+
+def test_unfreezing_the_last_block_lowers_the_training_loss_below_the_frozen_run(runs) -> None:
+    _, frozen, unfrozen = runs
+    assert len(frozen.heads[0].history) == len(unfrozen.heads[0].history) == 10  # both ran every epoch
+    frozen_loss = frozen.heads[0].history[-1]["train_loss"]
+    unfrozen_loss = unfrozen.heads[0].history[-1]["train_loss"]
+    assert unfrozen_loss < 0.9 * frozen_loss, (unfrozen_loss, frozen_loss)
+    assert unfrozen.counts == frozen.counts
+
+
+def test_only_the_last_block_and_the_head_changed(runs) -> None:
+    from safetensors.torch import load_file
+
+    from vfm.models import load_model
+
+    root, _, _ = runs
+    trained = load_file(str(root / "unfrozen" / "model.safetensors"))
+    base = load_model("tiny_cnn", device="cpu").state_dict()
+    for key in ("conv0.weight", "bn1.bias", "conv1.weight"):  # frozen
+        assert np.array_equal(trained[f"body.{key}"].numpy(), base[key].numpy()), key
+    assert not np.allclose(trained["body.conv2.weight"].numpy(), base["conv2.weight"].numpy())  # trained
+    meta = json.loads((root / "unfrozen" / "model.json").read_text())
+    assert meta["base"] == "tiny_cnn" and meta["unfreeze"] == 1 and meta["training"]["blocks"] == 3
+    assert meta["labels"][0] == "T-shirt/top" and meta["training"]["backbone_lr"] == pytest.approx(0.001)
+
+
+def test_the_published_model_loads_by_name_and_predicts_as_in_the_run(runs, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from PIL import Image
+
+    from vfm.finetune.data import open_dataset
+    from vfm.finetune.splits import make_splits
+    from vfm.models import get_spec, load_model
+
+    root, _, unfrozen = runs
+    monkeypatch.setenv("VFM_MODELS_DIR", str(tmp_path / "models"))
+    assert main(["finetune", "publish", str(root / "unfrozen"), "--name", "fashion_tiny_ft"]) == 0
+    assert "as model fashion_tiny_ft" in capsys.readouterr().out
+    assert (tmp_path / "models" / "fashion_tiny_ft" / "model.json").is_file()
+    assert get_spec("fashion_tiny_ft").labels[:2] == ("T-shirt/top", "Trouser")
+
+    # The run's test split, classified by the model loaded by name: the run's test accuracy again.
+    data = open_dataset(FASHION)
+    test = make_splits(data, (0.8, 0.1, 0.1), 0, 300).test
+    runner = load_model("fashion_tiny_ft", device="cpu")
+    images = [data.source.load(int(i)) for i in test]
+    top = np.array([c.top[0].index for c in runner.classify(images, top_k=1)])
+    assert np.mean(top == data.labels[test]) == pytest.approx(unfrozen.evaluation.accuracy)
+
+    # `vfm predict NAME` (a fresh command, same process) gives the runner's answers.
+    Image.fromarray(images[0]).save(tmp_path / "item.png")
+    assert main(["predict", "fashion_tiny_ft", str(tmp_path / "item.png"), "--top-k", "2", "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)[0]["predictions"]
+    expected = runner.classify([np.asarray(Image.open(tmp_path / "item.png").convert("RGB"))], top_k=2)[0].top
+    assert [p["label"] for p in answer] == [t.label for t in expected]
+    assert np.allclose([p["score"] for p in answer], [t.score for t in expected], atol=1e-6)
+
+
+def test_the_onnx_export_of_a_published_model_matches_pytorch(runs, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from vfm.finetune.data import open_dataset
+    from vfm.models import load_model
+
+    root, _, _ = runs
+    monkeypatch.setenv("VFM_MODELS_DIR", str(tmp_path / "models"))
+    assert main(["finetune", "publish", str(root / "unfrozen"), "--name", "fashion_tiny_onnx"]) == 0
+    assert main(["export", "fashion_tiny_onnx", "--out", str(tmp_path / "repo")]) == 0
+    data = open_dataset(FASHION)
+    images = [data.source.load(i) for i in range(8)]
+    on_torch = load_model("fashion_tiny_onnx", device="cpu")
+    on_onnx = load_model("fashion_tiny_onnx", backend="onnx", device="cpu", repository=tmp_path / "repo")
+    features, logits = on_torch.features_and_logits(images)
+    features_onnx, logits_onnx = on_onnx.features_and_logits(images)
+    assert np.allclose(logits_onnx, logits, atol=1e-4) and np.allclose(features_onnx, features, atol=1e-4)
+    assert [c.top[0].label for c in on_onnx.classify(images, 1)] == [c.top[0].label for c in on_torch.classify(images, 1)]
+
+
+def test_a_published_model_is_listed_without_importing_torch(runs, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    root, _, _ = runs
+    monkeypatch.setenv("VFM_MODELS_DIR", str(tmp_path / "models"))
+    assert main(["finetune", "publish", str(root / "unfrozen"), "--name", "fashion_listed"]) == 0
+    env = dict(os.environ)
+    probe = ("import json, sys\nfrom vfm.cli import main\nmain(['models', 'list', 'fashion*'])\n"
+             "print(json.dumps(sorted(m for m in ('torch', 'torchvision', 'onnxruntime') if m in sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert lines[0].startswith("fashion_listed") and json.loads(lines[-1]) == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--unfreeze", "4"], "--unfreeze 4: tiny_cnn has 3 conv layers; give at most 3."),
+    (["--unfreeze", "0"], "--unfreeze must be >= 1"),
+    (["--backbone-lr", "0.1"], "--backbone-lr needs --unfreeze N"),
+    (["--augment"], "--augment needs --unfreeze N"),
+    (["--unfreeze", "1", "--head", "knn"], "--unfreeze trains the blocks with the head by sgd"),
+    (["--unfreeze", "1", "--optimizer", "gd"], "--unfreeze trains the blocks with the head by sgd"),
+])
+def test_bad_unfreeze_flags_are_one_line_usage_errors(argv: list[str], message: str, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["finetune", "train", "--backbone", "tiny_cnn", "--data", FASHION, "--limit", "100",
+                 "--out", str(tmp_path / "run"), "--quiet", "--no-cache", *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_a_backbone_without_known_blocks_is_refused_in_one_line(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["finetune", "train", "--backbone", "tiny_vit", "--data", FASHION, "--limit", "100", "--unfreeze",
+                 "1", "--out", str(tmp_path / "run"), "--quiet", "--no-cache"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "tiny_vit" in err
+
+
+def test_publishing_under_a_zoo_name_is_refused(runs, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root, _, _ = runs
+    code = main(["finetune", "publish", str(root / "unfrozen"), "--to", str(tmp_path), "--name", "tiny_cnn"])
+    assert code == 2 and "zoo model" in capsys.readouterr().err
+    assert not (tmp_path / "tiny_cnn").exists()
+
+
+def test_config_refuses_unfreeze_flags_without_unfreeze() -> None:
+    with pytest.raises(ConfigError, match="--augment needs --unfreeze N"):
+        TrainConfig("tiny_cnn", FASHION, augment=True)
+
+
+@pytest.mark.parametrize("name", ["tiny_cnn", "efficientnet_lite0"])
+def test_the_frozen_part_then_the_trainable_part_is_the_backbone(name: str) -> None:
+    import torch
+
+    from vfm.models import load_model
+    from vfm.models.blocks import chain_of
+
+    runner = load_model(name, device="cpu", weights="random")
+    body = runner.network.module.body
+    size = runner.spec.preprocess.size
+    x = torch.randn(2, 3, size, size)
+    chain = chain_of(name, body)
+    with torch.no_grad():
+        whole = body(x)
+        for n in (1, chain.count):
+            frozen, trainable = chain.split(n)
+            assert torch.equal(trainable(frozen(x)), whole)
+
+
+def test_augment_runs_the_whole_backbone_and_still_writes_a_model(tmp_path: Path) -> None:
+    import torch
+
+    from vfm.finetune.unfreeze import _augment, unfreeze_run
+
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    out = _augment(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and not torch.equal(out, x)
+    summary = unfreeze_run(TrainConfig("tiny_cnn", FASHION, out=tmp_path / "run", unfreeze=2, augment=True,
+                                       head="linear", lrs="0.01", epochs=2, limit=100,
+                                       features=_features(tmp_path / "cache")))
+    assert len(summary.heads[0].history) == 2 and (tmp_path / "run" / "model.safetensors").is_file()
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert meta["training"]["augment"] is True and meta["unfreeze"] == 2
