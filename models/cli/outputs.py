@@ -41,6 +41,10 @@ class Sink:
     def close(self) -> None:
         pass
 
+    def summary(self) -> str | None:
+        """What the sink wrote to a file, said on stderr at the end (None: nothing to say)."""
+        return None
+
 
 class TextSink(Sink):
     """The human-readable default."""
@@ -143,6 +147,9 @@ class CsvSink(Sink):
         if self.owned:
             self.file.close()
 
+    def summary(self) -> str | None:
+        return f"wrote {self.rows} rows to {self.target}" if self.owned else None
+
 
 def npy_paths_file(target: str | Path) -> Path:
     """``emb.npy`` -> ``emb.paths.txt``: the image of each row of the array, one path a line."""
@@ -178,6 +185,10 @@ class NpySink(Sink):
             np.save(f, array)
         npy_paths_file(self.target).write_text("".join(p + "\n" for p in self.paths), encoding="utf-8")
 
+    def summary(self) -> str | None:
+        return (f"wrote {len(self.rows)} embeddings to {self.target} (their images, in row order: "
+                f"{npy_paths_file(self.target)})")
+
 
 class DrawSink(Sink):
     """``--draw DIR``: one PNG per answered input, the answer drawn on it (``vfm.models.draw``);
@@ -202,6 +213,9 @@ class DrawSink(Sink):
         picture.save(target)
         outcome.result["drawn"] = str(target)
         self.count += 1
+
+    def summary(self) -> str | None:
+        return f"drew {self.count} images into {self.folder}"
 
 
 # ---- text --------------------------------------------------------------------------------------

@@ -134,7 +134,7 @@ def build_sinks(args: argparse.Namespace, reporter: Reporter) -> list[Sink]:
         sinks.append(JsonSink(reporter.out))
     elif args.jsonl:
         sinks.append(JsonlSink(reporter.out))
-    elif not (getattr(args, "npy", None) or (args.csv and args.csv != "-")):
+    elif not (getattr(args, "npy", None) or args.csv):  # a table or an array file says it all
         sinks.append(TextSink(reporter.out))
     return sinks
 
@@ -167,6 +167,9 @@ def write_outcomes(outcomes: Iterable[Outcome], total: int, args: argparse.Names
             reporter.step()
         for sink in sinks:
             sink.close()
+        for sink in sinks:
+            if sink.summary():
+                reporter.err(f"vfm: {sink.summary()}")
     finally:
         reporter.close()
     if failed and total > 1:

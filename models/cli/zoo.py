@@ -65,7 +65,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     if not names:
         print(f"no model matches {args.pattern!r}", file=sys.stderr)
         return 1
-    rows = []
+    rows = [("NAME", "TASKS", "AVAILABILITY", "WEIGHTS")]
     for name in names:
         spec = get_spec(name)
         source = "random" if spec.random_weights else describe_source(spec.weights) or "-"
