@@ -15,7 +15,7 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import httpx
 
@@ -209,12 +209,114 @@ class AsyncVfmClient(_Base):
 
 ROUTE_OF_TASK = {None: "predict", "classify": "predict", "detect": "predict", "embed": "embed", "segment": "segment",
                  "detect-segment": "detect-segment"}
+# Answers about one image (its bytes, its size, what the model made of it): the CLI reports that image and
+# goes on with the others. Every other error (unknown model, bad options, auth, server down) stops the run.
+IMAGE_ERROR_TYPES = frozenset({"empty", "corrupt", "too_large", "too_many_pixels", "not_an_image",
+                               "unsupported_format", "unprocessable_image", "payload_too_large"})
+MAX_RETRIES = 5          # 503 answers with Retry-After (overloaded, still loading) are retried this often
+MAX_RETRY_WAIT_S = 10.0
+
+Answer = tuple[str, "dict[str, Any] | None", "str | None"]  # (path, answer, or the one-line reason it has none)
+
+
+def _call_with_retries(client: VfmClient, path: str, image: ImageLike, **options: Any) -> Any:
+    """One call; a 503 that says when to come back (Retry-After) is tried again, at most ``MAX_RETRIES`` times."""
+    import time
+
+    for attempt in range(MAX_RETRIES + 1):
+        response = client.send("POST", path, image, **options)
+        retry_after = response.headers.get("retry-after")
+        if response.status_code != 503 or retry_after is None or attempt == MAX_RETRIES:
+            return _check(response)
+        try:
+            wait = float(retry_after)
+        except ValueError:
+            wait = 1.0
+        time.sleep(min(max(wait, 0.1), MAX_RETRY_WAIT_S))
+    raise AssertionError("unreachable")
+
+
+class RemoteCalls:
+    """What `vfm predict --url` and `vfm heads ... --url` do on a server: many images, concurrently,
+    answered in input order. The dispatcher hands one to the models CLI (which never imports the service).
+
+    ``predict`` and ``head_predict`` yield ``(path, answer, None)`` or ``(path, None, reason)`` for an image
+    the server refused (``IMAGE_ERROR_TYPES``) or that cannot be read here; any other error raises ``VfmError``.
+    The API key defaults to $VFM_API_KEY.
+    """
+
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = 120.0):
+        self.url = url
+        self.api_key = api_key if api_key is not None else os.environ.get("VFM_API_KEY")
+        self.timeout = timeout
+
+    def client(self) -> VfmClient:
+        return VfmClient(self.url, api_key=self.api_key, timeout=self.timeout)
+
+    def heads(self) -> list[dict[str, Any]]:
+        with self.client() as client:
+            return client.heads()
+
+    def predict(self, name: str, paths: Sequence[str], options: dict[str, Any], task: str | None = None,
+                concurrency: int = 4) -> Iterator[Answer]:
+        if task not in ROUTE_OF_TASK:
+            raise ValueError(f"Unknown task {task!r}; use one of {', '.join(t for t in ROUTE_OF_TASK if t)}.")
+        try:
+            yield from self._stream(_model_path(name, ROUTE_OF_TASK[task]), paths, options, concurrency)
+        except VfmError as exc:
+            if exc.status == 404 and exc.type == "unknown_model" and self._is_head(name):
+                raise VfmError(404, "unknown_model", f"{name!r} is a head, not a model: use `vfm heads predict "
+                                                     f"--url {self.url} {name} PATH...`") from None
+            raise
+
+    def head_predict(self, name: str, paths: Sequence[str], options: dict[str, Any], concurrency: int = 4
+                     ) -> Iterator[Answer]:
+        yield from self._stream(f"/v1/heads/{name}/predict", paths, options, concurrency)
+
+    def _is_head(self, name: str) -> bool:
+        try:
+            return any(h.get("name") == name for h in self.heads())
+        except (VfmError, httpx.HTTPError):
+            return False
+
+    def _stream(self, route: str, paths: Sequence[str], options: dict[str, Any], concurrency: int
+                ) -> Iterator[Answer]:
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(path: str) -> Answer:
+            try:
+                data = Path(path).read_bytes()
+            except OSError as exc:
+                return path, None, f"cannot read {path}: {exc.strerror or exc}"
+            try:
+                return path, _call_with_retries(client, route, data, **options), None
+            except VfmError as exc:
+                if exc.type in IMAGE_ERROR_TYPES:
+                    return path, None, f"{path}: {exc}"
+                raise
+
+        # A window of requests in flight (twice the concurrency), so a folder of thousands of images is
+        # neither read into memory at once nor answered out of order.
+        with self.client() as client, ThreadPoolExecutor(max_workers=concurrency) as pool:
+            pending: deque = deque()
+            todo = iter(paths)
+            try:
+                for path in todo:
+                    pending.append(pool.submit(one, path))
+                    if len(pending) >= 2 * concurrency:
+                        yield pending.popleft().result()
+                while pending:
+                    yield pending.popleft().result()
+            finally:
+                for future in pending:
+                    future.cancel()
 
 
 def remote_predict(url: str, name: str, image_paths: Sequence[str | Path], options: dict[str, Any],
                    task: str | None = None, api_key: str | None = None) -> list[dict[str, Any]]:
-    """`vfm predict --url`: run ``task`` (default: the model's predict route) on each image on a running
-    server; one answer per path, in order. The API key defaults to $VFM_API_KEY."""
+    """Run ``task`` (default: the model's predict route) on each image on a running server; one answer per
+    path, in order. The API key defaults to $VFM_API_KEY. An image the server refuses raises ``VfmError``."""
     if task not in ROUTE_OF_TASK:
         raise ValueError(f"Unknown task {task!r}; use one of {', '.join(t for t in ROUTE_OF_TASK if t)}.")
     api_key = api_key if api_key is not None else os.environ.get("VFM_API_KEY")

@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from vfm.models.errors import UsageError
 
 from . import __version__
 
-COMMAND_MODULES = ("vfm.models.cli", "vfm.models.export.cli", "vfm.service.cli", "vfm.finetune.cli")
+COMMAND_MODULES = ("vfm.models.cli", "vfm.models.export.cli", "vfm.service.cli", "vfm.service.heads_cli",
+                   "vfm.finetune.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,11 +37,11 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
-def _remote_predict(url: str, name: str, images: Sequence[str], options: dict, task: str | None) -> list[dict]:
+def _remote_calls(url: str) -> Any:
     """`vfm predict --url`: the dispatcher sits above models and service, so it joins them here."""
-    from vfm.service.client import remote_predict
+    from vfm.service.client import RemoteCalls
 
-    return remote_predict(url, name, images, options, task=task)
+    return RemoteCalls(url)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -49,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if getattr(args, "url", None):
-        args.remote_predict = _remote_predict
+        args.remote = _remote_calls(args.url)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2

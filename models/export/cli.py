@@ -12,12 +12,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     default = Tolerance()
     p = sub.add_parser("export", help="export a model to ONNX (checked against PyTorch) into a model repository",
-                       description="Writes OUT/NAME/1/*.onnx and OUT/NAME/config.json. The export fails, and writes "
+                       description="Writes DIR/NAME/1/*.onnx and DIR/NAME/config.json. The export fails, and writes "
                                    "nothing, unless ONNX Runtime matches PyTorch on random inputs of several sizes "
                                    "and aspect ratios.")
     p.add_argument("name", help="model name (see `vfm models list`)")
-    p.add_argument("--out", default=None, metavar="DIR",
-                   help="model repository (default: $VFM_MODEL_REPOSITORY or ./model_repository)")
+    p.add_argument("--repository", "--out", dest="out", default=None, metavar="DIR",
+                   help="the model repository to write into (default: $VFM_MODEL_REPOSITORY or ./model_repository); "
+                        "`vfm predict --backend onnx --repository DIR` reads it")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     p.add_argument("--weights", help="weights source: a path, hf:org/name, https://...#sha256=..., or random")
     p.add_argument("--min-score", type=float, default=None,
@@ -77,4 +78,5 @@ def cmd_export(args: argparse.Namespace) -> int:
     figures = {k: v for k, v in result.parity.items() if k not in ("tolerance", "sizes")}
     print("parity (ONNX Runtime vs PyTorch): " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                                           for k, v in figures.items()))
+    print(f"run it: vfm predict {result.name} IMAGE --backend onnx --repository {result.folder.parent}")
     return 0

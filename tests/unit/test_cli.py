@@ -22,7 +22,8 @@ def photo_path(tmp_path_factory):
 def test_models_list_with_wildcard(capsys):
     assert main(["models", "list", "sam_*"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in out] == ["sam_vit_b", "sam_vit_h", "sam_vit_l"]
+    assert out[0].split() == ["NAME", "TASKS", "AVAILABILITY", "WEIGHTS"]
+    assert [line.split()[0] for line in out[1:]] == ["sam_vit_b", "sam_vit_h", "sam_vit_l"]
 
 
 def test_models_info_json(capsys):
