@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Union
 
 from fastapi import FastAPI
 from fastapi import Path as PathParam
-from fastapi_offline import FastAPIOffline
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, TypeAdapter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NAME_DOC = "served model name (may contain '/')"
+RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before trying again; absent when trying again cannot "
+                                              "help (a model that cannot load without an operator)",
+                               "required": False, "schema": {"type": "integer", "minimum": 0}}}
 DOCS_ASSETS = "/docs/assets"    # Swagger UI's and ReDoc's JavaScript, CSS and icon, from the fastapi-offline package
 
 
@@ -150,13 +153,15 @@ def _responses(route: Route, components: dict[str, Any]) -> dict[int | str, Any]
         ok["example"] = route.example_response
     responses: dict[int | str, Any] = {200: {"description": "OK", "content": {media: ok}}}
     if route.response is ReadyAnswer:  # not ready: the same body, with the reasons
-        responses[503] = {"description": "Not ready: some model does not serve (`models` says why); Retry-After",
-                          "content": {"application/json": {"schema": ok["schema"]}}}
+        responses[503] = {"description": "Not ready: some model does not serve; `models` says why",
+                          "headers": RETRY_AFTER, "content": {"application/json": {"schema": ok["schema"]}}}
     error = _schema(ErrorAnswer, components)
     for row in ERROR_TABLE:
         if row.status in error_statuses(route) and row.status not in responses:
             responses[row.status] = {"description": row.meaning, "content": {"application/json": {
                 "schema": error, "example": error_body(row.types[0], "what went wrong and what to do")}}}
+            if row.status == 503:
+                responses[row.status]["headers"] = RETRY_AFTER
     return responses
 
 
