@@ -89,8 +89,8 @@ def _openapi_extra(route: Route, components: dict[str, Any]) -> dict[str, Any]:
             form_props["images"] = {"type": "array", "items": image_file, "minItems": 1,
                                     "description": "several images instead of `image`: repeat the file field"}
         json_schema = {"type": "object", "properties": {**json_props, **props}}
-        form_schema = {"type": "object", "properties": {
-            **form_props, **{k: {"type": "string", "description": "JSON text, e.g. 5, true, [[10, 20]]"} for k in props}}}
+        form_text = {"type": "string", "description": "JSON text, e.g. 5, true, [[10, 20]]"}
+        form_schema = {"type": "object", "properties": {**form_props, **{k: form_text for k in props}}}
         if route.image == "required":
             for schema in (json_schema, form_schema):
                 if route.batch:   # `image` or `images`, not both

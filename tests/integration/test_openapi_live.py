@@ -77,7 +77,8 @@ def test_every_kind_of_answer_matches_its_documented_schema(openapi: dict[str, A
     prompt = {"points": [[30, 20]], "point_labels": [1]}
     # tiny_sam's random decoder predicts IoUs near 0: keep every candidate so there are masks to check
     everything = {"mode": "everything", "points_per_side": 4, "pred_iou_thresh": 0, "stability_score_thresh": 0}
-    model, segment, detect_segment = "/v1/models/{name}", "/v1/models/{name}/segment", "/v1/models/{name}/detect-segment"
+    model, segment = "/v1/models/{name}", "/v1/models/{name}/segment"
+    detect_segment = "/v1/models/{name}/detect-segment"
     calls: list[tuple[str, str, str, dict[str, Any]]] = [   # (documented path, method, URL, request)
         ("/healthz", "GET", "/healthz", {}),
         ("/readyz", "GET", "/readyz", {}),
