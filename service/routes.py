@@ -31,6 +31,7 @@ class Route:
     tasks: tuple[str, ...] = ()                 # model tasks it serves; a model with none of them gets a 400
     options: type[Options] | Mapping[str, type[Options]] | None = None
     image: ImageNeed | None = None
+    batch: bool = False                         # accepts `images`, a list, and answers {"model", "results"}
     auth: AuthScope | None = "api"
     replica_method: str | None = None           # the ModelServer method it calls
     # What follows the image in the replica call: the options as runner kwargs, or the image's id
@@ -75,10 +76,13 @@ _B64 = "<base64 image bytes>"
 ROUTES: tuple[Route, ...] = (
     Route("healthz", "GET", "/healthz", "Liveness: 200 while the process lives", "health", "healthz", auth=None,
           example_response={"status": "ok"}),
-    Route("readyz", "GET", "/readyz", "Readiness: 200 when every configured model serves, else 503 with reasons",
+    Route("readyz", "GET", "/readyz", "Readiness: 200 when every model that can load here serves, else 503 "
+          "naming the models it waits for; models that can never load here are listed apart and do not hold it back",
           "health", "readyz", auth=None,
-          example_response={"ready": False, "models": {"efficientnet_lite0": {"status": "ready"}, "sam_vit_b": {
-              "status": "unavailable", "reason": "Weights for model 'sam_vit_b' are not on this machine ..."}}}),
+          example_response={"ready": True, "waiting_for": [], "unavailable": {
+              "sam_vit_b": "Weights for model 'sam_vit_b' are not on this machine ..."},
+              "models": {"efficientnet_lite0": {"status": "ready"}, "sam_vit_b": {
+                  "status": "unavailable", "reason": "Weights for model 'sam_vit_b' are not on this machine ..."}}}),
     Route("metrics", "GET", "/metrics", "Prometheus metrics (text format)", "health", "metrics_text", auth=None),
     Route("models", "GET", "/v1/models", "Every configured model, with status", "models", "list_models",
           example_response={"models": [{"name": "efficientnet_lite0", "task": "classify", "status": "ready",
@@ -87,13 +91,13 @@ ROUTES: tuple[Route, ...] = (
           "models", "get_model"),
     Route("predict", "POST", "/v1/models/{name:path}/predict", "Classify (top_k) or detect (thresholds) an image",
           "inference", "infer", tasks=("classify", "detect"),
-          options={"classify": ClassifyOptions, "detect": DetectOptions}, image="required",
+          options={"classify": ClassifyOptions, "detect": DetectOptions}, image="required", batch=True,
           replica_method="predict",
           example_request={"image": _B64, "top_k": 3},
           example_response={"model": "efficientnet_lite0", "predictions": [
               {"index": 282, "label": "tiger cat", "score": 0.38}]}),
     Route("embed", "POST", "/v1/models/{name:path}/embed", "Feature vector of a backbone", "inference", "infer",
-          tasks=("embed",), options=EmbedOptions, image="required", replica_method="embed",
+          tasks=("embed",), options=EmbedOptions, image="required", batch=True, replica_method="embed",
           echoed_options=(("normalized", "normalize"),),
           example_request={"image": _B64, "normalize": True},
           example_response={"model": "efficientnet_lite0", "normalized": True, "dim": 1280,
@@ -130,7 +134,7 @@ ROUTES: tuple[Route, ...] = (
           example_response={"heads": []}),
     # The head runs here, in the ingress, on the features its backbone's replica computes.
     Route("head_predict", "POST", "/v1/heads/{name:path}/predict", "Classify with a fine-tuned head", "heads",
-          "head_predict", options=HeadPredictOptions, image="required", replica_method="embed",
+          "head_predict", options=HeadPredictOptions, image="required", batch=True, replica_method="embed",
           example_request={"image": _B64, "top_k": 3}),
     Route("heads_reload", "POST", "/v1/admin/heads/reload", "Rescan the heads folder (needs the API key when set)",
           "heads", "reload_heads", auth="admin", example_response={"loaded": 0, "invalid": 0, "heads": []}),
