@@ -28,6 +28,7 @@ INGRESS_NAME = "ingress"
 # How often a stopping replica checks for requests still in flight (Serve's default is 2 s, paid once per
 # level of the application: ingress, then models, then the metrics hub). An idle replica stops at once.
 SHUTDOWN_POLL_S = 0.1
+HUB_LINGER_S = 0.5
 
 
 @dataclass
@@ -139,7 +140,9 @@ def build_serve_application(plan: ServicePlan) -> Any:
 
     cfg = plan.cfg
     slowest = max([cfg.timeout_for(n) for n in cfg.models] + [cfg.request_timeout_s])
-    hub = MetricsHubDeployment.options(graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S,
+    # Serve stops every deployment of a deleted application at once; the hub waits a little longer, so the
+    # replicas' last metrics flushes find it still there (and log no "flush failed").
+    hub = MetricsHubDeployment.options(graceful_shutdown_wait_loop_s=HUB_LINGER_S,
                                        graceful_shutdown_timeout_s=5).bind()
     taken: set[str] = {INGRESS_NAME, "metrics"}
     handles = {}
