@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import shutil
 import sys
 import tempfile
 import time
@@ -91,23 +92,30 @@ def main(argv: list[str] | None = None) -> int:
     from vfm.models.export import export_model, find_export
 
     torch.set_num_threads(args.threads)
-    repository = args.repository or tempfile.mkdtemp(prefix="vfm-bench-")
-    print(f"ONNX Runtime / PyTorch, device {args.device}, {args.threads} threads each, {args.rounds} rounds, "
-          f"images {IMAGE_SIZE[1]}x{IMAGE_SIZE[0]}; repository {repository}")
-    print(f"{'model':<22} {'case':<20} {'PyTorch ms':>11} {'ORT ms':>9} {'ORT/PyTorch':>12}")
-    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        spec = get_spec(name)
-        try:
-            find_export(name, repository, args.weights)
-        except Exception:  # not there or made from other weights: export (and parity-check) it now
-            export_model(name, repository, weights=args.weights)
-        torch_runner = load_model(name, device=args.device, weights=args.weights)
-        onnx_runner = load_model(name, backend="onnx", device=args.device, weights=args.weights,
-                                 repository=repository, num_threads=args.threads)
-        for label, make in cases(name, spec.task, lambda n: images(n, seed=1)):
-            t_torch, t_onnx = time_pair(make, torch_runner, onnx_runner, args.rounds)
-            print(f"{name:<22} {label:<20} {t_torch * 1e3:>11.2f} {t_onnx * 1e3:>9.2f} {t_onnx / t_torch:>12.2f}",
-                  flush=True)
+    # Exports go to a temporary repository unless --repository names one to keep; the temporary one is removed
+    # however the run ends (an export of every model is hundreds of MB).
+    made = None if args.repository else tempfile.mkdtemp(prefix="vfm-bench-")
+    repository = args.repository or made
+    try:
+        print(f"ONNX Runtime / PyTorch, device {args.device}, {args.threads} threads each, {args.rounds} rounds, "
+              f"images {IMAGE_SIZE[1]}x{IMAGE_SIZE[0]}; repository {repository}")
+        print(f"{'model':<22} {'case':<20} {'PyTorch ms':>11} {'ORT ms':>9} {'ORT/PyTorch':>12}")
+        for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+            spec = get_spec(name)
+            try:
+                find_export(name, repository, args.weights)
+            except Exception:  # not there or made from other weights: export (and parity-check) it now
+                export_model(name, repository, weights=args.weights)
+            torch_runner = load_model(name, device=args.device, weights=args.weights)
+            onnx_runner = load_model(name, backend="onnx", device=args.device, weights=args.weights,
+                                     repository=repository, num_threads=args.threads)
+            for label, make in cases(name, spec.task, lambda n: images(n, seed=1)):
+                t_torch, t_onnx = time_pair(make, torch_runner, onnx_runner, args.rounds)
+                print(f"{name:<22} {label:<20} {t_torch * 1e3:>11.2f} {t_onnx * 1e3:>9.2f} "
+                      f"{t_onnx / t_torch:>12.2f}", flush=True)
+    finally:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
     return 0
 
 

@@ -184,12 +184,13 @@ def main() -> int:
     cfg = parse_config(build_config(args.model, args.port, args.batch, args.wait, float(args.threads)), "bench config")
     print(f"starting the service ({len(cfg.models)} deployments of {args.model}) ...", file=sys.stderr, flush=True)
     ray_tmp = tempfile.mkdtemp(prefix="vfm-bench-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    service = start_service(cfg, ray_options={"_temp_dir": ray_tmp, "log_to_driver": False})
-    niceness = match_ray_priority()
+    service = None
     n, c = args.requests, args.concurrency
     results: dict[str, list[Run]] = {}
     batch_sizes: list[float] = []
-    try:
+    try:  # Ray's folder (logs, sockets, spilled objects) is removed however the run ends, a failed start too
+        service = start_service(cfg, ray_options={"_temp_dir": ray_tmp, "log_to_driver": False})
+        niceness = match_ray_priority()
         for r in range(args.rounds):
             print(f"round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
             before = batch_stats(service.url, "batched", None)
@@ -213,7 +214,8 @@ def main() -> int:
             for label, step in plan:
                 results.setdefault(label, []).append(step())
     finally:
-        service.stop()
+        if service is not None:
+            service.stop()
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
     def tput(label: str) -> float:

@@ -25,6 +25,10 @@ from .ingress import ModelEntry
 log = logging.getLogger(__name__)
 
 INGRESS_NAME = "ingress"
+# How often a stopping replica checks for requests still in flight (Serve's default is 2 s, paid once per
+# level of the application: ingress, then models, then the metrics hub). An idle replica stops at once.
+SHUTDOWN_POLL_S = 0.1
+HUB_LINGER_S = 0.5
 
 
 @dataclass
@@ -139,19 +143,27 @@ def build_serve_application(plan: ServicePlan) -> Any:
     from .metrics import MetricsHubDeployment
 
     cfg = plan.cfg
-    hub = MetricsHubDeployment.bind()
+    slowest = max([cfg.timeout_for(n) for n in cfg.models] + [cfg.request_timeout_s])
+    # Serve stops every deployment of a deleted application at once; the hub waits a little longer, so the
+    # replicas' last metrics flushes find it still there (and log no "flush failed").
+    hub = MetricsHubDeployment.options(graceful_shutdown_wait_loop_s=HUB_LINGER_S,
+                                       graceful_shutdown_timeout_s=5).bind()
     taken: set[str] = {INGRESS_NAME, "metrics"}
     handles = {}
     model_deployment = serve.deployment(ModelServer)
     for served in plan.deployable:
         options = cfg.models[served].serve_options()
-        # The ingress logs each HTTP request; a second line per request from the replica adds nothing.
-        handles[served] = model_deployment.options(name=deployment_name(served, taken),
-                                                   logging_config={"enable_access_log": False}, **options).bind(
-            served, cfg, hub)
+        # The ingress logs each HTTP request (when access_log is on); a second line per request from the replica
+        # adds nothing. A stopping replica lets the requests in flight finish, within the model's timeout.
+        handles[served] = model_deployment.options(
+            name=deployment_name(served, taken), logging_config={"enable_access_log": False},
+            graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S, graceful_shutdown_timeout_s=cfg.timeout_for(served),
+            **options).bind(served, cfg, hub)
     ingress = serve.deployment(serve.ingress()(Ingress)).options(
         name=INGRESS_NAME, num_replicas=cfg.ingress.replicas, ray_actor_options={"num_cpus": cfg.ingress.num_cpus},
-        max_ongoing_requests=cfg.ingress.max_ongoing_requests, max_queued_requests=-1)
+        max_ongoing_requests=cfg.ingress.max_ongoing_requests, max_queued_requests=-1,
+        logging_config={"enable_access_log": cfg.access_log},   # off by default: one INFO line per request
+        graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S, graceful_shutdown_timeout_s=slowest)
     return ingress.bind(cfg, plan.entries, handles, hub)
 
 
@@ -190,17 +202,21 @@ class RunningService:
     started_ray: bool
 
     def stop(self) -> None:
+        """Delete the application (requests in flight finish; idle replicas stop at once), then, when Ray was
+        started here, shut that Ray down, which ends Serve's controller and proxies with it. ``serve.shutdown()`` is
+        not called: it waits on a controller call that only ends when the controller is killed, which takes
+        seconds more and logs "Task ServeController.graceful_shutdown failed"."""
         import ray
         from ray import serve
+        from ray.serve.exceptions import RayServeException
 
         try:
-            if self.started_ray:
-                serve.shutdown()
-            else:  # a shared cluster: remove our application, leave Serve and the other apps running
-                try:
-                    serve.delete(self.plan.cfg.app_name)
-                except Exception as exc:
-                    log.warning("could not delete application %s: %s", self.plan.cfg.app_name, exc)
+            if ray.is_initialized():
+                serve.delete(self.plan.cfg.app_name)
+        except RayServeException:  # Serve never started (a start that failed early): nothing to delete
+            pass
+        except Exception as exc:
+            log.warning("could not delete application %s: %s", self.plan.cfg.app_name, exc)
         finally:
             if self.started_ray and ray.is_initialized():
                 ray.shutdown()

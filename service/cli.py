@@ -6,6 +6,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 
@@ -17,6 +18,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", help="bind address (overrides the config's host)")
     p.add_argument("--port", type=int, help="HTTP port (overrides the config's port)")
     p.add_argument("--address", help="join this Ray cluster (auto, ray://head:10001) instead of starting one")
+    p.add_argument("--access-log", action="store_true",
+                   help="log one line per HTTP request (off by default; the config's `access_log: true` does the same)")
     p.add_argument("--check", action="store_true",
                    help="validate the config and report which models can serve, then exit (starts nothing)")
     p.add_argument("--render", choices=("serve", "kuberay", "compose"),
@@ -31,7 +34,8 @@ def _load(args: argparse.Namespace):
     from .config import ConfigError, load_config
 
     try:
-        return load_config(args.config, host=args.host, port=args.port, address=args.address)
+        return load_config(args.config, host=args.host, port=args.port, address=args.address,
+                           access_log=True if getattr(args, "access_log", False) else None)
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
 
@@ -79,13 +83,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
               file=sys.stderr, flush=True)
         for name, reason in unavailable.items():
             print(f"vfm: {name} is unavailable: {reason}", file=sys.stderr, flush=True)
-        while not stop.wait(0.5):
+        while not stop.wait(0.1):
             pass
         print("vfm: shutting down", file=sys.stderr, flush=True)
     finally:
+        started = time.monotonic()
         running.stop()
         for s, handler in previous.items():
             signal.signal(s, handler)
+    print(f"vfm: stopped in {time.monotonic() - started:.1f}s", file=sys.stderr, flush=True)
     return 0
 
 

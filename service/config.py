@@ -115,6 +115,8 @@ class Limits(_Strict):
     max_points: int = Field(64, ge=1)
     max_prompts: int = Field(16, ge=1)
     max_points_per_side: int = Field(64, ge=1, description="segment everything: the largest grid (n x n points)")
+    max_images_per_request: int = Field(32, ge=1, description="predict, embed, head predict: the most images in "
+                                        "one request's `images` list")
 
 
 class IngressConfig(_Strict):
@@ -142,6 +144,8 @@ class ServiceConfig(_Strict):
     model_repository: str = Field("model_repository", description="ONNX exports (`vfm export`), for backend: onnx")
     sam_cache_size: int = Field(32, ge=1, description="SAM image embeddings kept per replica (LRU)")
     metrics_flush_s: float = Field(1.0, gt=0, le=60)
+    access_log: bool = Field(False, description="one log line per HTTP request (Serve's access log); "
+                             "`vfm serve --access-log` turns it on too")
     ingress: IngressConfig = IngressConfig()
     models: dict[str, ModelConfig] = Field(default_factory=dict)
 

@@ -121,6 +121,24 @@ class ModelServer:
             return decoded
         return await self._infer(Job("embed", decoded, _freeze(options), request_id))
 
+    async def many(self, method: str, images: list[bytes | np.ndarray], options: dict[str, Any],
+                   request_id: str = "") -> list[dict] | Failure:
+        """``predict`` or ``embed`` (``method``) on the images of one request: they are decoded, then enter the batch
+        queue together, so they share runner calls (up to ``max_batch_size`` each). The first image that fails makes
+        the whole answer its Failure, its message led by ``images[i]:``; no model runs when one fails to decode."""
+        task = self.predict_task if method == "predict" else "embed" if "embed" in self.runner.tasks else None
+        if method not in ("predict", "embed") or task is None:
+            return self._unsupported(method)
+        decoded = await asyncio.gather(*(self._decode(image) for image in images))
+        results = decoded
+        if not any(isinstance(d, Failure) for d in decoded):
+            frozen = _freeze(options)
+            results = await asyncio.gather(*(self._infer(Job(task, d, frozen, request_id)) for d in decoded))
+        for i, result in enumerate(results):
+            if isinstance(result, Failure):
+                return Failure(result.status, result.type, f"images[{i}]: {result.message}")
+        return list(results)
+
     async def encode(self, image: bytes | np.ndarray, image_id: str, request_id: str = "") -> dict | Failure:
         if self.cache is None:
             return self._unsupported("encode")

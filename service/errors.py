@@ -74,8 +74,10 @@ def invalid_options(message: str) -> ApiError:
     return ApiError(422, "invalid_options", message)
 
 
-def unavailable(type: str, message: str, retry_after_s: int) -> ApiError:
-    return ApiError(503, type, message, {"Retry-After": str(retry_after_s)})
+def unavailable(type: str, message: str, retry_after_s: int | None) -> ApiError:
+    """A 503. ``retry_after_s`` is None when retrying cannot help (a model that can never load here without an
+    operator's action): no Retry-After then, so a client that obeys the header does not loop forever."""
+    return ApiError(503, type, message, None if retry_after_s is None else {"Retry-After": str(retry_after_s)})
 
 
 def timed_out(message: str) -> ApiError:
@@ -98,10 +100,13 @@ ERROR_TABLE = [
     ErrorDoc(404, ["not_found", "unknown_model", "unknown_head", "unknown_image_id"], "no such model, head, route "
              "or cached SAM embedding"),
     ErrorDoc(405, ["method_not_allowed"], "the route exists with another method"),
-    ErrorDoc(413, ["payload_too_large", "too_large", "too_many_pixels"], "body bytes or image pixels over the limit"),
+    ErrorDoc(413, ["payload_too_large", "too_large", "too_many_pixels", "too_many_images"], "body bytes, image "
+             "pixels or the images of one request over the limit"),
     ErrorDoc(415, ["unsupported_media_type", "not_an_image", "unsupported_format"], "the body is not an image"),
     ErrorDoc(422, ["invalid_options", "unprocessable_image"], "an option is missing, of the wrong type or out of "
              "range, or the model cannot process this image"),
-    ErrorDoc(503, ["overloaded", "model_unavailable", "not_ready"], "try again after Retry-After seconds"),
+    ErrorDoc(503, ["overloaded", "model_unavailable", "not_ready"], "with Retry-After: overloaded, loading or "
+             "restarting, try again after that many seconds; without it: the model cannot load here (missing "
+             "weights, a refused checkpoint) until an operator acts, as the message says, so retrying does not help"),
     ErrorDoc(504, ["timeout"], "the model did not answer within the request timeout"),
 ]

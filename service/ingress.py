@@ -3,6 +3,9 @@
 It holds one ``DeploymentHandle`` per served model, knows every configured model (the
 unavailable ones too, with their reason), checks auth, options and limits, calls replicas with
 the model's timeout, and maps Serve's overload and unavailability to 503 and timeouts to 504.
+A 503 carries Retry-After when retrying can help (overloaded, a replica restarting); a model that
+can never load here (planned ``unavailable``: missing weights, a refused checkpoint) answers 503
+without it, and its message says what the operator must do.
 Every handler gets its row of ``routes.ROUTES`` and takes the route's facts from it (model tasks,
 options, image requirement, replica method); ``infer`` serves predict, embed and encode alike.
 """
@@ -55,6 +58,16 @@ class ModelEntry:
     @property
     def tasks(self) -> list[str]:
         return list(self.spec.get("tasks", []))
+
+    @property
+    def warnings(self) -> list[str]:
+        """What every inference answer of this model carries: its answers are meaningless on random weights."""
+        if str(self.serving.get("weights") or "").strip().lower() == "random":
+            return [f"model {self.served!r} runs with random weights (weights: random): its answers are meaningless"]
+        if self.spec.get("random_weights"):
+            return [f"model {self.served!r} runs with random weights (a seeded test model, {self.registry}): its "
+                    "answers are meaningless"]
+        return []
 
     def summary(self) -> dict[str, Any]:
         preprocess = self.spec.get("preprocess") or {}
@@ -123,8 +136,7 @@ class Ingress:
             raise bad_request(f"Model {name!r} has no {route.name} route: it does {', '.join(entry.tasks)}.",
                               type="unsupported_task")
         if entry.status != "ready":
-            raise unavailable("model_unavailable", f"Model {name!r} is unavailable: {entry.reason}",
-                              self.cfg.retry_after_s)
+            raise cannot_load(name, entry.reason)
         return entry
 
     async def call(self, name: str, method: str, *args: Any) -> Any:
@@ -157,8 +169,9 @@ class Ingress:
             raise error
         return result
 
-    async def image_arg(self, name: str, data: bytes) -> bytes | np.ndarray:
-        """What a replica gets: the bytes, or the decoded array when the model decodes at the ingress."""
+    async def image_arg(self, name: str, data: bytes, where: str = "") -> bytes | np.ndarray:
+        """What a replica gets: the bytes, or the decoded array when the model decodes at the ingress (an error then
+        names ``where``, e.g. ``images[3]``)."""
         if self.cfg.models[name].decode_in == "replica":
             return data
         from vfm.models import ImageLimits, InvalidImage, decode_image
@@ -167,7 +180,15 @@ class Ingress:
         try:
             return await asyncio.to_thread(decode_image, data, limits)
         except InvalidImage as exc:
-            raise ApiError(exc.status, exc.code, str(exc)) from None
+            raise ApiError(exc.status, exc.code, f"{where}: {exc}" if where else str(exc)) from None
+
+    async def image_args(self, name: str, images: list[bytes]) -> list[bytes | np.ndarray]:
+        return [await self.image_arg(name, data, f"images[{i}]") for i, data in enumerate(images)]
+
+    def warned(self, answer: dict[str, Any], *names: str) -> dict[str, Any]:
+        """``answer`` with the ``warnings`` of the models that made it (none: no field)."""
+        warnings = [w for name in dict.fromkeys(names) if name in self.models for w in self.models[name].warnings]
+        return {**answer, "warnings": warnings} if warnings else answer
 
     async def runtime_info(self, entry: ModelEntry) -> None:
         """Fill backend/device/labels from a replica the first time one answers."""
@@ -182,6 +203,10 @@ class Ingress:
         return {"status": "ok"}
 
     async def readyz(self, route: Route, request: Request) -> Response:
+        """Ready when every model that can load here serves. A model that can never load without an operator
+        (planned ``unavailable``) is listed under ``unavailable`` and does not hold readiness back: restarting the
+        service would not fix it, and the other models serve. ``waiting_for`` names the models still loading or
+        restarting; only then is it a 503, with Retry-After."""
         states: dict[str, dict[str, Any]] = {}
         replicas = await self._running_replicas()
 
@@ -201,9 +226,13 @@ class Ingress:
             states[entry.served] = state
 
         await asyncio.gather(*(probe(e) for e in self.models.values()))
-        ready = all(s["status"] == "ready" for s in states.values())
+        states = {name: states[name] for name in self.models}  # config order, not the order probes finished
+        waiting_for = [name for name, state in states.items() if state["status"] == "not_ready"]
+        never = {name: entry.reason or "" for name, entry in self.models.items() if entry.status != "ready"}
+        ready = not waiting_for
         headers = None if ready else {"Retry-After": str(self.cfg.retry_after_s)}
-        return JSONResponse({"ready": ready, "models": states}, status_code=200 if ready else 503, headers=headers)
+        return JSONResponse({"ready": ready, "waiting_for": waiting_for, "unavailable": never, "models": states},
+                            status_code=200 if ready else 503, headers=headers)
 
     async def _running_replicas(self) -> dict[str, tuple[int, str]] | None:
         """Serve's controller view of each model: (running replicas, deployment status); None if it cannot say."""
@@ -245,15 +274,23 @@ class Ingress:
 
     async def infer(self, route: Route, request: Request, name: str) -> dict[str, Any]:
         """predict, embed and encode: the image and options of the request, the options model chosen by the
-        model's task, one replica call, and the answer with the model's name (and the options it echoes)."""
+        model's task, one replica call, and the answer with the model's name (and the options it echoes).
+        On a ``batch`` route an ``images`` list goes to the replica in one call (its images share batches) and the
+        answer is ``{"model", "results"}``, each result exactly the answer to that image alone."""
         entry = self.model(name, route)
-        parsed = await parse_image_request(request, self.limits, image_required=route.image == "required")
+        parsed = await parse_image_request(request, self.limits, image_required=route.image == "required",
+                                           images_allowed=route.batch)
         options = parse_options(route.options_for(entry.tasks), parsed.options, self.limits)
+        echoed = {field: getattr(options, option) for field, option in route.echoed_options}
+        if parsed.images is not None:
+            results = await self.call(name, "many", route.replica_method, await self.image_args(name, parsed.images),
+                                      options.runner_kwargs(), request_id(request))
+            return self.warned({"model": name, "results": [self.warned({"model": name, **echoed, **result}, name)
+                                                           for result in results]}, name)
         argument = image_id_of(parsed.image) if route.replica_argument == "image_id" else options.runner_kwargs()
         result = await self.call(name, route.replica_method, await self.image_arg(name, parsed.image), argument,
                                  request_id(request))
-        echoed = {field: getattr(options, option) for field, option in route.echoed_options}
-        return {"model": name, **echoed, **result}
+        return self.warned({"model": name, **echoed, **result}, name)
 
     async def segment(self, route: Route, request: Request, name: str) -> dict[str, Any]:
         """SAM prompts (or ``mode: everything``) on an image or on the image_id of one already encoded: the image
@@ -275,7 +312,7 @@ class Ingress:
         if options.mode == "everything":
             result = await self.call(name, EVERYTHING_REPLICA_METHOD, image, image_id, options.everything_options(),
                                      options.format, request_id(request))
-            return {"model": name, "mode": "everything", "format": options.format, **result}
+            return self.warned({"model": name, "mode": "everything", "format": options.format, **result}, name)
         result = await self.call(name, route.replica_method, image, image_id, options.prompt_list(),
                                  options.format, request_id(request))
         results = result.pop("results")
@@ -283,7 +320,7 @@ class Ingress:
             result["masks"] = results[0]["masks"]
         else:
             result["results"] = results
-        return {"model": name, "format": options.format, **result}
+        return self.warned({"model": name, "format": options.format, **result}, name)
 
     async def detect_segment(self, route: Route, request: Request, name: str) -> dict[str, Any]:
         """Detect, then segment: the detector's predict and this SAM's encode run at once (the embedding does not
@@ -310,9 +347,9 @@ class Ingress:
             prompts = [{"box": d["box"], "multimask": options.multimask} for d in found]
             segmented = await self.call(name, "segment", sam_image, image_id, prompts, options.format, rid)
             masks = [r["masks"] for r in segmented["results"]]
-        return {"model": name, "detector": options.detector, "format": options.format, "image_id": image_id,
-                "cached": encoded["cached"], "image_size": encoded["image_size"],
-                "detections": merge_json(found, masks)}
+        return self.warned({"model": name, "detector": options.detector, "format": options.format,
+                            "image_id": image_id, "cached": encoded["cached"], "image_size": encoded["image_size"],
+                            "detections": merge_json(found, masks)}, options.detector, name)
 
     async def list_heads(self, route: Route, request: Request) -> dict[str, Any]:
         return {"heads": self.heads.list()}
@@ -328,21 +365,30 @@ class Ingress:
             hint = f" Did you mean: {', '.join(close)}?" if close else ""
             raise not_found("unknown_head", f"No head {name!r} is loaded from {self.heads.folder}.{hint} "
                             "GET /v1/heads lists them; POST /v1/admin/heads/reload rescans the folder.")
-        if entry.status != "ready":
-            raise unavailable("head_unavailable", f"Head {name!r} did not load: {entry.reason}",
-                              self.cfg.retry_after_s)
+        if entry.status != "ready":  # a broken head file: fixing it and reloading the heads is an operator's job
+            raise unavailable("head_unavailable", f"Head {name!r} did not load: {entry.reason} Fix or replace it in "
+                              f"{self.heads.folder}, then POST /v1/admin/heads/reload.", None)
         backbone = self._backbone_for(entry.backbone or "")
-        parsed = await parse_image_request(request, self.limits, image_required=route.image == "required")
+        parsed = await parse_image_request(request, self.limits, image_required=route.image == "required",
+                                           images_allowed=route.batch)
         options = parse_options(route.options_for(), parsed.options, self.limits)
-        result = await self.call(backbone, route.replica_method, await self.image_arg(backbone, parsed.image),
-                                 {"normalize": entry.normalize}, request_id(request))
-        features = np.asarray([result["embedding"]], dtype=np.float32)
+        kwargs, rid = {"normalize": entry.normalize}, request_id(request)
+        if parsed.images is not None:
+            results = await self.call(backbone, "many", route.replica_method,
+                                      await self.image_args(backbone, parsed.images), kwargs, rid)
+        else:
+            results = [await self.call(backbone, route.replica_method, await self.image_arg(backbone, parsed.image),
+                                       kwargs, rid)]
+        features = np.asarray([result["embedding"] for result in results], dtype=np.float32)
         try:
             top = await asyncio.to_thread(entry.head.classify, features, options.top_k)
         except ValueError as exc:  # features that do not fit the head: the backbone is not the trained one
-            raise unavailable("head_unavailable", f"Head {name!r} cannot use {backbone!r}'s features: {exc}",
-                              self.cfg.retry_after_s) from None
-        return {"head": name, "backbone": backbone, **top[0].to_json()}
+            raise unavailable("head_unavailable", f"Head {name!r} cannot use {backbone!r}'s features: {exc}. Serve "
+                              "the backbone it was trained on, or train the head again.", None) from None
+        answers = [self.warned({"head": name, "backbone": backbone, **t.to_json()}, backbone) for t in top]
+        if parsed.images is not None:
+            return self.warned({"head": name, "backbone": backbone, "results": answers}, backbone)
+        return answers[0]
 
     def _backbone_for(self, backbone: str) -> str:
         """The served name of a head's backbone (served under its own name first, else any alias)."""
@@ -354,8 +400,19 @@ class Ingress:
         for name in candidates:
             if self.models[name].status == "ready":
                 return name
+        if candidates:  # configured, but it can never load here
+            raise cannot_load(candidates[0], self.models[candidates[0]].reason, type="backbone_unavailable",
+                              what=f"The head's backbone {candidates[0]!r}")
         raise unavailable("backbone_unavailable", f"The head's backbone {backbone!r} is not served here; add it "
-                          "under `models:` in the config.", self.cfg.retry_after_s)
+                          "under `models:` in the config.", None)
+
+
+def cannot_load(name: str, reason: str | None, type: str = "model_unavailable", what: str = "") -> ApiError:
+    """The 503 of a model that can never load here without an operator's action: no Retry-After (retrying cannot
+    help), and the reason, which says what to do (fetch the weights, where to put them)."""
+    return unavailable(type, f"{what or f'Model {name!r}'} cannot load on this server: {reason} Until then it "
+                       "stays unavailable (retrying does not help; restart the service once it is done, and "
+                       "`vfm serve --check` tells which models can load).", None)
 
 
 async def _all(*calls: Any) -> list[Any]:

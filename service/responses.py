@@ -242,8 +242,11 @@ class DetectSegmentAnswer(_Segmented):
 
 @lru_cache(maxsize=None)
 def batch_answer(title: str, single: Any) -> Any:
-    """The answer to a request with `images` (a list): one single-image answer per image, in order."""
-    answer = TypedDict(title, {"model": ModelName,
+    """The answer to a request with `images` (a list): one single-image answer per image, in order, under the
+    single answer's own naming fields (`model`; a head's `head` and `backbone`)."""
+    hints = getattr(single, "__annotations__", {})   # a Union (predict: classify or detect) has none
+    naming = {"head": hints["head"], "backbone": hints["backbone"]} if "head" in hints else {"model": ModelName}
+    answer = TypedDict(title, {**naming,
                                "results": Annotated[list[single], Field(description="the answer for each image of "
                                                                                     "`images`, in order")],
                                "warnings": NotRequired[Warnings]})

