@@ -143,7 +143,8 @@ def test_a_published_model_is_listed_without_importing_torch(runs, tmp_path: Pat
     done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
-    assert lines[0].startswith("fashion_listed") and json.loads(lines[-1]) == []
+    assert lines[0].split()[:2] == ["NAME", "TASKS"]        # the table's header
+    assert lines[1].startswith("fashion_listed") and json.loads(lines[-1]) == []
 
 
 @pytest.mark.parametrize("argv, message", [
