@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
 from fastapi import FastAPI
@@ -17,10 +18,12 @@ from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
+from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response
 
 from .errors import ERROR_TABLE, ApiError, error_body, error_response
 from .routes import ROUTES, Route
@@ -32,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NAME_DOC = "served model name (may contain '/')"
+PLAYGROUND = Path(__file__).parent / "playground"   # the browser page at `/` (plain HTML/JS/CSS, no CDN)
 
 
 class RouteService(Protocol):
@@ -145,7 +149,14 @@ def _endpoint(service: RouteService, route: Route) -> Callable:
 
 def build_http_app(service: RouteService) -> FastAPI:
     """The FastAPI app that serves ``ROUTES`` from ``service`` (Serve's ingress deployment runs it)."""
-    app = FastAPI(title="vfm", version="1", description=_description())
+    # FastAPIOffline: /docs (and /redoc) with Swagger UI's files served from the package, not from a CDN.
+    app = FastAPIOffline(title="vfm", version="1", description=_description(), static_url="/docs-static")
+    app.mount("/playground", StaticFiles(directory=PLAYGROUND), name="playground")
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> Response:
+        return FileResponse(PLAYGROUND / "index.html")
+
     components: dict[str, Any] = {}
     # Longer paths first, so /v1/models/{name}/predict is not swallowed by GET /v1/models/{name:path}.
     for route in sorted(ROUTES, key=lambda r: -len(r.path)):
