@@ -162,10 +162,9 @@ def test_classify_shows_a_cat_in_the_top_k_then_the_embedding(page: Any, service
     norm = page.find_element(By.CSS_SELECTOR, "dd[data-fact='L2 norm']").text
     assert norm == f"{np.linalg.norm(vector):.4f}"
     page.save_screenshot(str(tmp_path / "embed.png"))
-    assert_only_own_host(requested(page), service_url, {"/", "/playground/app.js", "/playground/style.css",
-                                                        "/v1/models", "/v1/heads",
-                                                        "/v1/models/efficientnet_lite0/predict",
-                                                        "/v1/models/efficientnet_lite0/embed"})
+    assert_only_own_host(requested(page), service_url, {
+        "/", "/playground/app.js", "/playground/render.js", "/playground/style.css", "/v1/models", "/v1/heads",
+        "/v1/models/efficientnet_lite0/predict", "/v1/models/efficientnet_lite0/embed"})
 
 
 def test_detect_draws_the_face_box_and_landmarks(page: Any, service_url: str, client: VfmClient,
@@ -200,8 +199,9 @@ def test_sam_click_overlays_the_mask_then_segments_everything(page: Any, service
     width, height = 451, 300                                   # chelsea's size; the cat's head is near (300, 110)
     rect = overlay.rect
     x, y = 300, 110
-    ActionChains(page).move_to_element_with_offset(overlay, int(x * rect["width"] / width - rect["width"] / 2),
-                                                   int(y * rect["height"] / height - rect["height"] / 2)).click().perform()
+    scale = rect["width"] / width
+    ActionChains(page).move_to_element_with_offset(overlay, int(x * scale - rect["width"] / 2),
+                                                   int(y * scale - rect["height"] / 2)).click().perform()
     wait_until(page, lambda d: d.find_elements(By.CSS_SELECTOR, "#result li.mask"))
     points = page.execute_script("return window.vfmPlayground.state.points")
     assert len(points) == 1 and abs(points[0][0] - x) < 3 and abs(points[0][1] - y) < 3, points
@@ -215,7 +215,6 @@ def test_sam_click_overlays_the_mask_then_segments_everything(page: Any, service
     # a box dragged around the left eye replaces the point
     page.find_element(By.ID, "clear").click()
     assert painted(page, "mask") == 0
-    scale = rect["width"] / width
     ActionChains(page).move_to_element_with_offset(overlay, int(120 * scale - rect["width"] / 2),
                                                    int(75 * scale - rect["height"] / 2)).click_and_hold() \
         .move_by_offset(int(50 * scale), int(35 * scale)).move_by_offset(int(50 * scale), int(35 * scale)) \
