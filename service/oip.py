@@ -115,8 +115,13 @@ def parse_infer_request(body: bytes, header_length: str | None, limits: Limits) 
     values = _tensor_values(tensor, binary)
     images, batched = _images(tensor, values, limits)
     options = {k: v for k, v in request.parameters.items() if k not in RESERVED}
-    return Inputs(request.id, images, batched, options, request.outputs,
-                  bool(request.parameters.get("binary_data_output", False)))
+    flags = [("parameters.binary_data_output", request.parameters.get("binary_data_output", False))]
+    flags += [(f"outputs[{o.name!r}].parameters.binary_data", o.parameters["binary_data"])
+              for o in request.outputs or [] if "binary_data" in o.parameters]
+    for where, flag in flags:
+        if not isinstance(flag, bool):
+            raise bad_request(f"{where}: must be true or false, not {flag!r}.")
+    return Inputs(request.id, images, batched, options, request.outputs, flags[0][1])
 
 
 def _problems(exc: ValidationError) -> str:

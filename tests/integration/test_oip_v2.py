@@ -172,7 +172,7 @@ def test_errors_are_the_protocols_with_v1s_statuses(triton: Any, service_url: st
     assert err.value.status() == "422" and "top_k" in err.value.message()
     with pytest.raises(InferenceServerException) as err:
         triton.infer("efficientnet_lite0", [_bytes_input(b"not an image")])
-    assert err.value.status() == "400"
+    assert err.value.status() == "415" and "image" in err.value.message()   # /v1's not_an_image
 
     path = "/v2/models/efficientnet_lite0/infer"
     b64 = base64.b64encode(chelsea_jpeg).decode()
@@ -198,3 +198,33 @@ def test_v2_requests_count_in_the_same_metrics(triton: Any, metrics: Any, chelse
     triton.infer("tiny_cnn", [_bytes_input(chelsea_jpeg)])
     metrics.read(until=lambda s: metrics.value(s, name, **labels) > before)
     assert metrics.value(metrics.read(), name, **labels) == before + 1
+
+
+def test_every_v2_answer_matches_its_documented_schema(service_url: str, chelsea_jpeg: bytes) -> None:
+    import jsonschema
+
+    from vfm.service.api import answer_schema
+
+    openapi = httpx.get(f"{service_url}/openapi.json", timeout=60).json()
+    b64 = base64.b64encode(chelsea_jpeg).decode()
+    image = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64]}]}
+    infer = "/v2/models/{name}/infer"
+    calls = [("/v2", "GET", "/v2", None), ("/v2/health/live", "GET", "/v2/health/live", None),
+             ("/v2/health/ready", "GET", "/v2/health/ready", None),
+             ("/v2/models/{name}", "GET", "/v2/models/tiny_detector", None),
+             ("/v2/models/{name}", "GET", "/v2/models/sam_vit_b", None),
+             ("/v2/models/{name}/ready", "GET", "/v2/models/tiny_cnn/ready", None),
+             ("/v2/models/{name}/ready", "GET", "/v2/models/sam_vit_b/ready", None),
+             (infer, "POST", "/v2/models/tiny_cnn/infer", {**image, "id": "a", "parameters": {"top_k": 2}}),
+             (infer, "POST", "/v2/models/tiny_detector/infer", {**image, "parameters": {"score_threshold": 0}}),
+             (infer, "POST", "/v2/models/tiny_vit/infer", {**image, "outputs": [{"name": "embedding"}]}),
+             (infer, "POST", "/v2/models/nope/infer", image), ("/v2/models/{name}", "GET", "/v2/models/nope", None)]
+    statuses = []
+    for path, method, url, body in calls:
+        answer = httpx.request(method, f"{service_url}{url}", json=body, timeout=60)
+        schema = answer_schema(openapi, path, method, answer.status_code)
+        assert schema is not None, f"{method} {url} answered {answer.status_code}, which is not documented"
+        assert answer.headers["content-type"] == "application/json", url
+        jsonschema.Draft202012Validator(schema).validate(answer.json())
+        statuses.append(answer.status_code)
+    assert statuses == [200, 200, 200, 200, 200, 200, 503, 200, 200, 200, 404, 404]

@@ -96,6 +96,10 @@ def test_bad_bodies_and_binary_data_are_refused() -> None:
     _refused(400, "binary_data_size 7 is not the 3", image, b"abc")
     pixels = [{"name": "pixels", "datatype": "UINT8", "shape": [1, 2, 3], "parameters": {"binary_data_size": 5}}]
     _refused(400, "5 bytes of binary data", pixels, b"12345")
+    _refused(400, "must be true or false", [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["AA=="]}],
+             parameters={"binary_data_output": "yes"})
+    _refused(400, "must be true or false", [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["AA=="]}],
+             outputs=[{"name": "scores", "parameters": {"binary_data": 1}}])
     _refused(400, "no input names them", [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["AA=="]}],
              b"xx")
 
