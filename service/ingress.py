@@ -464,7 +464,8 @@ class Ingress:
             return await self.call(name, "many", method, images, kwargs, rid)
 
         answers = await _all(*(run(task) for task in tasks))
-        tensors = [t for task, results in zip(tasks, answers) for t in oip.output_tensors(task, results, inputs.batched)]
+        tensors = [tensor for task, results in zip(tasks, answers)
+                   for tensor in oip.output_tensors(task, results, inputs.batched)]
         return oip.infer_response(name, tensors, inputs, entry.warnings)
 
 

@@ -35,7 +35,8 @@ def test_bytes_in_json_are_base64_and_in_binary_raw() -> None:
                         "data": [base64.b64encode(f).decode() for f in files]}], parameters={"top_k": 3})
     assert parsed.images == files and parsed.batched and parsed.options == {"top_k": 3}
     raw = b"".join(struct.pack("<I", len(f)) + f for f in files)
-    parsed = _request([{"name": "image", "datatype": "BYTES", "shape": [2], "parameters": {"binary_data_size": len(raw)}}],
+    parsed = _request([{"name": "image", "datatype": "BYTES", "shape": [2],
+                        "parameters": {"binary_data_size": len(raw)}}],
                       raw, parameters={"binary_data_output": True, "top_k": 1})
     assert parsed.images == files and parsed.binary_output and parsed.options == {"top_k": 1}   # reserved: not options
 
