@@ -30,8 +30,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 
-from .errors import ERROR_TABLE, ApiError, error_body, error_response
-from .responses import ErrorAnswer, ReadyAnswer, batch_answer
+from .errors import ERROR_TABLE, ApiError, error_body
+from . import oip
+from .responses import ErrorAnswer, OipErrorAnswer, OipModelReady, OipReady, ReadyAnswer, batch_answer
 from .routes import ROUTES, Route
 
 if TYPE_CHECKING:
@@ -76,6 +77,14 @@ def _option_schemas(models: tuple[type[BaseModel], ...], components: dict[str, A
 def _openapi_extra(route: Route, components: dict[str, Any]) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     props = _option_schemas(route.option_models, components)
+    if route.request_body is not None:   # a JSON body of its own (v2 infer): the options are its `parameters`
+        body = _schema(route.request_body, components)
+        body.setdefault("properties", {})["parameters"] = {
+            "type": "object", "properties": props, "description": "options (as /v1's), and the protocol's own "
+            "(binary_data_output)"}
+        content = {"schema": body, **({"example": route.example_request} if route.example_request else {})}
+        extra["requestBody"] = {"required": True, "content": {"application/json": content}}
+        return extra
     if props:
         extra["parameters"] = [{"name": k, "in": "query", "required": False, "description": v.get("description", ""),
                                 "schema": {"type": "string"} if "$ref" in str(v) or v.get("type") == "array" else v}
@@ -139,7 +148,7 @@ def error_statuses(route: Route) -> set[int]:
         statuses.add(401)
     if "{name" in route.path:  # no such model or head; a name holding '/' may also reach another route's path
         statuses |= {404, 405, 422}   # 422: FastAPI's check of the path parameter, answered with the error body
-    if route.image is not None:  # a request to read, a model to call
+    if route.image is not None or route.request_body is not None:  # a request to read, a model to call
         statuses |= {400, 404, 413, 415, 422, 503, 504}
     return statuses
 
@@ -155,14 +164,16 @@ def _responses(route: Route, components: dict[str, Any]) -> dict[int | str, Any]
     if route.example_response is not None:
         ok["example"] = route.example_response
     responses: dict[int | str, Any] = {200: {"description": "OK", "content": {media: ok}}}
-    if route.response is ReadyAnswer:  # not ready: the same body, with the reasons
-        responses[503] = {"description": "Not ready: some model does not serve; `models` says why",
+    if route.response in (ReadyAnswer, OipReady, OipModelReady):  # not ready: the same body, with the reasons
+        responses[503] = {"description": "Not ready: some model does not serve" + (
+                              "; `models` says why" if route.response is ReadyAnswer else ""),
                           "headers": RETRY_AFTER, "content": {"application/json": {"schema": ok["schema"]}}}
-    error = _schema(ErrorAnswer, components)
+    error = _schema(OipErrorAnswer if route.oip else ErrorAnswer, components)
     for row in ERROR_TABLE:
         if row.status in error_statuses(route) and row.status not in responses:
             responses[row.status] = {"description": row.meaning, "content": {"application/json": {
-                "schema": error, "example": error_body(row.types[0], "what went wrong and what to do")}}}
+                "schema": error, "example": {"error": "what went wrong and what to do"} if route.oip
+                else error_body(row.types[0], "what went wrong and what to do")}}}
             if row.status == 503:
                 responses[row.status]["headers"] = RETRY_AFTER
     return responses
@@ -184,7 +195,10 @@ def _description() -> str:
     return ("Vision foundation models over HTTP. Send an image as the multipart file field `image`, as JSON "
             "`{\"image\": \"<base64>\"}`, or as the raw body with `Content-Type: image/*`; options go in JSON "
             "fields, form fields or query parameters. Coordinates are pixels of the original image.\n\n"
-            "Errors are `{\"error\": {\"type\", \"message\"}}`:\n\n| status | types | meaning |\n|---|---|---|\n"
+            "The Open Inference Protocol v2 (KServe v2, Triton's HTTP API: `tritonclient.http`) is served under "
+            "/v2 on the same models, with the binary tensor data extension; its errors are `{\"error\": \"...\"}` "
+            "with the statuses below.\n\n"
+            "Errors of /v1 are `{\"error\": {\"type\", \"message\"}}`:\n\n| status | types | meaning |\n|---|---|---|\n"
             + rows)
 
 
@@ -204,12 +218,13 @@ def _endpoint(service: RouteService, route: Route) -> Callable:
             result = await (handler(route, request, name) if name is not None else handler(route, request))
             response = result if isinstance(result, Response) else JSONResponse(result)
         except ApiError as exc:
-            response = exc.response()
+            response = oip.error_response(exc) if route.oip else exc.response()
         except Exception:
             rid = request.headers.get("x-request-id", "-")
             log.exception("request %s: %s %s failed", rid, route.method, request.url.path)
-            response = error_response(500, "internal", "The server failed on this request; this is a bug. "
-                                      f"The log has the details under request id {rid}.")
+            failed = ApiError(500, "internal", "The server failed on this request; this is a bug. "
+                              f"The log has the details under request id {rid}.")
+            response = oip.error_response(failed) if route.oip else failed.response()
         finally:
             if model_route:
                 service.metrics.inc("vfm_queue_depth", (label,), -1)
@@ -225,6 +240,10 @@ def _endpoint(service: RouteService, route: Route) -> Callable:
             return await dispatch(request, None)
     endpoint.__name__ = route.name
     return endpoint
+
+
+def _v2(request: Request) -> bool:
+    return oip.is_v2_path(request.url.path, request.scope.get("root_path", ""))
 
 
 def build_http_app(service: RouteService) -> FastAPI:
@@ -269,11 +288,13 @@ def build_http_app(service: RouteService) -> FastAPI:
         message = {404: f"No route {request.method} {request.url.path}; GET /docs lists the API.",
                    405: f"{request.url.path} does not take {request.method}; GET /docs lists the API."
                    }.get(exc.status_code, str(exc.detail))
-        return error_response(exc.status_code, kind, message, getattr(exc, "headers", None))
+        error = ApiError(exc.status_code, kind, message, getattr(exc, "headers", None))
+        return oip.error_response(error) if _v2(request) else error.response()
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        return error_response(422, "invalid_options", f"{'.'.join(map(str, first['loc']))}: {first['msg']}")
+        error = ApiError(422, "invalid_options", f"{'.'.join(map(str, first['loc']))}: {first['msg']}")
+        return oip.error_response(error) if _v2(request) else error.response()
 
     return app

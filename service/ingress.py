@@ -22,6 +22,7 @@ import numpy as np
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from . import oip
 from .config import ServiceConfig
 from .errors import ApiError, Failure, bad_request, not_found, timed_out, unauthorized, unavailable
 from .heads import HeadCatalog
@@ -29,7 +30,7 @@ from .metrics import MetricsBuffer
 from .options import parse_options
 from .routes import Route
 from .sam_cache import image_id_of
-from .transport import parse_image_request
+from .transport import parse_image_request, read_body
 
 log = logging.getLogger(__name__)
 
@@ -405,6 +406,67 @@ class Ingress:
                               what=f"The head's backbone {candidates[0]!r}")
         raise unavailable("backbone_unavailable", f"The head's backbone {backbone!r} is not served here; add it "
                           "under `models:` in the config.", None)
+
+    # ---- the Open Inference Protocol v2 (oip.py translates; the models are called as /v1 calls them) ------------
+    async def oip_server(self, route: Route, request: Request) -> dict[str, Any]:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            found = version("vfm")
+        except PackageNotFoundError:
+            found = "0"
+        return oip.server_metadata(found)
+
+    async def oip_live(self, route: Route, request: Request) -> dict[str, Any]:
+        return {"live": True}
+
+    async def oip_ready(self, route: Route, request: Request) -> Response:
+        ready = await self.readyz(route, request)
+        return JSONResponse({"ready": ready.status_code == 200}, status_code=ready.status_code,
+                            headers={k: v for k, v in ready.headers.items() if k.lower() == "retry-after"} or None)
+
+    async def oip_model_ready(self, route: Route, request: Request, name: str) -> Response:
+        entry = self.models.get(name) or self.model(name)
+        ready = entry.status == "ready"
+        if ready:
+            try:
+                await asyncio.wait_for(self.runtime_info(entry), 5.0)
+            except (ApiError, asyncio.TimeoutError):
+                ready = False
+        retry = {"Retry-After": str(self.cfg.retry_after_s)} if entry.status == "ready" and not ready else None
+        return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503, headers=retry)
+
+    async def oip_model(self, route: Route, request: Request, name: str) -> dict[str, Any]:
+        entry = self.models.get(name) or self.model(name)
+        await self._try_info(entry)
+        return oip.model_metadata(name, entry.tasks, entry.runtime.get("backend", entry.serving.get("backend")))
+
+    async def oip_infer(self, route: Route, request: Request, name: str) -> Response:
+        """The request's images to the replicas' predict and/or embed (as the outputs asked for choose), with the
+        options of its ``parameters`` parsed as /v1 parses them; one replica call per task, several images in one
+        ``many`` call (they share batches), the tasks at once."""
+        entry = self.model(name, route)
+        body = await read_body(request, self.limits.max_body_bytes)
+        inputs = oip.parse_infer_request(body, request.headers.get(oip.HEADER), self.limits)
+        tasks = oip.plan(name, entry.tasks, inputs.outputs)
+        models = {task: route.options_for([task]) for task in tasks}
+        raw = oip.split_options(inputs.options, models)
+        options = {task: parse_options(models[task], raw[task], self.limits) for task in tasks}
+        rid = request_id(request)
+        images = [await self.image_arg(name, image, f"image[{i}]") if isinstance(image, bytes) else image
+                  for i, image in enumerate(inputs.images)]
+
+        async def run(task: str) -> list[dict[str, Any]]:
+            method = "embed" if task == "embed" else "predict"
+            kwargs = options[task].runner_kwargs()
+            if len(images) == 1:
+                return [await self.call(name, method, images[0], kwargs, rid)]
+            return await self.call(name, "many", method, images, kwargs, rid)
+
+        answers = await _all(*(run(task) for task in tasks))
+        tensors = [tensor for task, results in zip(tasks, answers)
+                   for tensor in oip.output_tensors(task, results, inputs.batched)]
+        return oip.infer_response(name, tensors, inputs, entry.warnings)
 
 
 def cannot_load(name: str, reason: str | None, type: str = "model_unavailable", what: str = "") -> ApiError:

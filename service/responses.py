@@ -390,3 +390,127 @@ class ErrorAnswer(TypedDict):
     """Every error answer."""
 
     error: ErrorDetail
+
+
+# ---- Open Inference Protocol v2 (/v2) ---------------------------------------------------------
+
+Datatype = Literal["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32",
+                   "FP64", "BYTES"]
+
+
+@with_config(CLOSED)
+class OipServerMetadata(TypedDict):
+    """The server's metadata (Open Inference Protocol v2)."""
+
+    name: str
+    version: str
+    extensions: Annotated[list[str], Field(description="protocol extensions: binary_tensor_data")]
+
+
+@with_config(CLOSED)
+class OipLive(TypedDict):
+    """Liveness: 200 while the process lives."""
+
+    live: bool
+
+
+@with_config(CLOSED)
+class OipReady(TypedDict):
+    """Readiness: 200 when every model that can load here serves, else 503 with the same body (as /readyz)."""
+
+    ready: bool
+
+
+@with_config(CLOSED)
+class OipModelReady(TypedDict):
+    """A model's readiness: 200 when it serves, else 503 with the same body."""
+
+    name: str
+    ready: bool
+
+
+@with_config(CLOSED)
+class OipTensorMetadata(TypedDict):
+    """A tensor a model takes or answers; -1: any size."""
+
+    name: str
+    datatype: Datatype
+    shape: list[int]
+
+
+@with_config(CLOSED)
+class OipModelMetadata(TypedDict):
+    """A model's metadata: send one of `inputs`, ask for any of `outputs` (none: all of its predict task's)."""
+
+    name: str
+    versions: list[str]
+    platform: Annotated[str, Field(description="vfm_ and the backend (torch or onnx)")]
+    inputs: list[OipTensorMetadata]
+    outputs: list[OipTensorMetadata]
+
+
+@with_config(CLOSED)
+class OipTensorParameters(TypedDict):
+    """With the binary tensor data extension: the size of this tensor's data after the JSON header."""
+
+    binary_data_size: int
+
+
+@with_config(CLOSED)
+class OipOutputTensor(TypedDict):
+    """An output tensor: `data` row-major in JSON, or `parameters.binary_data_size` bytes of binary data."""
+
+    name: str
+    datatype: Datatype
+    shape: list[int]
+    data: NotRequired[list[Any]]
+    parameters: NotRequired[OipTensorParameters]
+
+
+@with_config(CLOSED)
+class OipAnswerParameters(TypedDict):
+    warnings: Annotated[str, Field(description="what the client should know, e.g. that the model runs with random "
+                                               "weights")]
+
+
+@with_config(CLOSED)
+class OipInferAnswer(TypedDict):
+    """The inference answer: the requested output tensors (all, when none was named)."""
+
+    model_name: str
+    model_version: str
+    id: NotRequired[str]
+    parameters: NotRequired[OipAnswerParameters]
+    outputs: list[OipOutputTensor]
+
+
+class OipInputTensor(TypedDict):
+    """An input tensor: `image` BYTES [N] (base64 in JSON) or `pixels` UINT8 [H,W,3] / [N,H,W,3]."""
+
+    name: Literal["image", "pixels"]
+    shape: list[int]
+    datatype: Datatype
+    parameters: NotRequired[dict[str, Any]]
+    data: NotRequired[Any]
+
+
+class OipRequestedOutput(TypedDict):
+    name: str
+    parameters: NotRequired[dict[str, Any]]
+
+
+class OipInferRequest(TypedDict):
+    """The inference request (JSON; with the binary tensor data extension, this JSON then the tensors' bytes, its
+    length in the Inference-Header-Content-Length header). `parameters` holds the options of /v1's routes."""
+
+    id: NotRequired[str]
+    parameters: NotRequired[dict[str, Any]]
+    inputs: Annotated[list[OipInputTensor], Field(min_length=1, max_length=1)]
+    outputs: NotRequired[list[OipRequestedOutput]]
+
+
+@with_config(CLOSED)
+class OipErrorAnswer(TypedDict):
+    """Every error answer of /v2 (the protocol's form); the status codes are /v1's."""
+
+    error: Annotated[str, Field(description="what went wrong and what to do")]

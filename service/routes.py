@@ -42,6 +42,7 @@ class Route:
     example_response: dict[str, Any] | None = None
     response: Any = None                        # the 200 answer's type (responses.py), documented in the OpenAPI
     batch: bool = False                         # accepts `images`, a list, and answers {"model", "results"}
+    request_body: Any = None                    # a JSON body of its own (responses.py type), not an image request
 
     def __post_init__(self) -> None:
         if isinstance(self.options, Mapping) and tuple(self.options) != self.tasks:
@@ -51,7 +52,12 @@ class Route:
     @property
     def per_model(self) -> bool:
         """Whether the path names a served model (its requests are counted under that model)."""
-        return self.path.startswith("/v1/models/{name")
+        return self.path.startswith(("/v1/models/{name", "/v2/models/{name"))
+
+    @property
+    def oip(self) -> bool:
+        """Whether it is a route of the Open Inference Protocol v2 (errors are ``{"error": "..."}``)."""
+        return self.path == "/v2" or self.path.startswith("/v2/")
 
     @property
     def option_models(self) -> tuple[type[Options], ...]:
@@ -147,4 +153,35 @@ ROUTES: tuple[Route, ...] = (
     Route("heads_reload", "POST", "/v1/admin/heads/reload", "Rescan the heads folder (needs the API key when set)",
           "heads", "reload_heads", auth="admin", response=r.HeadsReloadAnswer,
           example_response={"folder": "heads", "loaded": 0, "invalid": 0, "heads": []}),
+    # The Open Inference Protocol v2 (KServe v2, Triton's HTTP API) on the same models: oip.py translates.
+    Route("v2_server", "GET", "/v2", "v2: server metadata (name, version, extensions)", "v2", "oip_server",
+          auth=None, response=r.OipServerMetadata,
+          example_response={"name": "vfm", "version": "0.1.0", "extensions": ["binary_tensor_data"]}),
+    Route("v2_live", "GET", "/v2/health/live", "v2: liveness", "v2", "oip_live", auth=None, response=r.OipLive,
+          example_response={"live": True}),
+    Route("v2_ready", "GET", "/v2/health/ready", "v2: readiness (as /readyz: 503 while a model that can load does "
+          "not serve yet)", "v2", "oip_ready", auth=None, response=r.OipReady, example_response={"ready": True}),
+    Route("v2_model_ready", "GET", "/v2/models/{name:path}/ready", "v2: one model's readiness (503 when it does "
+          "not serve)", "v2", "oip_model_ready", response=r.OipModelReady,
+          example_response={"name": "efficientnet_lite0", "ready": True}),
+    Route("v2_model", "GET", "/v2/models/{name:path}", "v2: model metadata (inputs and outputs as tensors)", "v2",
+          "oip_model", response=r.OipModelMetadata, example_response={
+              "name": "efficientnet_lite0", "versions": ["1"], "platform": "vfm_torch",
+              "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]},
+                         {"name": "pixels", "datatype": "UINT8", "shape": [-1, -1, 3]}],
+              "outputs": [{"name": "labels", "datatype": "BYTES", "shape": [-1, -1]},
+                          {"name": "scores", "datatype": "FP32", "shape": [-1, -1]},
+                          {"name": "indices", "datatype": "INT64", "shape": [-1, -1]},
+                          {"name": "embedding", "datatype": "FP32", "shape": [-1, -1]}]}),
+    Route("v2_infer", "POST", "/v2/models/{name:path}/infer", "v2: inference on `image` (BYTES, encoded files) or "
+          "`pixels` (UINT8 [H,W,3]); options as request `parameters`; the outputs asked for choose predict or embed",
+          "v2", "oip_infer", tasks=("classify", "detect", "embed"),
+          options={"classify": ClassifyOptions, "detect": DetectOptions, "embed": EmbedOptions},
+          request_body=r.OipInferRequest, response=r.OipInferAnswer,
+          example_request={"parameters": {"top_k": 3}, "inputs": [
+              {"name": "image", "datatype": "BYTES", "shape": [1], "data": [_B64]}]},
+          example_response={"model_name": "efficientnet_lite0", "model_version": "1", "outputs": [
+              {"name": "labels", "datatype": "BYTES", "shape": [1, 1], "data": ["tiger cat"]},
+              {"name": "scores", "datatype": "FP32", "shape": [1, 1], "data": [0.38]},
+              {"name": "indices", "datatype": "INT64", "shape": [1, 1], "data": [282]}]}),
 )

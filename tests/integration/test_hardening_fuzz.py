@@ -21,7 +21,8 @@ SEED = int(os.environ.get("VFM_FUZZ_SEED", "20261125"))
 # Served models each model route is also fuzzed on (besides generated names). Left out on purpose:
 # sam_vit_b (unavailable: 503 by design), test/slow_cnn and hardening/* (503/504 by design).
 MODELS_BY_ROUTE = {"predict": ["tiny_cnn", "tiny_detector"], "embed": ["tiny_vit"], "encode": ["tiny_sam"],
-                   "segment": ["tiny_sam"], "detect-segment": ["tiny_sam"]}
+                   "segment": ["tiny_sam"], "detect-segment": ["tiny_sam"],
+                   "infer": ["tiny_cnn", "tiny_detector", "tiny_vit"], "ready": ["tiny_cnn"]}   # /v2 (OIP)
 
 
 def _with_image(image: bytes) -> Any:
@@ -58,7 +59,10 @@ def _check(case: Any, response: Any, seen: Counter) -> None:
     assert status < 500, where
     if status >= 400:
         body = response.json()
-        assert set(body) == {"error"} and set(body["error"]) == {"type", "message"}, where
+        if path.startswith("/v2"):   # the Open Inference Protocol's error: {"error": "..."}
+            assert set(body) == {"error"} and isinstance(body["error"], str), where
+        else:
+            assert set(body) == {"error"} and set(body["error"]) == {"type", "message"}, where
         assert "Traceback" not in response.text, where
 
 
@@ -93,7 +97,7 @@ def test_fuzzing_the_openapi_schema_finds_no_server_error_and_every_answer_confo
     for result in schema.get_all_operations():
         operation = result.ok()
         fixed = [{}]
-        if "{name}" in operation.path and operation.path.startswith("/v1/models/"):
+        if "{name}" in operation.path and operation.path.startswith(("/v1/models/", "/v2/models/")):
             fixed += [{"name": m} for m in MODELS_BY_ROUTE.get(_route(operation.path), [])]
         strategies = [operation.as_strategy(generation_mode=mode, path_parameters=params or None)
                       for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE) for params in fixed]
