@@ -20,10 +20,7 @@ import pytest
 
 from vfm.service.client import VfmClient
 
-# the real SAM, from the user's weights cache (the same settings as test_minisam_routes.py: they must not clash)
-SERVICE_MODELS = {"minisam": {"num_cpus": 0.2, "max_batch_size": 2}}
-SERVICE_WEIGHTS = ("minisam",)
-
+# The real SAM (minisam) is in every session: configs/default.yaml serves it.
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 CATS = {"tabby", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat", "lynx"}
 WAIT_S = 120   # the first answers of a model may wait on a busy 2-core machine
