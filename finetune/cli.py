@@ -17,7 +17,7 @@ from typing import Any, Callable, NoReturn
 
 from vfm.models.errors import UsageError
 
-from .config import (DEFAULT_EPOCHS, DEFAULT_HIDDEN, DEFAULT_LRS, DEFAULT_TOL, DEFAULT_WEIGHT_DECAYS, HEADS, LOSSES, METRICS, OPTIMIZERS, SCHEDULES,
+from .config import (BACKENDS, DEFAULT_EPOCHS, DEFAULT_HIDDEN, DEFAULT_LRS, DEFAULT_TOL, DEFAULT_WEIGHT_DECAYS, HEADS, LOSSES, METRICS, OPTIMIZERS, SCHEDULES,
                      SUBSETS, EvalConfig, FeatureOptions, KNNSettings, TrainConfig, TrainSettings, default_of, flag)
 from .values import choice_problem, parse_list, parse_names, parse_number, shown
 
@@ -161,6 +161,12 @@ def _add_feature_arguments(p: argparse.ArgumentParser) -> Any:
     g = p.add_argument_group("features")
     _field(g, F, "device", metavar="DEVICE", help=f"backbone device: {_default(F, 'device')} (default), cpu, cuda "
            "or cuda:N")
+    _choice(g, F, "backend", BACKENDS, help=f"extract on {_default(F, 'backend')} (default) or onnx: the "
+            "backbone's ONNX export (`vfm export NAME`) on ONNX Runtime")
+    _field(g, F, "repository", type=Path, metavar="DIR", help="onnx: the exports' folder (default "
+           "$VFM_MODEL_REPOSITORY or ./model_repository)")
+    _field(g, F, "workers", type=_INT, metavar="N", help="processes that read and resize images while the backbone "
+           "runs (default 1 per 4 cores, at least 1; 0: none)")
     _field(g, F, "cache_dir", type=Path, metavar="DIR", help="feature cache (default $VFM_CACHE/features)")
     _field(g, F, "use_cache", action="store_false", help="neither read nor write the feature cache")
     _field(g, F, "extract_batch_size", type=_INT, metavar="N", help="images per backbone forward pass "

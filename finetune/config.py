@@ -30,6 +30,7 @@ HEADS = HEAD_TYPES
 OPTIMIZERS = ("sgd", "gd", "lbfgs")
 SCHEDULES = ("cosine", "step", "constant")
 SUBSETS = ("auto", "test", "all")
+BACKENDS = ("torch", "onnx")
 DEFAULT_LRS = {"sgd": (0.01, 0.03, 0.1, 0.3), "gd": (0.1, 1.0, 10.0), "lbfgs": (1.0,)}  # lbfgs: a line search
 DEFAULT_EPOCHS = {"sgd": 30, "gd": 200, "lbfgs": 200}  # lbfgs: iterations per weight decay
 # One head per weight decay (times the learning rates); lbfgs walks the grid from the strongest
@@ -82,6 +83,9 @@ class FeatureOptions:
     """How features are made and cached; the same for train and eval."""
 
     device: str = "auto"              # the backbone's device: auto, cpu, cuda or cuda:N
+    backend: str = "torch"            # torch, or onnx: the backbone's export (`vfm export`) on ONNX Runtime
+    repository: Path | None = None    # onnx: where the exports are (None: $VFM_MODEL_REPOSITORY or ./model_repository)
+    workers: int | None = None        # DataLoader processes that read and resize images (None: 1 per 4 cores)
     cache_dir: Path | None = None     # None: $VFM_CACHE/features
     use_cache: bool = True            # False: neither read nor write the feature cache (--no-cache)
     extract_batch_size: int = 64      # images per backbone forward pass
@@ -97,6 +101,12 @@ class FeatureOptions:
             raise ConfigError("--cache-dir and --no-cache contradict each other")
         self.cache_dir = Path(self.cache_dir).expanduser() if self.cache_dir is not None else None
         self.extract_batch_size = check_number("--extract-batch-size", self.extract_batch_size, int, low=1)
+        self.backend = check_choice("--backend", self.backend, BACKENDS)
+        if self.repository is not None:
+            if self.backend != "onnx":
+                raise ConfigError("--repository is for --backend onnx")
+            self.repository = Path(self.repository).expanduser()
+        self.workers = check_optional("--workers", self.workers, int, low=0)
         self.threads = check_optional("--threads", self.threads, int, low=1)
         if self.ray_address is None:
             for name in ("ray_actors", "ray_gpus"):

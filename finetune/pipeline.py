@@ -78,10 +78,12 @@ def prepare(cfg: TrainConfig) -> Prepared:
         raise DataError(f"hinge loss is binary but the data has {len(data.classes)} classes; use --loss ce or "
                         "squared, or keep two classes with --classes A,B.")
     splits = make_splits(data, cfg.split, cfg.seed, cfg.limit)
-    extractor = make_extractor(cfg.backbone, cfg.features.device, cfg.normalize)
+    feat = cfg.features
+    extractor = make_extractor(cfg.backbone, feat.device, cfg.normalize, backend=feat.backend,
+                               repository=feat.repository)
     union = splits.union()
-    feats = extract_features(data.source.subset(union), extractor, cfg.features.cache_folder(),
-                             cfg.features.extract_batch_size, cfg.features.progress, ray=cfg.features.ray)
+    feats = extract_features(data.source.subset(union), extractor, feat.cache_folder(), feat.extract_batch_size,
+                             feat.progress, ray=feat.ray, workers=feat.workers)
     position = {int(i): p for p, i in enumerate(union)}
     kept: dict[str, np.ndarray] = {}
     for name, idx in splits.items():
@@ -210,7 +212,7 @@ def _config_json(cfg: TrainConfig, for_digest: bool = False) -> dict[str, Any]:
         out["training"] = cfg.settings.to_json()
     if not for_digest:  # where things went does not change what is learned
         feat = cfg.features
-        out.update(out=str(cfg.out), device=feat.device, cache_dir=str(feat.cache_dir) if feat.cache_dir else None,
+        out.update(out=str(cfg.out), device=feat.device, backend=feat.backend, cache_dir=str(feat.cache_dir) if feat.cache_dir else None,
                    ray_address=feat.ray.address if feat.ray else None)
     return out
 

@@ -67,14 +67,15 @@ def eval_run(cfg: EvalConfig) -> EvalResult:
         idx = np.arange(len(data))
     if cfg.limit is not None and cfg.limit < len(idx):
         idx = stratified_take(labels, idx, cfg.limit, np.random.default_rng(cfg.seed))
-    extractor = make_extractor(meta["backbone"], feat.device, meta["embed"]["normalize"])
+    extractor = make_extractor(meta["backbone"], feat.device, meta["embed"]["normalize"], backend=feat.backend,
+                               repository=feat.repository)
     if isinstance(extractor, BackboneExtractor) and meta.get("weights_sha256"):
         now = extractor.key()["weights_sha256"]
         if now != meta["weights_sha256"]:
             raise DataError(f"the head in {run} was trained on {meta['backbone']} weights {meta['weights_sha256'][:12]}"
                             f"... but this machine's weights are {now[:12]}...; its scores would mean nothing.")
     feats = extract_features(data.source.subset(idx), extractor, feat.cache_folder(), feat.extract_batch_size,
-                             feat.progress, ray=feat.ray)
+                             feat.progress, ray=feat.ray, workers=feat.workers)
     ok = feats.valid
     if not ok.any():
         raise DataError(f"{data_spec}: every image was unreadable.")
