@@ -195,6 +195,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     _field(p, E, "delta", type=_FLOAT, metavar="D", help="the bound holds with probability 1 - D "
            f"(default {_default(E, 'delta')})")
     _field(p, E, "out", type=Path, metavar="DIR", help="report folder (default RUN/eval-<data>)")
+    _field(p, E, "update", action="store_true", help="record the new metrics in RUN/head.json, so the service and "
+           "`vfm heads list` show them (the training's metrics are kept as training_metrics)")
     _add_feature_arguments(p)
 
 
@@ -294,6 +296,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
           + (f", {result.stats.skipped} unreadable skipped" if result.stats.skipped else ""))
     print(ev.bound_sentence())
     print(f"report: {result.out / 'report.md'}")
+    if result.updated is not None:
+        print(f"metrics recorded in {result.updated} (reload the service's heads to show them: "
+              "POST /v1/admin/heads/reload)")
     return 0
 
 

@@ -326,10 +326,12 @@ class EvalConfig:
     seed: int = 0                        # seeds the --limit subset
     delta: float = 0.05                  # the bound holds with probability 1 - delta
     out: Path | None = None              # the report folder; None: RUN/eval-<data>
+    update: bool = False                 # record the new metrics in RUN/head.json (what the service lists)
     features: FeatureOptions = field(default_factory=FeatureOptions)
 
     def __post_init__(self) -> None:
         self.run = Path(_required("run", self.run)).expanduser()
+        self.update = bool(self.update)
         self.data = _required("data", self.data)
         self.subset = check_choice("--subset", self.subset, SUBSETS)
         self.limit = check_optional("--limit", self.limit, int, low=1)

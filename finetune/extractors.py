@@ -123,12 +123,13 @@ class BackboneExtractor(Extractor):
         self._runner: Any = None
         self._key: dict[str, Any] | None = None
         self._split = self.spec.family == "classification" and self.spec.preprocess is not None
-        self._module: Any = None  # the channels-last PyTorch module of a split backbone
+        self._module: Any = None  # the PyTorch module of a split backbone, in ``_format``
+        self._format: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
         # Sent to Ray actors: they load their own copy of the model.
         state = dict(self.__dict__)
-        state["_runner"], state["_module"] = None, None
+        state["_runner"], state["_module"], state["_format"] = None, None, None
         return state
 
     @property
@@ -205,6 +206,14 @@ class BackboneExtractor(Extractor):
             features = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
         return np.ascontiguousarray(features, dtype=np.float32)
 
+    def _memory_format(self, hw: tuple[int, ...]) -> Any:
+        """Channels-last from 64 px up: efficientnet_lite0 at 224 px ran 1.4-1.6x faster on this CPU
+        than NCHW; tiny_cnn at 32 px ran slower (its layers are too small to gain)."""
+        import torch
+
+        self._format = torch.channels_last if min(hw) >= 64 else torch.contiguous_format
+        return self._format
+
     def _network_features(self, batch: np.ndarray) -> np.ndarray:
         """The ``features`` output of the backbone's network on resized uint8 [N, H, W, 3] images."""
         from vfm.models.images import normalize
@@ -216,12 +225,12 @@ class BackboneExtractor(Extractor):
         import torch
 
         if self._module is None:
-            self._module = module.to(memory_format=torch.channels_last)
+            self._module = module.to(memory_format=self._memory_format(batch.shape[1:3]))
         pre = self.spec.preprocess
         mean = torch.tensor(pre.mean, dtype=torch.float32).view(1, 3, 1, 1)
         std = torch.tensor(pre.std, dtype=torch.float32).view(1, 3, 1, 1)
         # NHWC memory seen as NCHW is channels-last already; the arithmetic is normalize()'s, in its order.
-        x = torch.from_numpy(batch).permute(0, 3, 1, 2).to(torch.float32) / 255.0
+        x = torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous(memory_format=self._format) / 255.0
         x = ((x - mean) / std).to(network.device, network.dtype)
         with torch.inference_mode():
             out = self._module(x)
