@@ -17,7 +17,7 @@ from typing import Any, Callable, NoReturn
 
 from vfm.models.errors import UsageError
 
-from .config import (BACKENDS, DEFAULT_EPOCHS, DEFAULT_HIDDEN, DEFAULT_LRS, DEFAULT_TOL, DEFAULT_WEIGHT_DECAYS, HEADS, LOSSES, METRICS, OPTIMIZERS, SCHEDULES,
+from .config import (BACKENDS, DEFAULT_EPOCHS, DEFAULT_HIDDEN, DEFAULT_LRS, DEFAULT_WEIGHT_DECAYS, HEADS, LOSSES, METRICS, OPTIMIZERS, SCHEDULES,
                      SUBSETS, EvalConfig, FeatureOptions, KNNSettings, TrainConfig, TrainSettings, default_of, flag)
 from .values import choice_problem, parse_list, parse_names, parse_number, shown
 
@@ -137,7 +137,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     _field(g, T, "patience", type=_INT, metavar="N", help="sgd: stop a head after N epochs without a better "
            f"validation score (default {_default(S, 'patience')}; 0: off)")
     _field(g, T, "tol", type=_FLOAT, metavar="T", help="gd: stop when the gradient norm is under T; lbfgs: when its "
-           f"largest entry is (default gd {shown(DEFAULT_TOL['gd'])}, lbfgs {shown(DEFAULT_TOL['lbfgs'])})")
+           f"largest entry is (default {_default(S, 'tol')})")
     g = p.add_argument_group("data")
     _field(g, T, "split", type=_FRACTIONS, metavar="TRAIN,VAL,TEST", help="fractions for the splits the data "
            f"does not give itself (default {_default(T, 'split')})")

@@ -37,7 +37,6 @@ DEFAULT_EPOCHS = {"sgd": 30, "gd": 200, "lbfgs": 200}  # lbfgs: iterations per w
 # to the weakest, each fit starting from the previous one (a regularisation path).
 DEFAULT_WEIGHT_DECAYS = {"sgd": (0.0,), "gd": (0.0,),
                          "lbfgs": (0.1, 0.03, 0.01, 0.003, 0.001, 3e-4, 1e-4, 3e-5, 1e-5)}
-DEFAULT_TOL = {"sgd": 1e-4, "gd": 1e-4, "lbfgs": 1e-6}  # sgd: unused
 DEFAULT_HIDDEN = (512, 256)
 _TRAINED = ("linear", "mlp")  # the heads an optimiser trains
 
@@ -155,7 +154,7 @@ class TrainSettings:
     schedule: str = "cosine"             # cosine | step | constant
     step_epochs: int | None = None       # step schedule: x0.1 every this many epochs (None: epochs // 3)
     patience: int = 10                   # sgd: stop a head after this many epochs without improvement; 0: off
-    tol: float | None = None             # gd: gradient-norm tolerance; lbfgs: largest gradient entry; None: DEFAULT_TOL
+    tol: float = 1e-4                    # gd: gradient-norm tolerance; lbfgs: largest gradient entry
     seed: int = 0
     threads: int | None = None           # torch threads while training; None: 1 for small steps, else torch's
 
@@ -194,8 +193,7 @@ class TrainSettings:
         if self.step_epochs is not None and self.schedule != "step":
             raise ConfigError("--step-epochs is for --schedule step")
         self.patience = check_number("--patience", self.patience, int, low=0)
-        self.tol = check_number("--tol", DEFAULT_TOL[self.optimizer] if self.tol is None else self.tol, float,
-                                low=0, low_open=True)
+        self.tol = check_number("--tol", self.tol, float, low=0, low_open=True)
         self.seed = check_number("--seed", self.seed, int, low=0)
         self.threads = check_optional("--threads", self.threads, int, low=1)
 

@@ -143,7 +143,13 @@ class BackboneExtractor(Extractor):
             from vfm.models.export import ExportNotFound, ExportStale
 
             log.info("loading backbone %s (%s) on %s", self.name, self.backend, self.device)
-            options = {"repository": self.repository} if self.backend == "onnx" else {}
+            options: dict[str, Any] = {}
+            if self.backend == "onnx":
+                import torch
+
+                # The threads torch would use (--threads), and no busy-waiting between runs: that
+                # would take the CPU the DataLoader workers need to prepare the next batch.
+                options = {"repository": self.repository, "num_threads": torch.get_num_threads(), "spinning": False}
             try:
                 self._runner = load_model(self.name, backend=self.backend, device=self.device, weights=self.weights,
                                           **options)
