@@ -67,7 +67,7 @@ def test_lbfgs_reaches_the_minimum_of_the_regularised_objective(fashion):
     xs = (torch.from_numpy(x["train"]) - result.mean) / result.std
     loss = model.losses(model(xs), torch.from_numpy(y["train"])).sum() + 0.5 * wd * model.penalty().sum()
     grads = torch.autograd.grad(loss, list(model.parameters()))
-    assert max(float(g.abs().max()) for g in grads) < 1e-5  # the gradient vanishes at the optimum
+    assert max(float(g.abs().max()) for g in grads) < 1e-4  # the gradient vanishes (to float32 precision)
 
 
 def test_a_weight_decay_grid_trains_one_sgd_head_per_pair(fashion):
