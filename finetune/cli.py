@@ -195,8 +195,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     _field(p, E, "delta", type=_FLOAT, metavar="D", help="the bound holds with probability 1 - D "
            f"(default {_default(E, 'delta')})")
     _field(p, E, "out", type=Path, metavar="DIR", help="report folder (default RUN/eval-<data>)")
-    _field(p, E, "update", action="store_true", help="record the new metrics in RUN/head.json, so the service and "
-           "`vfm heads list` show them (the training's metrics are kept as training_metrics)")
+    _field(p, E, "update", action="store_true", help="record the new metrics in RUN/head.json, which the service lists "
+           "(GET /v1/heads) once published or reloaded; the training's metrics are kept as training_metrics")
     _add_feature_arguments(p)
 
 
