@@ -1,15 +1,24 @@
-"""Benchmark (not a test): our heads against scikit-learn on the same cached features, and feature
-extraction cold against from the cache, side by side in one run.
+"""Benchmark (not a test): feature extraction beside the backbone's bare batched ``embed``, and
+our heads beside scikit-learn on the same cached features, side by side in one run.
 
     .venv/bin/python bench/finetune.py [--backbone efficientnet_lite0] [--limit 1000] [--device cpu]
-                                       [--epochs 30] [--cache-dir DIR]
+                                       [--epochs 30] [--threads N] [--workers N] [--no-onnx]
+                                       [--repository DIR] [--cache-dir DIR]
 
 Fashion-MNIST (Debian's dataset-fashion-mnist), a stratified subset of --limit images split as
-`vfm finetune train` splits it. Extraction is timed into an empty cache (cold), then again
-from that cache. On those features: our linear and MLP heads (sgd, one learning rate, and the
-default four rates in one pass) against LogisticRegression (lbfgs) and MLPClassifier (adam,
-same hidden sizes, batch and epochs), all on standardised features and the same thread count.
-Prints test accuracy, fit time and the ratios our time / scikit-learn's time.
+`vfm finetune train` splits it.
+
+Extraction, the model loaded and warmed up first in every case, on the same threads:
+  - bare: ``runner.embed`` on the images already decoded in memory, 64 at a time (the backbone's
+    own speed, as a caller of the zoo gets it);
+  - pipeline: ``extract_features`` into an empty cache (reading, DataLoader workers, the
+    channels-last forward, the cache written chunk by chunk), with its ratio to bare;
+  - the same two on ONNX Runtime (the export found in --repository, else made in a temporary one);
+  - the pipeline again from the cache.
+Heads, on the torch features: ours (sgd, the default four rates in one pass; lbfgs along the
+default weight-decay grid; an MLP with a weight-decay grid) against LogisticRegression (lbfgs,
+C=1) and MLPClassifier (adam, same hidden sizes, batch and epochs), all on standardised
+features and the same thread count: test accuracy, fit time, and the ratios.
 """
 from __future__ import annotations
 
@@ -36,10 +45,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--hidden", default="512,256")
-    p.add_argument("--cache-dir", help="cache for the cold/cached timing (default: a fresh temporary folder)")
+    p.add_argument("--cache-dir", help="feature cache for the pipeline runs (default: a fresh temporary folder)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="threads for torch and for scikit-learn's BLAS alike "
                    "(default: torch's default)")
+    p.add_argument("--workers", type=int, help="DataLoader workers of the pipeline (default: the pipeline's)")
+    p.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime rows")
+    p.add_argument("--repository", help="where the ONNX export is (default: exported into a temporary folder)")
+    p.add_argument("--rounds", type=int, default=1, help="extraction rounds, bare and pipeline interleaved; each "
+                   "row shows its best round (default 1; more on a shared machine)")
     return p
 
 
@@ -49,50 +63,100 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return out, time.perf_counter() - t0
 
 
-def extraction(args: argparse.Namespace) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[str]]:
+def _bare_embed(runner: Any, images: list[np.ndarray], batch: int = 64) -> float:
+    runner.embed(images[:batch])  # warm-up
+    _, seconds = timed(lambda: [runner.embed(images[i:i + batch]) for i in range(0, len(images), batch)])
+    return len(images) / seconds
+
+
+def _pipeline(source: Any, args: argparse.Namespace, cache: Path, images: list[np.ndarray], **backend: Any
+              ) -> tuple[Any, float]:
+    from vfm.finetune.extractors import make_extractor
+    from vfm.finetune.features import extract_features
+
+    extractor = make_extractor(args.backbone, args.device, **backend)
+    extractor.embed(images[:64])  # load and warm up, as for bare
+    extractor.key()
+    feats, seconds = timed(lambda: extract_features(source, extractor, cache, progress=False, workers=args.workers))
+    return feats, len(source) / seconds
+
+
+def extraction(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[str]]:
     from vfm.finetune.data import open_dataset
     from vfm.finetune.extractors import make_extractor
     from vfm.finetune.features import extract_features
     from vfm.finetune.splits import make_splits
+    from vfm.models import load_model
 
     data = open_dataset(args.data)
     splits = make_splits(data, (0.8, 0.1, 0.1), args.seed, args.limit)
     union = splits.union()
     source = data.source.subset(union)
-    with tempfile.TemporaryDirectory(prefix="vfm-bench-") as tmp:
-        cache = Path(args.cache_dir) if args.cache_dir else Path(tmp)
-        cold, cold_s = timed(lambda: extract_features(source, make_extractor(args.backbone, args.device), cache,
-                                                      progress=True))
-        warm, warm_s = timed(lambda: extract_features(source, make_extractor(args.backbone, args.device), cache,
-                                                      progress=False))
+    images = [source.load(i) for i in range(len(source))]
     n = len(union)
+    cache = Path(args.cache_dir) if args.cache_dir else tmp / "cache"
+    backends: dict[str, dict[str, Any]] = {"torch": {}}
+    if not args.no_onnx:
+        repository = Path(args.repository) if args.repository else tmp / "model_repository"
+        if not args.repository:
+            from vfm.models.export import export_model
+
+            print(f"exporting {args.backbone} to ONNX in {repository} ...", flush=True)
+            export_model(args.backbone, repository)
+        backends["onnx"] = {"backend": "onnx", "repository": repository}
+    best: dict[str, list[float]] = {name: [0.0, 0.0] for name in backends}
+    feats: dict[str, Any] = {}
+    for r in range(args.rounds):  # interleaved, so that a busy spell of the machine hits every row alike
+        for name, backend in backends.items():
+            # bare: torch as the zoo loads it; onnx: the session the pipeline opens (torch's threads, no spinning)
+            runner = (load_model(args.backbone, device=args.device) if name == "torch"
+                      else make_extractor(args.backbone, args.device, **backend).runner)
+            best[name][0] = max(best[name][0], _bare_embed(runner, images))
+            del runner
+            feats[name], pipe = _pipeline(source, args, cache / f"{name}-{r}", images, **backend)
+            best[name][1] = max(best[name][1], pipe)
+            print(f"round {r + 1}: {name} bare {best[name][0]:.1f}, pipeline {pipe:.1f} images/s", flush=True)
+    cold = feats["torch"]
+    if "onnx" in feats:
+        print(f"onnx features vs torch features: max |difference| {np.abs(feats['onnx'].features - cold.features).max():.2e} "
+              f"(features up to {np.abs(cold.features).max():.2f})")
+    rows = [(name, b, p, feats[name].stats.computed) for name, (b, p) in best.items()]
+    warm, warm_s = timed(lambda: extract_features(source, make_extractor(args.backbone, args.device), cache / "torch-0",
+                                                  progress=False))
     print(f"\n{args.data}: {n} images (train {len(splits.train)}, val {len(splits.val)}, test {len(splits.test)}), "
-          f"{args.backbone} features ({cold.features.shape[1]}-d) on {args.device}")
-    print(f"feature extraction: cold {n / cold_s:9.1f} images/s ({cold.stats.computed} computed)   "
-          f"cached {n / warm_s:11.1f} images/s ({warm.stats.cached} cached)   cached/cold x{cold_s / warm_s:,.0f}")
+          f"{args.backbone} features ({cold.features.shape[1]}-d) on {args.device}, {torch_threads()} threads")
+    print(f"{'extraction (images/s)':24s} {'bare embed':>10s} {'pipeline':>10s} {'pipeline/bare':>14s}"
+          + (f"   (best of {args.rounds} rounds)" if args.rounds > 1 else ""))
+    for backend, b, p, computed in rows:
+        print(f"{backend:24s} {b:10.1f} {p:10.1f} {p / b:14.2f}   ({computed} computed)")
+    print(f"{'cached (torch)':24s} {'':10s} {n / warm_s:10.1f}   ({warm.stats.cached} from the cache)")
     pos = {int(i): p for p, i in enumerate(union)}
     x = {name: cold.features[[pos[int(i)] for i in idx]] for name, idx in splits.items()}
     y = {name: data.labels[idx] for name, idx in splits.items()}
     return x, y, list(data.classes)
 
 
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def ours(x: dict[str, np.ndarray], y: dict[str, np.ndarray], classes: list[str], head: str,
-         hidden: tuple[int, ...], lrs: tuple[float, ...], epochs: int, **options: Any) -> tuple[float, float]:
+         hidden: tuple[int, ...], epochs: int | None = None, **options: Any) -> tuple[float, float, str]:
     import torch
 
     from vfm.finetune.train import TrainSettings, train_heads
 
-    options.setdefault("patience", 0)
-    settings = TrainSettings(head=head, hidden=hidden, lrs=lrs, epochs=epochs, threads=torch.get_num_threads(),
-                             **options)
+    settings = TrainSettings(head=head, hidden=hidden, epochs=epochs, threads=torch.get_num_threads(), **options)
     t = {k: torch.from_numpy(v) for k, v in x.items()}
     yt = {k: torch.from_numpy(v) for k, v in y.items()}
     result, seconds = timed(lambda: train_heads(settings, t["train"], yt["train"], t["val"], yt["val"], len(classes)))
     chosen = result.model.unstack(result.best, classes, result.mean, result.std)
-    return float(np.mean(chosen.predict(x["test"]) == y["test"])), seconds
+    return float(np.mean(chosen.predict(x["test"]) == y["test"])), seconds, result.runs[result.best].name
 
 
-def sklearn_fit(model: Any, x: dict[str, np.ndarray], y: dict[str, np.ndarray]) -> tuple[float, float]:
+def sklearn_fit(model: Any, x: dict[str, np.ndarray], y: dict[str, np.ndarray]) -> tuple[float, float, str]:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
@@ -103,7 +167,7 @@ def sklearn_fit(model: Any, x: dict[str, np.ndarray], y: dict[str, np.ndarray]) 
     with warnings.catch_warnings(), threadpool_limits(torch.get_num_threads()):
         warnings.simplefilter("ignore")  # ConvergenceWarning at the matched epoch budget
         _, seconds = timed(lambda: pipe.fit(x["train"], y["train"]))
-    return float(pipe.score(x["test"], y["test"])), seconds
+    return float(pipe.score(x["test"], y["test"])), seconds, ""
 
 
 def main(args: argparse.Namespace) -> int:
@@ -115,39 +179,38 @@ def main(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     hidden = tuple(int(h) for h in args.hidden.split(","))
-    x, y, classes = extraction(args)
-    # LogisticRegression minimises 0.5|w|^2 + C * sum(loss) = N*C * (mean loss + |w|^2 / (2*N*C)):
-    # weight decay 1 / (N*C) with C = 1 is the same objective (up to its unpenalised bias).
-    lr_wd = 1.0 / len(y["train"])
-    print(f"threads: {torch.get_num_threads()} for torch (extraction and our heads) and scikit-learn's BLAS")
+    with tempfile.TemporaryDirectory(prefix="vfm-bench-") as tmp:
+        x, y, classes = extraction(args, Path(tmp))
+    e = args.epochs
     rows = [
-        ("ours linear, sgd, lr 0.1", *ours(x, y, classes, "linear", (), (0.1,), args.epochs)),
-        ("ours linear, sgd, 4 lrs in one pass", *ours(x, y, classes, "linear", (), (0.01, 0.03, 0.1, 0.3),
-                                                      args.epochs)),
-        ("ours linear, gd, LogisticRegression's objective", *ours(x, y, classes, "linear", (), (1.0, 10.0), 500,
-                                                                  optimizer="gd", weight_decay=lr_wd)),
-        ("sklearn LogisticRegression (lbfgs)", *sklearn_fit(LogisticRegression(max_iter=1000), x, y)),
-        (f"ours mlp {args.hidden}, sgd, lr 0.01", *ours(x, y, classes, "mlp", hidden, (0.01,), args.epochs)),
-        (f"ours mlp {args.hidden}, sgd, 4 lrs in one pass", *ours(x, y, classes, "mlp", hidden,
-                                                                 (0.01, 0.03, 0.1, 0.3), args.epochs)),
+        ("ours linear, sgd, 4 lrs in one pass (default)", *ours(x, y, classes, "linear", (), e)),
+        ("ours linear, lbfgs, 9 weight decays, warm starts", *ours(x, y, classes, "linear", (), optimizer="lbfgs")),
+        # LogisticRegression minimises 0.5|w|^2 + C * sum(loss) = N*C * (mean loss + |w|^2 / (2*N*C)): weight decay
+        # 1 / (N*C) with C = 1 is its objective (up to its unpenalised bias).
+        ("ours linear, lbfgs, LogisticRegression's objective", *ours(x, y, classes, "linear", (), optimizer="lbfgs",
+                                                                    weight_decay=1.0 / len(y["train"]))),
+        ("sklearn LogisticRegression (lbfgs, C=1)", *sklearn_fit(LogisticRegression(max_iter=1000), x, y)),
+        (f"ours mlp {args.hidden}, sgd, 4 lrs (default)", *ours(x, y, classes, "mlp", hidden, e)),
+        (f"ours mlp {args.hidden}, sgd, 4 lrs x wd 0,1e-4,1e-3", *ours(x, y, classes, "mlp", hidden, e,
+                                                                      weight_decay=(0.0, 1e-4, 1e-3))),
+        (f"ours mlp {args.hidden}, lbfgs, wd 0.1..1e-3", *ours(x, y, classes, "mlp", hidden, 100, optimizer="lbfgs",
+                                                               weight_decay=(0.1, 0.03, 0.01, 0.003, 0.001))),
         (f"sklearn MLPClassifier {args.hidden} (adam)",
-         *sklearn_fit(MLPClassifier(hidden, batch_size=64, max_iter=args.epochs, random_state=args.seed), x, y)),
+         *sklearn_fit(MLPClassifier(hidden, batch_size=64, max_iter=e, random_state=args.seed), x, y)),
     ]
-    print(f"\n{'head (' + str(len(y['train'])) + ' train, ' + str(len(y['test'])) + ' test)':50s} "
-          f"{'test acc':>8s} {'fit s':>8s}")
-    for name, acc, seconds in rows:
-        print(f"{name:50s} {acc:8.4f} {seconds:8.2f}")
-    lin1, lin4, lin_gd, lr_sk, mlp1, mlp4, mlp_sk = rows
+    print(f"\n{'head (' + str(len(y['train'])) + ' train, ' + str(len(y['test'])) + ' test)':52s} "
+          f"{'test acc':>8s} {'fit s':>8s}  chosen on validation")
+    for name, acc, seconds, chosen in rows:
+        print(f"{name:52s} {acc:8.4f} {seconds:8.2f}  {chosen}")
+    lin_sgd, lin_lbfgs, lin_same, lr_sk, mlp_sgd, mlp_wd, mlp_lbfgs, mlp_sk = rows
     print("\nratios (fit time, ours / scikit-learn; accuracy, ours - scikit-learn):")
-    print(f"  linear, 1 lr   vs LogisticRegression: time x{lin1[2] / lr_sk[2]:.2f}, accuracy {lin1[1] - lr_sk[1]:+.4f}")
-    print(f"  linear, 4 lrs  vs LogisticRegression: time x{lin4[2] / lr_sk[2]:.2f}, accuracy {lin4[1] - lr_sk[1]:+.4f}")
-    print(f"  linear, gd     vs LogisticRegression: time x{lin_gd[2] / lr_sk[2]:.2f}, "
-          f"accuracy {lin_gd[1] - lr_sk[1]:+.4f} (same objective)")
-    for label, row in (("mlp, 1 lr ", mlp1), ("mlp, 4 lrs", mlp4)):
-        print(f"  {label}     vs MLPClassifier:      time x{row[2] / mlp_sk[2]:.2f}, "
-              f"accuracy {row[1] - mlp_sk[1]:+.4f}")
-    print(f"  4 lrs in one pass / 1 lr:  linear x{lin4[2] / lin1[2]:.2f}, mlp x{mlp4[2] / mlp1[2]:.2f} "
-          "(4 separate runs would be about x4)")
+    for label, row, ref, ref_name in (("linear sgd  ", lin_sgd, lr_sk, "LogisticRegression"),
+                                      ("linear lbfgs", lin_lbfgs, lr_sk, "LogisticRegression"),
+                                      ("lbfgs, same objective", lin_same, lr_sk, "LogisticRegression"),
+                                      ("mlp sgd     ", mlp_sgd, mlp_sk, "MLPClassifier"),
+                                      ("mlp sgd+wd  ", mlp_wd, mlp_sk, "MLPClassifier"),
+                                      ("mlp lbfgs   ", mlp_lbfgs, mlp_sk, "MLPClassifier")):
+        print(f"  {label:21s} vs {ref_name:18s}: time x{row[2] / ref[2]:.2f}, accuracy {row[1] - ref[1]:+.4f}")
     return 0
 
 

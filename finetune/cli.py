@@ -17,7 +17,7 @@ from typing import Any, Callable, NoReturn
 
 from vfm.models.errors import UsageError
 
-from .config import (DEFAULT_EPOCHS, DEFAULT_HIDDEN, DEFAULT_LRS, HEADS, LOSSES, METRICS, OPTIMIZERS, SCHEDULES,
+from .config import (BACKENDS, DEFAULT_EPOCHS, DEFAULT_HIDDEN, DEFAULT_LRS, DEFAULT_WEIGHT_DECAYS, HEADS, LOSSES, METRICS, OPTIMIZERS, SCHEDULES,
                      SUBSETS, EvalConfig, FeatureOptions, KNNSettings, TrainConfig, TrainSettings, default_of, flag)
 from .values import choice_problem, parse_list, parse_names, parse_number, shown
 
@@ -119,24 +119,25 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
            f"(default {_default(S, 'dropout')})")
     _choice(g, T, "loss", LOSSES, help=f"default {_default(S, 'loss')}; hinge is binary (2 classes)")
     g = p.add_argument_group("optimisation")
-    _choice(g, T, "optimizer", OPTIMIZERS, help=f"{_default(S, 'optimizer')} (default) or gd: full batch, the step "
-            "halved until the loss falls")
-    _field(g, T, "lrs", type=_FLOATS, metavar="LR[,LR...]", help="one head per rate in one pass, the best on "
-           f"validation kept (default sgd {shown(DEFAULT_LRS['sgd'])}, gd {shown(DEFAULT_LRS['gd'])})")
-    _field(g, T, "epochs", type=_INT, metavar="N", help="epochs; gd: iterations "
-           f"(default sgd {DEFAULT_EPOCHS['sgd']}, gd {DEFAULT_EPOCHS['gd']})")
+    _choice(g, T, "optimizer", OPTIMIZERS, help=f"{_default(S, 'optimizer')} (default); gd: full batch, the step "
+            "halved until the loss falls; lbfgs: full batch L-BFGS along a weight-decay grid, warm-started")
+    _field(g, T, "lrs", type=_FLOATS, metavar="LR[,LR...]", help="sgd, gd: one head per rate in one pass, the best "
+           f"on validation kept (default sgd {shown(DEFAULT_LRS['sgd'])}, gd {shown(DEFAULT_LRS['gd'])})")
+    _field(g, T, "epochs", type=_INT, metavar="N", help="epochs; gd: iterations; lbfgs: iterations per weight decay "
+           f"(default sgd {DEFAULT_EPOCHS['sgd']}, gd {DEFAULT_EPOCHS['gd']}, lbfgs {DEFAULT_EPOCHS['lbfgs']})")
     _field(g, T, "batch_size", type=_INT, metavar="B",
            help=f"sgd mini-batch size (default {_default(S, 'batch_size')})")
     _field(g, T, "momentum", type=_FLOAT, metavar="M", help=f"sgd momentum (default {_default(S, 'momentum')})")
     _field(g, T, "nesterov", action="store_true", help="sgd: Nesterov momentum")
-    _field(g, T, "weight_decay", type=_FLOAT, metavar="W", help="L2 weight decay "
-           f"(default {_default(S, 'weight_decay')})")
+    _field(g, T, "weight_decay", type=_FLOATS, metavar="W[,W...]", help="L2 weight decay; a list trains "
+           "one head per value (x each --lr) in one pass, the best on validation kept (default sgd, gd "
+           f"{shown(DEFAULT_WEIGHT_DECAYS['sgd'])}; lbfgs {shown(DEFAULT_WEIGHT_DECAYS['lbfgs'])})")
     _choice(g, T, "schedule", SCHEDULES, help=f"sgd learning-rate schedule (default {_default(S, 'schedule')})")
     _field(g, T, "step_epochs", type=_INT, metavar="N", help="step schedule: x0.1 every N epochs (default epochs/3)")
     _field(g, T, "patience", type=_INT, metavar="N", help="sgd: stop a head after N epochs without a better "
            f"validation score (default {_default(S, 'patience')}; 0: off)")
-    _field(g, T, "tol", type=_FLOAT, metavar="T", help="gd: stop when the gradient norm is under T "
-           f"(default {_default(S, 'tol')})")
+    _field(g, T, "tol", type=_FLOAT, metavar="T", help="gd: stop when the gradient norm is under T; lbfgs: when its "
+           f"largest entry is (default {_default(S, 'tol')})")
     g = p.add_argument_group("data")
     _field(g, T, "split", type=_FRACTIONS, metavar="TRAIN,VAL,TEST", help="fractions for the splits the data "
            f"does not give itself (default {_default(T, 'split')})")
@@ -167,6 +168,12 @@ def _add_feature_arguments(p: argparse.ArgumentParser) -> Any:
     g = p.add_argument_group("features")
     _field(g, F, "device", metavar="DEVICE", help=f"backbone device: {_default(F, 'device')} (default), cpu, cuda "
            "or cuda:N")
+    _choice(g, F, "backend", BACKENDS, help=f"extract on {_default(F, 'backend')} (default) or onnx: the "
+            "backbone's ONNX export (`vfm export NAME`) on ONNX Runtime")
+    _field(g, F, "repository", type=Path, metavar="DIR", help="onnx: the exports' folder (default "
+           "$VFM_MODEL_REPOSITORY or ./model_repository)")
+    _field(g, F, "workers", type=_INT, metavar="N", help="processes that read and resize images while the backbone "
+           "runs (default 1 per 4 cores, at least 1; 0: none)")
     _field(g, F, "cache_dir", type=Path, metavar="DIR", help="feature cache (default $VFM_CACHE/features)")
     _field(g, F, "use_cache", action="store_false", help="neither read nor write the feature cache")
     _field(g, F, "extract_batch_size", type=_INT, metavar="N", help="images per backbone forward pass "
@@ -195,6 +202,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     _field(p, E, "delta", type=_FLOAT, metavar="D", help="the bound holds with probability 1 - D "
            f"(default {_default(E, 'delta')})")
     _field(p, E, "out", type=Path, metavar="DIR", help="report folder (default RUN/eval-<data>)")
+    _field(p, E, "update", action="store_true", help="record the new metrics in RUN/head.json, which the service lists "
+           "(GET /v1/heads) once published or reloaded; the training's metrics are kept as training_metrics")
     _add_feature_arguments(p)
 
 
@@ -265,14 +274,23 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"computed, {summary.stats.skipped} unreadable skipped)")
     for h in summary.heads:
         mark = "*" if h.name == summary.chosen else " "
-        print(f" {mark} {h.name:40s} val {h.val_accuracy:.4f}  test {h.test_accuracy:.4f}"
-              + (f"  ({h.stopped})" if h.stopped else ""))
+        print(f" {mark} {h.name:40s} {head_outcome(h)}")
     print(f"chosen on validation: {summary.chosen}; test accuracy {ev.accuracy:.4f}")
     print(ev.bound_sentence())
     print(f"report: {summary.out / 'report.md'}")
     if cfg.unfreeze:
         print(f"a model: `vfm finetune publish {summary.out} --name NAME`, then `vfm predict NAME IMAGE`")
     return 0
+
+
+def head_outcome(h: Any) -> str:
+    """A head's line of the train summary: its scores, or how it diverged."""
+    if h.val_accuracy is None:  # diverged before any finite epoch: no scores to show
+        return f"diverged at epoch {len(h.history)} (its loss became infinite; try a smaller --lr)"
+    text = f"val {h.val_accuracy:.4f}  test {h.test_accuracy:.4f}"
+    if h.stopped == "diverged":
+        return f"{text}  (diverged at epoch {len(h.history)}; its best epoch, {h.best_epoch}, is kept)"
+    return text + (f"  ({h.stopped})" if h.stopped else "")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -291,6 +309,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
           + (f", {result.stats.skipped} unreadable skipped" if result.stats.skipped else ""))
     print(ev.bound_sentence())
     print(f"report: {result.out / 'report.md'}")
+    if result.updated is not None:
+        print(f"metrics recorded in {result.updated} (reload the service's heads to show them: "
+              "POST /v1/admin/heads/reload)")
     return 0
 
 

@@ -27,11 +27,16 @@ from vfm.models.head_kinds import HEAD_TYPES, LOSSES, METRICS
 from .values import ConfigError, check_choice, check_number, check_numbers, check_optional, shown
 
 HEADS = HEAD_TYPES
-OPTIMIZERS = ("sgd", "gd")
+OPTIMIZERS = ("sgd", "gd", "lbfgs")
 SCHEDULES = ("cosine", "step", "constant")
 SUBSETS = ("auto", "test", "all")
-DEFAULT_LRS = {"sgd": (0.01, 0.03, 0.1, 0.3), "gd": (0.1, 1.0, 10.0)}
-DEFAULT_EPOCHS = {"sgd": 30, "gd": 200}
+BACKENDS = ("torch", "onnx")
+DEFAULT_LRS = {"sgd": (0.01, 0.03, 0.1, 0.3), "gd": (0.1, 1.0, 10.0), "lbfgs": (1.0,)}  # lbfgs: a line search
+DEFAULT_EPOCHS = {"sgd": 30, "gd": 200, "lbfgs": 200}  # lbfgs: iterations per weight decay
+# One head per weight decay (times the learning rates); lbfgs walks the grid from the strongest
+# to the weakest, each fit starting from the previous one (a regularisation path).
+DEFAULT_WEIGHT_DECAYS = {"sgd": (0.0,), "gd": (0.0,),
+                         "lbfgs": (0.1, 0.03, 0.01, 0.003, 0.001, 3e-4, 1e-4, 3e-5, 1e-5)}
 DEFAULT_HIDDEN = (512, 256)
 _TRAINED = ("linear", "mlp")  # the heads an optimiser trains
 
@@ -77,6 +82,9 @@ class FeatureOptions:
     """How features are made and cached; the same for train and eval."""
 
     device: str = "auto"              # the backbone's device: auto, cpu, cuda or cuda:N
+    backend: str = "torch"            # torch, or onnx: the backbone's export (`vfm export`) on ONNX Runtime
+    repository: Path | None = None    # onnx: where the exports are (None: $VFM_MODEL_REPOSITORY or ./model_repository)
+    workers: int | None = None        # DataLoader processes that read and resize images (None: 1 per 4 cores)
     cache_dir: Path | None = None     # None: $VFM_CACHE/features
     use_cache: bool = True            # False: neither read nor write the feature cache (--no-cache)
     extract_batch_size: int = 64      # images per backbone forward pass
@@ -92,6 +100,12 @@ class FeatureOptions:
             raise ConfigError("--cache-dir and --no-cache contradict each other")
         self.cache_dir = Path(self.cache_dir).expanduser() if self.cache_dir is not None else None
         self.extract_batch_size = check_number("--extract-batch-size", self.extract_batch_size, int, low=1)
+        self.backend = check_choice("--backend", self.backend, BACKENDS)
+        if self.repository is not None:
+            if self.backend != "onnx":
+                raise ConfigError("--repository is for --backend onnx")
+            self.repository = Path(self.repository).expanduser()
+        self.workers = check_optional("--workers", self.workers, int, low=0)
         self.threads = check_optional("--threads", self.threads, int, low=1)
         if self.ray_address is None:
             for name in ("ray_actors", "ray_gpus"):
@@ -130,17 +144,17 @@ class TrainSettings:
     hidden: tuple[int, ...] | None = None  # mlp hidden widths; None: DEFAULT_HIDDEN for mlp, () for linear
     dropout: float = 0.0                 # mlp with sgd: after each hidden layer
     loss: str = "ce"                     # ce | hinge | squared
-    optimizer: str = "sgd"               # sgd | gd
+    optimizer: str = "sgd"               # sgd | gd | lbfgs
     lrs: tuple[float, ...] | None = None  # one head per rate; None: DEFAULT_LRS[optimizer]
-    epochs: int | None = None            # gd: iterations; None: DEFAULT_EPOCHS[optimizer]
+    epochs: int | None = None            # gd: iterations; lbfgs: iterations per weight decay; None: DEFAULT_EPOCHS
     batch_size: int = 64
     momentum: float = 0.9
     nesterov: bool = False
-    weight_decay: float = 0.0
+    weight_decay: tuple[float, ...] | None = None  # one head per value (x lrs); None: DEFAULT_WEIGHT_DECAYS
     schedule: str = "cosine"             # cosine | step | constant
     step_epochs: int | None = None       # step schedule: x0.1 every this many epochs (None: epochs // 3)
     patience: int = 10                   # sgd: stop a head after this many epochs without improvement; 0: off
-    tol: float = 1e-4                    # gd: gradient-norm tolerance
+    tol: float = 1e-4                    # gd: gradient-norm tolerance; lbfgs: largest gradient entry
     seed: int = 0
     threads: int | None = None           # torch threads while training; None: 1 for small steps, else torch's
 
@@ -158,9 +172,12 @@ class TrainSettings:
         else:  # an MLP without hidden layers would be a linear head under another name
             self.hidden = check_numbers("--hidden", self.hidden, int, unique=False, low=1)
         self.dropout = check_number("--dropout", self.dropout, float, 0, 1, high_open=True)
-        if self.optimizer == "gd" and self.dropout > 0:
-            raise ConfigError("--dropout needs --optimizer sgd: full-batch gd would not see a falling loss "
-                              "through noise")
+        if self.optimizer != "sgd" and self.dropout > 0:
+            raise ConfigError(f"--dropout needs --optimizer sgd: full-batch {self.optimizer} would not see a "
+                              "falling loss through noise")
+        if self.optimizer == "lbfgs" and self.lrs is not None and tuple(self.lrs) != DEFAULT_LRS["lbfgs"]:
+            raise ConfigError("--lr does not apply to --optimizer lbfgs (its line search finds each step; it is "
+                              "for: sgd, gd)")
         self.lrs = check_numbers("--lr", DEFAULT_LRS[self.optimizer] if self.lrs is None else self.lrs, float,
                                  low=0, low_open=True)
         self.epochs = check_number("--epochs", DEFAULT_EPOCHS[self.optimizer] if self.epochs is None
@@ -170,7 +187,8 @@ class TrainSettings:
         self.nesterov = bool(self.nesterov)
         if self.nesterov and self.momentum == 0:
             raise ConfigError("--nesterov needs a --momentum above 0")
-        self.weight_decay = check_number("--weight-decay", self.weight_decay, float, low=0)
+        self.weight_decay = check_numbers("--weight-decay", DEFAULT_WEIGHT_DECAYS[self.optimizer]
+                                          if self.weight_decay is None else self.weight_decay, float, low=0)
         self.step_epochs = check_optional("--step-epochs", self.step_epochs, int, low=1)
         if self.step_epochs is not None and self.schedule != "step":
             raise ConfigError("--step-epochs is for --schedule step")
@@ -179,15 +197,21 @@ class TrainSettings:
         self.seed = check_number("--seed", self.seed, int, low=0)
         self.threads = check_optional("--threads", self.threads, int, low=1)
 
-    def head_name(self, lr: float) -> str:
+    def grid(self) -> list[tuple[float, float]]:
+        """(learning rate, weight decay) of each head trained in the one pass, in head order."""
+        return [(lr, wd) for lr in self.lrs for wd in self.weight_decay]
+
+    def head_name(self, lr: float, weight_decay: float | None = None) -> str:
         """DINOv2-style: the name says what the head is, e.g. mlp512-256_ce_sgd_lr0.1_wd0."""
+        wd = self.weight_decay[0] if weight_decay is None else weight_decay
         arch = self.head + ("-".join(map(str, self.hidden)) if self.head == "mlp" else "")
         drop = f"_drop{self.dropout:g}" if self.dropout else ""
-        return f"{arch}{drop}_{self.loss}_{self.optimizer}_lr{lr:g}_wd{self.weight_decay:g}"
+        rate = "" if self.optimizer == "lbfgs" else f"_lr{lr:g}"
+        return f"{arch}{drop}_{self.loss}_{self.optimizer}{rate}_wd{wd:g}"
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
-        out["hidden"], out["lrs"] = list(self.hidden), list(self.lrs)
+        out["hidden"], out["lrs"], out["weight_decay"] = list(self.hidden), list(self.lrs), list(self.weight_decay)
         out.pop("threads")  # how fast, not what is learned
         return out
 
@@ -196,11 +220,11 @@ class TrainSettings:
 _APPLIES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "ks": (("knn",), OPTIMIZERS), "metric": (("knn",), OPTIMIZERS),
     "hidden": (("mlp",), OPTIMIZERS), "dropout": (("mlp",), ("sgd",)),
-    "loss": (_TRAINED, OPTIMIZERS), "optimizer": (_TRAINED, OPTIMIZERS), "lrs": (_TRAINED, OPTIMIZERS),
+    "loss": (_TRAINED, OPTIMIZERS), "optimizer": (_TRAINED, OPTIMIZERS), "lrs": (_TRAINED, ("sgd", "gd")),
     "epochs": (_TRAINED, OPTIMIZERS), "weight_decay": (_TRAINED, OPTIMIZERS), "resume": (_TRAINED, OPTIMIZERS),
     "batch_size": (_TRAINED, ("sgd",)), "momentum": (_TRAINED, ("sgd",)), "nesterov": (_TRAINED, ("sgd",)),
     "schedule": (_TRAINED, ("sgd",)), "step_epochs": (_TRAINED, ("sgd",)), "patience": (_TRAINED, ("sgd",)),
-    "tol": (_TRAINED, ("gd",)),
+    "tol": (_TRAINED, ("gd", "lbfgs")),
 }
 _KNN_FIELDS = ("ks", "metric")
 _TRAINING_FIELDS = ("hidden", "dropout", "loss", "optimizer", "lrs", "epochs", "batch_size", "momentum", "nesterov",
@@ -226,11 +250,11 @@ class TrainConfig:
     batch_size: int | None = None        # sgd
     momentum: float | None = None        # sgd
     nesterov: bool = False               # sgd
-    weight_decay: float | None = None    # linear, mlp
+    weight_decay: tuple[float, ...] | None = None  # linear, mlp: one head per value
     schedule: str | None = None          # sgd
     step_epochs: int | None = None       # sgd, step schedule
     patience: int | None = None          # sgd
-    tol: float | None = None             # gd
+    tol: float | None = None             # gd, lbfgs
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train,val,test: for splits the data does not give
     seed: int = 0                        # seeds the splits, initial weights and shuffling
     limit: int | None = None             # at most this many examples in all, stratified
@@ -321,10 +345,12 @@ class EvalConfig:
     seed: int = 0                        # seeds the --limit subset
     delta: float = 0.05                  # the bound holds with probability 1 - delta
     out: Path | None = None              # the report folder; None: RUN/eval-<data>
+    update: bool = False                 # record the new metrics in RUN/head.json (what the service lists)
     features: FeatureOptions = field(default_factory=FeatureOptions)
 
     def __post_init__(self) -> None:
         self.run = Path(_required("run", self.run)).expanduser()
+        self.update = bool(self.update)
         self.data = _required("data", self.data)
         self.subset = check_choice("--subset", self.subset, SUBSETS)
         self.limit = check_optional("--limit", self.limit, int, low=1)

@@ -5,6 +5,10 @@ weights, its preprocessing, the ``normalize`` flag of ``embed``, and the pixels 
 (``ImageSource.item_key``). Features are stored in chunks of ``CHUNK`` images, so an interrupted
 extraction keeps what it finished and a damaged chunk is recomputed alone. Each chunk carries a
 sha256 of its tensors; a chunk that fails to load or to match is logged and recomputed.
+
+The missing chunks are computed as one stream of batches: DataLoader workers read, decode and
+resize the next batches (``loader``) while this process runs the backbone on the current one,
+and each chunk is written to the cache as soon as its last batch is done.
 """
 from __future__ import annotations
 
@@ -189,11 +193,12 @@ def _prefetched(source: ImageSource, indices: np.ndarray, batch_size: int, pool:
 
 def extract_features(source: ImageSource, extractor: Extractor, cache_dir: Path | None = None,
                      batch_size: int = 64, progress: bool = True, ray: Any = None,
-                     chunk_size: int = CHUNK) -> FeatureSet:
+                     chunk_size: int = CHUNK, workers: int | None = None) -> FeatureSet:
     """Features of every image of ``source``, from the cache where it has them.
 
-    ``ray`` (a ``features_ray.RayOptions``) runs the missing chunks as Ray Data ``map_batches``
-    over an actor pool instead of in this process.
+    ``workers``: DataLoader processes that read and resize images (None: ``loader.default_workers()``;
+    0: in this process). ``ray`` (a ``features_ray.RayOptions``) runs the missing chunks as Ray
+    Data ``map_batches`` over an actor pool instead of in this process.
     """
     from tqdm.auto import tqdm
 
@@ -237,12 +242,8 @@ def extract_features(source: ImageSource, extractor: Extractor, cache_dir: Path 
                 reasons += chunk_reasons
                 offset += len(idx)
         else:
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
-                for idx, key in missing:
-                    f, v, why = embed_indices(source, idx, extractor, batch_size, pool, on_batch=bar.update)
-                    texts = [r for _, r in sorted(why)]
-                    _store(feats, valid, idx, f, v, cache, key, texts)
-                    reasons += texts
+            reasons += _extract_streamed(source, extractor, missing, batch_size, workers, feats, valid, cache,
+                                         bar.update)
         stats.compute_seconds = time.perf_counter() - t1
         stats.computed = sum(len(idx) for idx, _ in missing)
         bar.close()
@@ -252,6 +253,46 @@ def extract_features(source: ImageSource, extractor: Extractor, cache_dir: Path 
     if stats.skipped:
         log.warning("%d unreadable image(s) skipped, e.g. %s", stats.skipped, reasons[0] if reasons else "")
     return FeatureSet(feats, valid, stats)
+
+
+def _extract_streamed(source: ImageSource, extractor: Extractor, missing: list[tuple[np.ndarray, str | None]],
+                      batch_size: int, workers: int | None, feats: np.ndarray, valid: np.ndarray,
+                      cache: FeatureCache | None, on_batch: Any) -> list[str]:
+    """Fill ``feats``/``valid`` for the ``missing`` chunks (contiguous ranges), batch by batch, and
+    store each chunk as it completes; returns the unreadable images' reasons."""
+    from .loader import default_workers, prepared_batches
+
+    slices, ends = [], {}
+    for c, (idx, _) in enumerate(missing):
+        lo, hi = int(idx[0]), int(idx[-1]) + 1
+        slices += [(s, min(s + batch_size, hi)) for s in range(lo, hi, batch_size)]
+        ends[hi] = c
+    why: dict[int, str] = {}
+    done_reasons: list[str] = []
+    for batch in prepared_batches(source, slices, extractor, default_workers() if workers is None else workers):
+        why.update(batch.reasons)
+        if len(batch.rows):
+            try:
+                out = _checked(extractor, extractor.embed_prepared(batch.prepared), len(batch.rows))
+            except (InvalidImage, ValueError, TypeError) as exc:
+                for pos in batch.rows:
+                    why[int(pos)] = f"{source.describe(int(pos))}: {exc}"
+            else:
+                feats[batch.rows], valid[batch.rows] = out, True
+        on_batch(batch.stop - batch.start)
+        if batch.stop in ends:
+            idx, key = missing[ends[batch.stop]]
+            texts = [why.pop(int(i)) for i in idx if int(i) in why]
+            _store(feats, valid, idx, feats[idx], valid[idx], cache, key, texts)
+            done_reasons += texts
+    return done_reasons
+
+
+def _checked(extractor: Extractor, out: np.ndarray, n: int) -> np.ndarray:
+    if out.shape != (n, extractor.feature_dim):
+        raise RuntimeError(f"{extractor.name} returned features of shape {out.shape}, "
+                           f"expected ({n}, {extractor.feature_dim})")
+    return out
 
 
 def _store(feats: np.ndarray, valid: np.ndarray, idx: np.ndarray, f: np.ndarray, v: np.ndarray,

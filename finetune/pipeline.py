@@ -78,10 +78,12 @@ def prepare(cfg: TrainConfig) -> Prepared:
         raise DataError(f"hinge loss is binary but the data has {len(data.classes)} classes; use --loss ce or "
                         "squared, or keep two classes with --classes A,B.")
     splits = make_splits(data, cfg.split, cfg.seed, cfg.limit)
-    extractor = make_extractor(cfg.backbone, cfg.features.device, cfg.normalize)
+    feat = cfg.features
+    extractor = make_extractor(cfg.backbone, feat.device, cfg.normalize, backend=feat.backend,
+                               repository=feat.repository)
     union = splits.union()
-    feats = extract_features(data.source.subset(union), extractor, cfg.features.cache_folder(),
-                             cfg.features.extract_batch_size, cfg.features.progress, ray=cfg.features.ray)
+    feats = extract_features(data.source.subset(union), extractor, feat.cache_folder(), feat.extract_batch_size,
+                             feat.progress, ray=feat.ray, workers=feat.workers)
     position = {int(i): p for p, i in enumerate(union)}
     kept: dict[str, np.ndarray] = {}
     for name, idx in splits.items():
@@ -128,20 +130,18 @@ def train_run(cfg: TrainConfig) -> RunSummary:
             raise RuntimeError("every head diverged (its loss became infinite); use smaller --lr values.")
         summaries = []
         for i, run in enumerate(result.runs):
-            single = result.model.unstack(i, classes, result.mean, result.std)
-            val_loss = run.best_val_loss if np.isfinite(run.best_val_loss) else None
-            summaries.append(HeadSummary(run.name, f"lr {run.lr:g}", run.best_epoch, run.best_val_accuracy,
-                                         val_loss, _accuracy(single, prep, "test"), run.stopped, run.history))
+            summaries.append(_trained_summary(cfg, run, result.model.unstack(i, classes, result.mean, result.std),
+                                              prep))
         chosen_idx = result.best
         head = result.model.unstack(chosen_idx, classes, result.mean, result.std)
         resumed = result.resumed_from
-        history_note = (f"{cfg.settings.optimizer}: " + ("each head keeps its best epoch on validation."
-                        if cfg.settings.optimizer == "sgd" else "each head keeps its last iterate; its train loss "
-                        "is the full-batch objective, which never rises."))
+        history_note = f"{cfg.settings.optimizer}: " + _HISTORY_NOTES[cfg.settings.optimizer]
+        if cfg.settings.optimizer == "lbfgs" and cfg.settings.head == "mlp":
+            history_note += " An MLP keeps its best check on validation (early stopping)."
     pred = head.predict(prep.x["test"])
     ev = evaluate(prep.y["test"], pred, classes, cfg.delta)
     counts = prep.splits.counts()
-    meta = _head_meta(cfg, prep, summaries, chosen_idx, ev)
+    meta = _head_meta(cfg, prep, summaries, chosen_idx, ev, None if cfg.head == "knn" else result.runs[chosen_idx])
     save_head(head, cfg.out, meta)
     run_json = {"config": _config_json(cfg), "counts": counts, "extraction": prep.stats.to_json(),
                 "heads": [_summary_json(s) for s in summaries], "chosen": summaries[chosen_idx].name,
@@ -154,6 +154,28 @@ def train_run(cfg: TrainConfig) -> RunSummary:
                      + "; ".join(prep.stats.skipped_examples[:3]))
     write_report(cfg.out, RunReport(f"Fine-tuning run {cfg.out.name}", facts, summaries, chosen_idx, ev, notes))
     return RunSummary(cfg.out, summaries[chosen_idx].name, ev, summaries, prep.stats, counts, resumed)
+
+
+_HISTORY_NOTES = {
+    "sgd": "each head keeps its best epoch on validation.",
+    "gd": "each head keeps its last iterate; its train loss is the full-batch objective, which never rises.",
+    "lbfgs": "one fit per weight decay, strongest first, each starting from the previous one's solution; the "
+             "x axis counts L-BFGS iterations and the train loss is the full-batch objective.",
+}
+
+
+def _trained_summary(cfg: TrainConfig, run: Any, head: Any, prep: Prepared) -> HeadSummary:
+    """A linear or MLP head's row; a head that diverged before any finite epoch has no scores."""
+    s = cfg.settings
+    parts = ([] if s.optimizer == "lbfgs" else [f"lr {run.lr:g}"])
+    if s.optimizer == "lbfgs" or len(s.weight_decay) > 1:
+        parts.append(f"wd {run.weight_decay:g}")
+    setting = ", ".join(parts)
+    if run.best_epoch < 1:  # never scored: its weights are whatever the divergence left
+        return HeadSummary(run.name, setting, None, None, None, None, run.stopped, run.history)
+    val_loss = run.best_val_loss if np.isfinite(run.best_val_loss) else None
+    return HeadSummary(run.name, setting, run.best_epoch, run.best_val_accuracy, val_loss,
+                       _accuracy(head, prep, "test"), run.stopped, run.history)
 
 
 def _knn(cfg: TrainConfig, prep: Prepared) -> tuple[list[HeadSummary], int, KNNHead]:
@@ -190,13 +212,13 @@ def _config_json(cfg: TrainConfig, for_digest: bool = False) -> dict[str, Any]:
         out["training"] = cfg.settings.to_json()
     if not for_digest:  # where things went does not change what is learned
         feat = cfg.features
-        out.update(out=str(cfg.out), device=feat.device, cache_dir=str(feat.cache_dir) if feat.cache_dir else None,
+        out.update(out=str(cfg.out), device=feat.device, backend=feat.backend, cache_dir=str(feat.cache_dir) if feat.cache_dir else None,
                    ray_address=feat.ray.address if feat.ray else None)
     return out
 
 
 def _head_meta(cfg: TrainConfig, prep: Prepared, summaries: list[HeadSummary], chosen: int,
-               ev: Evaluation) -> dict[str, Any]:
+               ev: Evaluation, chosen_run: Any = None) -> dict[str, Any]:
     from datetime import datetime, timezone
 
     from vfm import __version__
@@ -207,7 +229,8 @@ def _head_meta(cfg: TrainConfig, prep: Prepared, summaries: list[HeadSummary], c
     if cfg.head == "knn":
         training.update(k=list(cfg.knn.ks), metric=cfg.knn.metric)
     else:
-        training.update(cfg.settings.to_json(), lr=float(chosen_head.setting.split()[1]),
+        run = chosen_run
+        training.update(cfg.settings.to_json(), lr=run.lr, chosen_weight_decay=run.weight_decay,
                         best_epoch=chosen_head.best_epoch)
     test = ev.to_json()
     metrics = {"val_accuracy": chosen_head.val_accuracy, "test_accuracy": ev.accuracy, "test_error": ev.error,
@@ -233,11 +256,14 @@ def _facts(cfg: TrainConfig, prep: Prepared, counts: dict[str, int], chosen: str
              ("chosen", f"`{chosen}`"), ("seed", str(cfg.seed))]
     if cfg.head != "knn":
         s = cfg.settings
-        opt = (f"sgd, batch {s.batch_size}, momentum {s.momentum:g}{' (Nesterov)' if s.nesterov else ''}, "
-               f"{s.schedule} schedule, patience {s.patience or 'off'}" if s.optimizer == "sgd"
-               else f"gd (full batch, step halved until the loss falls), tol {s.tol:g}")
-        facts.insert(5, ("training", f"{opt}, {s.epochs} epochs, weight decay {s.weight_decay:g}, loss {s.loss}, "
-                                     f"lr {', '.join(f'{lr:g}' for lr in s.lrs)}"))
+        opt = {"sgd": f"sgd, batch {s.batch_size}, momentum {s.momentum:g}{' (Nesterov)' if s.nesterov else ''}, "
+                      f"{s.schedule} schedule, patience {s.patience or 'off'}, {s.epochs} epochs",
+               "gd": f"gd (full batch, step halved until the loss falls), tol {s.tol:g}, {s.epochs} epochs",
+               "lbfgs": f"lbfgs (full batch, strong-Wolfe line search, warm-started along the weight decays), "
+                        f"tol {s.tol:g}, at most {s.epochs} iterations per weight decay"}[s.optimizer]
+        rates = "" if s.optimizer == "lbfgs" else f", lr {', '.join(f'{lr:g}' for lr in s.lrs)}"
+        facts.insert(5, ("training", f"{opt}, weight decay {', '.join(f'{wd:g}' for wd in s.weight_decay)}, "
+                                     f"loss {s.loss}{rates}"))
     return facts
 
 

@@ -17,11 +17,11 @@ class HeadSummary:
     """One row of the heads table (every learning rate, or every k, of the run)."""
 
     name: str
-    setting: str                 # "lr 0.1" or "k 5"
-    best_epoch: int | None
-    val_accuracy: float
+    setting: str                 # "lr 0.1", "lr 0.1, wd 0.001", "wd 0.001" or "k 5"
+    best_epoch: int | None       # None: k-NN, or a head that diverged before any finite epoch
+    val_accuracy: float | None   # None: diverged before any finite epoch (no scores)
     val_loss: float | None
-    test_accuracy: float
+    test_accuracy: float | None
     stopped: str = ""
     history: list[dict[str, float]] = field(default_factory=list)
 

@@ -12,10 +12,11 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from vfm.models.heads import JSON_NAME, TENSORS_NAME, Head, load_head
+from vfm.models.heads import JSON_NAME, TENSORS_NAME, Head, load_head, to_jsonable, validate_meta
 from vfm.models.checkpoints import atomic_write_bytes
 
 from .config import EvalConfig
@@ -39,6 +40,7 @@ class EvalResult:
     out: Path
     stats: ExtractionStats
     subset: str
+    updated: Path | None = None   # the head.json that --update rewrote
 
 
 def _relabel(data: LabeledImages, head: Head) -> np.ndarray:
@@ -67,14 +69,15 @@ def eval_run(cfg: EvalConfig) -> EvalResult:
         idx = np.arange(len(data))
     if cfg.limit is not None and cfg.limit < len(idx):
         idx = stratified_take(labels, idx, cfg.limit, np.random.default_rng(cfg.seed))
-    extractor = make_extractor(meta["backbone"], feat.device, meta["embed"]["normalize"])
+    extractor = make_extractor(meta["backbone"], feat.device, meta["embed"]["normalize"], backend=feat.backend,
+                               repository=feat.repository)
     if isinstance(extractor, BackboneExtractor) and meta.get("weights_sha256"):
         now = extractor.key()["weights_sha256"]
         if now != meta["weights_sha256"]:
             raise DataError(f"the head in {run} was trained on {meta['backbone']} weights {meta['weights_sha256'][:12]}"
                             f"... but this machine's weights are {now[:12]}...; its scores would mean nothing.")
     feats = extract_features(data.source.subset(idx), extractor, feat.cache_folder(), feat.extract_batch_size,
-                             feat.progress, ray=feat.ray)
+                             feat.progress, ray=feat.ray, workers=feat.workers)
     ok = feats.valid
     if not ok.any():
         raise DataError(f"{data_spec}: every image was unreadable.")
@@ -88,7 +91,33 @@ def eval_run(cfg: EvalConfig) -> EvalResult:
     atomic_write_bytes(out / "eval.json", (json.dumps({"data": data_spec, "subset": subset, "limit": cfg.limit,
                                                         "test": ev.to_json(), "extraction": feats.stats.to_json()},
                                                        indent=2) + "\n").encode())
-    return EvalResult(ev, out, feats.stats, subset)
+    updated = record_metrics(run, meta, ev, {"data": data_spec, "subset": subset, "limit": cfg.limit,
+                                             "skipped_unreadable": feats.stats.skipped}) if cfg.update else None
+    return EvalResult(ev, out, feats.stats, subset, updated)
+
+
+def record_metrics(folder: Path, meta: dict[str, Any], ev: Evaluation, evaluated_on: dict[str, Any]) -> Path:
+    """Rewrite ``folder``/head.json with ``ev`` as its metrics (atomically; the tensors are untouched).
+
+    The validation accuracy the head was chosen by stays; the metrics of the training run move to
+    ``training_metrics`` the first time (a later update keeps them there).
+    """
+    from datetime import datetime, timezone
+
+    doc = dict(meta)
+    old = dict(meta.get("metrics") or {})
+    doc.setdefault("training_metrics", old)
+    test = ev.to_json()
+    doc["metrics"] = {**({"val_accuracy": old["val_accuracy"]} if "val_accuracy" in old else {}),
+                      "test_accuracy": ev.accuracy, "test_error": ev.error, "test_k": ev.k, "delta": ev.delta,
+                      "test_error_bound": ev.bound, "bound": ev.bound_sentence(), "per_class": test["per_class"],
+                      "evaluated_on": {**evaluated_on,
+                                       "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}}
+    path = folder / JSON_NAME
+    validate_meta(doc, path)
+    atomic_write_bytes(path, (json.dumps(to_jsonable(doc), indent=2, allow_nan=False) + "\n").encode())
+    load_head(folder)  # what was written loads
+    return path
 
 
 def publish(run: Path, heads_dir: Path, name: str | None = None, overwrite: bool = False) -> Path:

@@ -1,13 +1,19 @@
-"""Training loops for linear and MLP heads on cached features: ``sgd`` and full-batch ``gd``.
+"""Training loops for linear and MLP heads on cached features: ``sgd``, full-batch ``gd`` and ``lbfgs``.
 
-Every learning rate of ``lrs`` trains its own head in the same pass (``StackedHeads``); the
-settings are ``config.TrainSettings``, which checks them.
+Every (learning rate, weight decay) pair of ``lrs`` x ``weight_decay`` trains its own head in the
+same pass (``StackedHeads``); the settings are ``config.TrainSettings``, which checks them.
 
 sgd: mini-batches, momentum (optionally Nesterov), weight decay, a cosine, step or constant
 schedule, and early stopping on validation; each head keeps its best epoch on validation.
 gd: full batch; from each head's learning rate the step is halved until the objective
 (mean loss + weight_decay/2 * |params|^2) falls, so it never rises; a head stops when its
 gradient norm is under ``tol``.
+lbfgs: full batch, torch.optim.LBFGS with a strong-Wolfe line search on the same objective,
+one weight decay after the other from the strongest to the weakest, each fit starting where
+the previous one ended (warm starts along the regularisation path, as glmnet and scikit-learn's
+LogisticRegressionCV walk theirs); a fit stops when its largest gradient entry is under ``tol``
+or after ``epochs`` iterations. A linear head keeps the minimiser of its objective; an MLP keeps
+its best check on validation (every ``_LBFGS_CHECK`` iterations: early stopping).
 
 Seeded and deterministic on CPU (same threads, same result); a checkpoint is written
 atomically after each epoch and ``resume=True`` continues from it to the same result.
@@ -31,12 +37,14 @@ log = logging.getLogger(__name__)
 
 _EVAL_CHUNK = 8192
 _MAX_HALVINGS = 60
+_LBFGS_CHECK = 10    # lbfgs: iterations between two looks at validation
 
 
 @dataclass
 class HeadRun:
     name: str
     lr: float
+    weight_decay: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = -1
     best_val_accuracy: float = -1.0
@@ -74,14 +82,16 @@ def choose_best(runs: list[HeadRun]) -> int:
 def train_heads(settings: TrainSettings, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
                 y_val: torch.Tensor, num_classes: int, run_dir: Path | None = None, resume: bool = False,
                 run_digest: str = "", progress: bool = False) -> TrainResult:
-    """Train one head per learning rate; ``run_dir`` gets a checkpoint after every epoch."""
+    """Train one head per (learning rate, weight decay); ``run_dir`` gets a checkpoint after every
+    epoch (lbfgs: after every weight decay)."""
     torch.manual_seed(settings.seed)
     mean, std = standardisation(x_train)
     xs, xv = (x_train - mean) / std, (x_val - mean) / std
-    model = StackedHeads(len(settings.lrs), x_train.shape[1], num_classes, settings.hidden, settings.dropout,
+    grid = settings.grid()
+    model = StackedHeads(len(grid), x_train.shape[1], num_classes, settings.hidden, settings.dropout,
                          settings.loss, seed=settings.seed)
-    runs = [HeadRun(settings.head_name(lr), lr) for lr in settings.lrs]
-    loop = _SGD(settings, model, runs) if settings.optimizer == "sgd" else _GD(settings, model, runs)
+    runs = [HeadRun(settings.head_name(lr, wd), lr, wd) for lr, wd in grid]
+    loop = {"sgd": _SGD, "gd": _GD, "lbfgs": _LBFGS}[settings.optimizer](settings, model, runs)
     start = 0
     if resume and run_dir is not None:
         ckpt = load_checkpoint(run_dir, run_digest)
@@ -91,10 +101,10 @@ def train_heads(settings: TrainSettings, x_train: torch.Tensor, y_train: torch.T
     resumed_from = start if resume and start > 0 else None
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=settings.epochs, initial=start, unit="epoch", disable=not progress,
-               desc=f"train {settings.head} x{len(settings.lrs)} lr")
+    bar = tqdm(total=loop.steps, initial=start, unit=loop.unit, disable=not progress,
+               desc=f"train {settings.head} x{len(grid)} heads")
     with _threads(_threads_for(settings, model, len(x_train))):
-        for epoch in range(start, settings.epochs):
+        for epoch in range(start, loop.steps):
             if not loop.active.any():
                 break
             loop.epoch(epoch, xs, y_train, xv, y_val)
@@ -115,8 +125,9 @@ def _threads_for(settings: TrainSettings, model: StackedHeads, n: int) -> int:
     problem, not the machine's load, so runs stay repeatable; ``threads`` overrides it."""
     if settings.threads:
         return settings.threads
-    rows = n if settings.optimizer == "gd" else settings.batch_size
-    flops = 6 * rows * model.num_heads * sum(w.shape[1] * w.shape[2] for w in model.weights)
+    rows = settings.batch_size if settings.optimizer == "sgd" else n
+    heads = 1 if settings.optimizer == "lbfgs" else model.num_heads  # lbfgs fits one head at a time
+    flops = 6 * rows * heads * sum(w.shape[1] * w.shape[2] for w in model.weights)
     return 1 if flops < 2e9 else torch.get_num_threads()
 
 
@@ -149,11 +160,15 @@ def _per_head(lr: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class _Loop:
+    unit = "epoch"
+
     def __init__(self, settings: TrainSettings, model: StackedHeads, runs: list[HeadRun]):
         self.s, self.model, self.runs = settings, model, runs
         self.params = list(model.weights) + list(model.biases)
-        self.lrs = torch.tensor(settings.lrs, dtype=torch.float32)
+        self.lrs = torch.tensor([r.lr for r in runs], dtype=torch.float32)
+        self.wds = torch.tensor([r.weight_decay for r in runs], dtype=torch.float32)
         self.active = torch.ones(len(runs), dtype=torch.bool)
+        self.steps = settings.epochs
 
     def _state(self) -> dict[str, Any]:
         return {"runs": [r.to_json() for r in self.runs], "active": self.active.tolist()}
@@ -230,10 +245,10 @@ class _SGD(_Loop):
 
     def _step(self, grads: tuple[torch.Tensor, ...], lr: torch.Tensor) -> None:
         # torch.optim.SGD's update, with one learning rate per head (dampening 0).
-        m, wd = self.s.momentum, self.s.weight_decay
+        m, decay = self.s.momentum, bool(self.wds.any())
         with torch.no_grad():
             for p, g, buf in zip(self.params, grads, self.bufs):
-                d = g + wd * p if wd else g
+                d = g + _per_head(self.wds, p) * p if decay else g
                 if m:
                     buf.mul_(m).add_(d)
                     d = d + m * buf if self.s.nesterov else buf
@@ -282,7 +297,7 @@ class _GD(_Loop):
                 if grad:
                     part.sum().backward()
                 total += part.detach().double()
-            reg = 0.5 * self.s.weight_decay * self.model.penalty() if self.s.weight_decay else None
+            reg = 0.5 * self.wds * self.model.penalty() if self.wds.any() else None
             if reg is not None:
                 if grad:
                     reg.sum().backward()
@@ -349,3 +364,101 @@ class _GD(_Loop):
 
     def finish(self) -> None:
         """gd keeps its last iterate: the objective only fell to get there."""
+
+
+class _LBFGS(_Loop):
+    """One head per step of the outer loop: the weight decays from the strongest to the weakest,
+    each fit warm-started from the previous one."""
+
+    unit = "weight decay"
+
+    def __init__(self, settings: TrainSettings, model: StackedHeads, runs: list[HeadRun]):
+        super().__init__(settings, model, runs)
+        self.order = sorted(range(len(runs)), key=lambda h: (-float(self.wds[h]), h))
+        self.steps = len(runs)
+        self.keep_best = bool(model.hidden)  # an MLP stops early on validation; a linear head is convex
+
+    def _forward(self, params: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """One head's outputs [1, B, O] from its own (unstacked) weights then biases."""
+        k = len(self.model.weights)
+        h = x
+        for i, (w, b) in enumerate(zip(params[:k], params[k:])):
+            h = h @ w + b
+            if i < k - 1:
+                h = torch.relu(h)
+        return h[None]
+
+    def _scores(self, params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        with torch.no_grad():
+            out = self._forward(params, x)
+            loss = batch_losses(out, y, self.model.loss, self.model.num_classes).mean()
+            acc = (self.model.predictions(out)[0] == y).double().mean()
+        return float(loss), float(acc)
+
+    def epoch(self, step: int, x: torch.Tensor, y: torch.Tensor, xv: torch.Tensor, yv: torch.Tensor) -> None:
+        h = self.order[step]
+        run, wd = self.runs[h], float(self.wds[h])
+        with torch.no_grad():
+            if step:  # warm start: the previous (stronger) weight decay's solution
+                for p in self.params:
+                    p[h] = p[self.order[step - 1]]
+        params = [p.detach()[h].clone().requires_grad_(True) for p in self.params]
+
+        def objective() -> torch.Tensor:
+            out = self._forward(params, x)
+            loss = batch_losses(out, y, self.model.loss, self.model.num_classes).mean()
+            return loss + 0.5 * wd * sum(q.pow(2).sum() for q in params) if wd else loss
+
+        opt = torch.optim.LBFGS(params, lr=1.0, max_iter=_LBFGS_CHECK, history_size=20,
+                                tolerance_grad=self.s.tol, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            value = objective()
+            value.backward()
+            return value
+
+        with torch.no_grad():
+            run.initial_loss = float(objective())
+        best = [q.detach().clone() for q in params]
+        done = 0
+        while done < self.s.epochs:
+            before = opt.state[params[0]].get("n_iter", 0)
+            group = opt.param_groups[0]
+            group["max_iter"] = min(_LBFGS_CHECK, self.s.epochs - done)
+            group["max_eval"] = 25 * group["max_iter"]  # only the iterations or a tolerance end a step
+            opt.step(closure)
+            ran = opt.state[params[0]].get("n_iter", 0) - before
+            done += ran
+            with torch.no_grad():
+                train_obj = float(objective())
+            if not math.isfinite(train_obj):
+                run.stopped = "diverged"
+                break
+            _, train_acc = self._scores(params, x, y)
+            val_loss, val_acc = self._scores(params, xv, yv)
+            self._record(h, done - 1, 1.0, train_obj, train_acc, val_loss, val_acc, weight_decay=wd)
+            better = (val_acc, -val_loss) > (run.best_val_accuracy, -run.best_val_loss)
+            if not self.keep_best or better:
+                run.best_epoch, run.best_val_accuracy, run.best_val_loss = done, val_acc, val_loss
+                best = [q.detach().clone() for q in params]
+            if ran < group["max_iter"]:
+                run.stopped = "converged"  # the line search or the gradient tolerance ended it
+                break
+        with torch.no_grad():
+            for p, q in zip(self.params, best):
+                p[h] = q
+        self.active[h] = False
+
+    def snapshot(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return {f"param.{i}": p.detach() for i, p in enumerate(self.params)}, self._state()
+
+    def restore(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> int:
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                p.copy_(tensors[f"param.{i}"])
+        self._restore_state(state)
+        return int(state["epoch"])
+
+    def finish(self) -> None:
+        """Each head already holds its chosen weights."""

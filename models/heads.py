@@ -7,7 +7,10 @@
 The service loads a folder with ``load_head(folder)``, checks ``meta["backbone"]`` is served,
 then runs ``runner.embed(images, normalize=meta["embed"]["normalize"])`` and
 ``head.classify(features, top_k)``. Heads take the features exactly as ``embed`` returns them:
-linear and MLP heads carry the training set's feature mean/std and standardise inside.
+linear and MLP heads carry the training set's feature mean/std (``feature_mean``, ``feature_std``
+in head.safetensors) and standardise inside, so whoever loads the head applies them; head.json
+says so with ``head.standardize: true`` (a head.json without the key is from before it was
+written, when every linear and MLP head standardised: it loads as ``true``).
 
     >>> head, meta = load_head("heads/fashion")
     >>> head.classify(runner.embed(images), top_k=3)[0].top[0].label
@@ -101,17 +104,21 @@ def _margin_scores(out: torch.Tensor) -> torch.Tensor:
 class _StandardisedHead(nn.Module, Head):
     """Linear and MLP heads: standardise with the training mean/std, then a small network."""
 
-    def __init__(self, labels: Sequence[str], feature_dim: int, loss: str):
+    def __init__(self, labels: Sequence[str], feature_dim: int, loss: str, standardize: bool = True):
         nn.Module.__init__(self)
         self.labels = tuple(labels)
         self.feature_dim = int(feature_dim)
         self.loss = loss
-        self.register_buffer("feature_mean", torch.zeros(feature_dim))
-        self.register_buffer("feature_std", torch.ones(feature_dim))
+        self.standardize = bool(standardize)
+        if self.standardize:
+            self.register_buffer("feature_mean", torch.zeros(feature_dim))
+            self.register_buffer("feature_std", torch.ones(feature_dim))
         self.net: nn.Sequential
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.net((features - self.feature_mean) / self.feature_std)
+        if self.standardize:
+            features = (features - self.feature_mean) / self.feature_std
+        return self.net(features)
 
     def scores(self, features: torch.Tensor) -> torch.Tensor:
         return _margin_scores(self.forward(features))
@@ -123,21 +130,21 @@ class _StandardisedHead(nn.Module, Head):
 class LinearHead(_StandardisedHead):
     head_type = "linear"
 
-    def __init__(self, labels: Sequence[str], feature_dim: int, loss: str = "ce"):
-        super().__init__(labels, feature_dim, loss)
+    def __init__(self, labels: Sequence[str], feature_dim: int, loss: str = "ce", standardize: bool = True):
+        super().__init__(labels, feature_dim, loss, standardize)
         self.net = nn.Sequential(nn.Linear(feature_dim, num_outputs(loss, len(self.labels))))
         self.eval()
 
     def config(self) -> dict[str, Any]:
-        return {"type": "linear", "loss": self.loss}
+        return {"type": "linear", "loss": self.loss, "standardize": self.standardize}
 
 
 class MLPHead(_StandardisedHead):
     head_type = "mlp"
 
     def __init__(self, labels: Sequence[str], feature_dim: int, hidden: Sequence[int] = (512, 256),
-                 dropout: float = 0.0, loss: str = "ce"):
-        super().__init__(labels, feature_dim, loss)
+                 dropout: float = 0.0, loss: str = "ce", standardize: bool = True):
+        super().__init__(labels, feature_dim, loss, standardize)
         self.hidden = tuple(int(h) for h in hidden)
         self.dropout = float(dropout)
         layers: list[nn.Module] = []
@@ -150,7 +157,8 @@ class MLPHead(_StandardisedHead):
         self.eval()
 
     def config(self) -> dict[str, Any]:
-        return {"type": "mlp", "loss": self.loss, "hidden": list(self.hidden), "dropout": self.dropout}
+        return {"type": "mlp", "loss": self.loss, "hidden": list(self.hidden), "dropout": self.dropout,
+                "standardize": self.standardize}
 
     def linear_layers(self) -> list[nn.Linear]:
         return [m for m in self.net if isinstance(m, nn.Linear)]
@@ -225,10 +233,11 @@ def build_head(config: dict[str, Any], labels: Sequence[str], feature_dim: int,
         if tensors is None:
             raise ValueError("a knn head is made from its training features")
         return KNNHead(labels, tensors["train_features"], tensors["train_labels"], config["k"], config["metric"])
+    standardize = config.get("standardize", True)  # absent: a head.json from before the key, which standardised
     if kind == "linear":
-        head: _StandardisedHead = LinearHead(labels, feature_dim, config["loss"])
+        head: _StandardisedHead = LinearHead(labels, feature_dim, config["loss"], standardize)
     else:
-        head = MLPHead(labels, feature_dim, config["hidden"], config["dropout"], config["loss"])
+        head = MLPHead(labels, feature_dim, config["hidden"], config["dropout"], config["loss"], standardize)
     if tensors is not None:
         head.load_state_dict(tensors, strict=True)
     return head
@@ -351,6 +360,8 @@ def _validate_head_section(head: Any, num_classes: int, path: Path) -> None:
         return
     if head.get("loss") not in LOSSES:
         raise _bad(path, "head.loss", f"must be one of {', '.join(LOSSES)}")
+    if not isinstance(head.get("standardize", True), bool):
+        raise _bad(path, "head.standardize", "must be true or false when present")
     if head["loss"] == "hinge" and num_classes != 2:
         raise _bad(path, "head.loss", f"is hinge, which needs exactly 2 labels (found {num_classes})")
     if kind == "mlp":

@@ -89,3 +89,16 @@ def test_eval_re_evaluates_the_pixel_head_on_the_t10k_split(runs, capsys):
     result = json.loads(next((runs / "pixels").glob("eval-*/eval.json")).read_text())
     assert result["subset"] == "test" and result["test"]["k"] == 500 and result["test"]["accuracy"] > 0.6
     assert "true error <=" in capsys.readouterr().out
+
+
+def test_the_streamed_extraction_gives_the_features_of_embed(tmp_path):
+    # DataLoader workers resize, the network runs channels-last on the batch: embed()'s features all the same
+    data = open_dataset(FASHION)
+    test = np.flatnonzero(data.given_split == 2)[:48]
+    source = data.source.subset(test)
+    feats = extract_features(source, make_extractor("efficientnet_lite0", device="cpu"), tmp_path, batch_size=16,
+                             progress=False, workers=1)
+    runner = load_model("efficientnet_lite0", device="cpu")
+    old = runner.embed([source.load(i) for i in range(len(source))])
+    assert feats.valid.all()
+    np.testing.assert_allclose(feats.features, old, rtol=1e-4, atol=1e-4)
