@@ -313,6 +313,8 @@ class TrainConfig:
                             ("ray_address", self.features.ray_address)):
             if given:
                 raise ConfigError(f"{flag(name)} does not apply with --unfreeze")
+        if len(self.settings.weight_decay) > 1:
+            raise ConfigError("--unfreeze trains with one --weight-decay; give a single value")
 
     def _refuse_what_does_not_apply(self, optimizer: str | None) -> None:
         for name, (heads, optimizers) in _APPLIES.items():

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from vfm.models.heads import JSON_NAME, TENSORS_NAME, Head, load_head, to_jsonable, validate_meta
-from vfm.models.checkpoints import atomic_write_bytes
+from vfm.models.checkpoints import atomic_write_bytes, publish_folder
 
 from .config import EvalConfig
 from .data import DataError, LabeledImages, open_dataset
@@ -31,7 +29,6 @@ log = logging.getLogger(__name__)
 
 HEAD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 REPORT_FILES = ("report.md", "curves.png", "confusion.png")
-STAGING = ".publishing"
 
 
 @dataclass
@@ -127,36 +124,4 @@ def publish(run: Path, heads_dir: Path, name: str | None = None, overwrite: bool
     if not HEAD_NAME.match(name):
         raise ValueError(f"head name {name!r}: use letters, digits, '.', '_' and '-' (it becomes the URL "
                          "/v1/heads/NAME).")
-    heads_dir.mkdir(parents=True, exist_ok=True)
-    dest = heads_dir / name
-    if dest.exists() and not overwrite:
-        raise FileExistsError(f"{dest} already exists; pass --overwrite to replace it or choose another --name.")
-    # Staged one level down, where a scan of heads_dir/*/head.json cannot see it, on the same
-    # file system, so that the final rename is atomic.
-    staging = heads_dir / STAGING
-    staging.mkdir(exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{name}.", dir=staging))
-    try:
-        shutil.copyfile(run / TENSORS_NAME, tmp / TENSORS_NAME)
-        meta["name"] = name
-        atomic_write_bytes(tmp / JSON_NAME, (json.dumps(meta, indent=2, allow_nan=False) + "\n").encode())
-        for extra in REPORT_FILES:
-            if (run / extra).is_file():
-                shutil.copyfile(run / extra, tmp / extra)
-        load_head(tmp)
-        old = None
-        if dest.exists():
-            old = staging / f"{tmp.name}.old"
-            dest.rename(old)
-        tmp.rename(dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        try:
-            staging.rmdir()  # only when empty: another publish may be staging beside us
-        except OSError:
-            pass
-    return dest
+    return publish_folder(run, heads_dir, name, TENSORS_NAME, JSON_NAME, meta, REPORT_FILES, load_head, overwrite)

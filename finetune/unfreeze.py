@@ -179,7 +179,8 @@ class _Trainer:
             p.requires_grad_(True)
         groups = [{"params": list(head.net.parameters()), "lr": lr, "base": lr},
                   {"params": blocks, "lr": backbone_lr, "base": backbone_lr}]
-        opt = torch.optim.SGD(groups, lr=lr, momentum=s.momentum, nesterov=s.nesterov, weight_decay=s.weight_decay)
+        opt = torch.optim.SGD(groups, lr=lr, momentum=s.momentum, nesterov=s.nesterov,
+                              weight_decay=s.weight_decay[0])
         name = f"{s.head_name(lr)}_unfreeze{part.unfreeze}_blr{backbone_lr:g}"
         hr = HeadRun(name, lr)
         best_blocks, best_head = copy.deepcopy(part.trainable.state_dict()), copy.deepcopy(head.state_dict())
@@ -337,7 +338,7 @@ def unfreeze_run(cfg: TrainConfig) -> RunSummary:
              ("frozen activations", f"{st.total} images, {st.cached} from cache, {st.computed} computed; shape "
                                     f"{'x'.join(map(str, part.shape))}"),
              ("training", f"sgd, batch {s.batch_size}, momentum {s.momentum:g}, {s.schedule} schedule, {s.epochs} "
-                          f"epochs, patience {s.patience or 'off'}, weight decay {s.weight_decay:g}, head lr "
+                          f"epochs, patience {s.patience or 'off'}, weight decay {s.weight_decay[0]:g}, head lr "
                           f"{', '.join(f'{lr:g}' for lr in s.lrs)}, blocks' lr {cfg.backbone_lr or 'head lr / 10'}"
                           + (", augmented (flips, shifts)" if cfg.augment else "")),
              ("chosen", f"`{summaries[chosen].name}`"), ("seed", str(cfg.seed))]

@@ -6,7 +6,9 @@ needs code to load is refused (``UnsafeCheckpoint``). Every file vfm writes for 
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -138,3 +140,47 @@ def check_checkpoint(path: Path | None) -> None:
     if unsafe:
         raise UnsafeCheckpoint(f"Refused to load {path}: it is a pickle that would run code ({', '.join(unsafe)}). "
                                "Convert it to safetensors.")
+
+
+STAGING = ".publishing"   # where publish_folder stages a copy: scans of root/*/ never see it
+
+
+def publish_folder(run: Path, root: Path, name: str, tensors_name: str, json_name: str, meta: dict[str, Any],
+                   extra_files: tuple[str, ...], check: Callable[[Path], Any], overwrite: bool = False) -> Path:
+    """Copy a run's tensors, its metadata (``meta`` with ``name`` set) and ``extra_files`` into
+    ``root/name`` atomically; ``check(folder)`` must load the copy before it replaces anything. Return
+    the folder. Heads and published models share it."""
+    root.mkdir(parents=True, exist_ok=True)
+    dest = root / name
+    if dest.exists() and not overwrite:
+        raise FileExistsError(f"{dest} already exists; pass --overwrite to replace it or choose another --name.")
+    # Staged one level down, where a scan of root/*/<json_name> cannot see a half-copied folder, on the
+    # same file system, so that the final rename is atomic.
+    staging = root / STAGING
+    staging.mkdir(exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{name}.", dir=staging))
+    os.chmod(tmp, 0o755)
+    try:
+        shutil.copyfile(run / tensors_name, tmp / tensors_name)
+        atomic_write_bytes(tmp / json_name,
+                           (json.dumps({**meta, "name": name}, indent=2, allow_nan=False) + "\n").encode())
+        for extra in extra_files:
+            if (run / extra).is_file():
+                shutil.copyfile(run / extra, tmp / extra)
+        check(tmp)
+        old = None
+        if dest.exists():
+            old = staging / f"{tmp.name}.old"
+            dest.rename(old)
+        tmp.rename(dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        try:
+            staging.rmdir()  # only when empty: another publish may be staging beside us
+        except OSError:
+            pass
+    return dest

@@ -22,8 +22,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +34,6 @@ VERSION = 1
 JSON_NAME = "model.json"
 TENSORS_NAME = "model.safetensors"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-STAGING = ".publishing"
 
 _extra_dirs: list[Path] = []
 _scanned: set[Path] = set()
@@ -216,7 +213,7 @@ def publish_model(run: str | Path, name: str | None = None, to: str | Path | Non
     ``to`` defaults to the first models folder (``publish_dir``). The name may not be a zoo model's.
     """
     from . import families  # noqa: F401  (registers the zoo: a published name may not be a zoo model's)
-    from .checkpoints import atomic_write_bytes
+    from .checkpoints import publish_folder
 
     run = Path(run)
     meta = read_meta(run)
@@ -230,35 +227,4 @@ def publish_model(run: str | Path, name: str | None = None, to: str | Path | Non
     if name in REGISTRY and name not in _published:
         raise InvalidModel(f"{name!r} is the name of a zoo model; choose another --name.")
     root = Path(to).expanduser() if to is not None else publish_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    dest = root / name
-    if dest.exists() and not overwrite:
-        raise FileExistsError(f"{dest} already exists; pass --overwrite to replace it or choose another --name.")
-    staging = root / STAGING  # one level down: a scan of root/*/model.json cannot see a half-copied model
-    staging.mkdir(exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{name}.", dir=staging))
-    os.chmod(tmp, 0o755)
-    try:
-        shutil.copyfile(run / TENSORS_NAME, tmp / TENSORS_NAME)
-        meta["name"] = name
-        atomic_write_bytes(tmp / JSON_NAME, (json.dumps(meta, indent=2, allow_nan=False) + "\n").encode())
-        for extra in extra_files:
-            if (run / extra).is_file():
-                shutil.copyfile(run / extra, tmp / extra)
-        read_meta(tmp)
-        old = None
-        if dest.exists():
-            old = staging / f"{tmp.name}.old"
-            dest.rename(old)
-        tmp.rename(dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        try:
-            staging.rmdir()
-        except OSError:
-            pass
-    return dest
+    return publish_folder(run, root, name, TENSORS_NAME, JSON_NAME, meta, extra_files, read_meta, overwrite)

@@ -154,6 +154,7 @@ def test_a_published_model_is_listed_without_importing_torch(runs, tmp_path: Pat
     (["--augment"], "--augment needs --unfreeze N"),
     (["--unfreeze", "1", "--head", "knn"], "--unfreeze trains the blocks with the head by sgd"),
     (["--unfreeze", "1", "--optimizer", "gd"], "--unfreeze trains the blocks with the head by sgd"),
+    (["--unfreeze", "1", "--weight-decay", "0,0.001"], "--unfreeze trains with one --weight-decay"),
 ])
 def test_bad_unfreeze_flags_are_one_line_usage_errors(argv: list[str], message: str, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
