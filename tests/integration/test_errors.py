@@ -51,7 +51,7 @@ def cases(chelsea: bytes, huge: bytes, api_key: str) -> list[Bad]:
         Bad("unknown-model-info", "GET", "/v1/models/resnet9000", 404, "unknown_model"),
         Bad("unknown-head", "POST", "/v1/heads/nope/predict", 404, "unknown_head", {"content": chelsea,
                                                                                    "headers": png}),
-        Bad("unknown-route", "GET", "/v2/models", 404, "not_found", {}, "/docs"),
+        Bad("unknown-route", "GET", "/v3/models", 404, "not_found", {}, "/docs"),
         Bad("unknown-image-id", "POST", "/v1/models/tiny_sam/segment", 404, "unknown_image_id",
             {"json": {"image_id": "0" * 64, "points": [[1, 1]], "point_labels": [1]}}),
         Bad("wrong-method", "DELETE", "/v1/models", 405, "method_not_allowed"),
