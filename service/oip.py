@@ -348,7 +348,7 @@ def segment_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 _JSON_EXAMPLES = {"points": "[[220, 140]]", "point_labels": "[1]", "box": "[10, 20, 200, 180]",
-                  "prompts": '[{"points": [[220, 140]]}, {"box": [10, 20, 200, 180]}]'}
+                  "prompts": '[{"points": [[220, 140]], "point_labels": [1]}, {"box": [10, 20, 200, 180]}]'}
 
 
 def segment_tensors(answer: Mapping[str, Any], uint8: bool) -> list[Tensor]:
