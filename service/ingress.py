@@ -24,7 +24,8 @@ from starlette.responses import JSONResponse, Response
 
 from . import oip
 from .config import ServiceConfig
-from .errors import ApiError, Failure, bad_request, not_found, timed_out, unauthorized, unavailable
+from .errors import (ApiError, Failure, bad_request, not_found, payload_too_large, timed_out, unauthorized,
+                     unavailable)
 from .heads import HeadCatalog
 from .metrics import MetricsBuffer
 from .options import parse_options
@@ -449,6 +450,11 @@ class Ingress:
         body = await read_body(request, self.limits.max_body_bytes)
         inputs = oip.parse_infer_request(body, request.headers.get(oip.HEADER), self.limits)
         tasks = oip.plan(name, entry.tasks, inputs.outputs)
+        if tasks == ["segment"]:
+            return await self._oip_segment(route, request, name, entry, inputs)
+        if not inputs.images:
+            raise bad_request(f"No inputs; model {name!r} needs `image` (BYTES) or `pixels` (UINT8) (only a SAM "
+                              "model takes an `image_id` parameter instead).")
         models = {task: route.options_for([task]) for task in tasks}
         raw = oip.split_options(inputs.options, models)
         options = {task: parse_options(models[task], raw[task], self.limits) for task in tasks}
@@ -467,6 +473,44 @@ class Ingress:
         tensors = [tensor for task, results in zip(tasks, answers)
                    for tensor in oip.output_tensors(task, results, inputs.batched)]
         return oip.infer_response(name, tensors, inputs, entry.warnings)
+
+    async def _oip_segment(self, route: Route, request: Request, name: str, entry: ModelEntry,
+                           inputs: oip.Inputs) -> Response:
+        """SAM over v2: the request parameters parsed as /v1 segment's options, the replica called as /v1's segment
+        calls it (same cache, same metrics), its masks as tensors."""
+        options = parse_options(route.options_for(["segment"]), oip.segment_options(inputs.options), self.limits)
+        uint8 = any(o.name == "masks_uint8" for o in inputs.outputs or [])
+        if uint8 and options.format != "rle":
+            raise bad_request(f"masks_uint8 needs format rle (the default), not {options.format!r}.")
+        if options.format == "png":
+            raise bad_request("format png is /v1's; over v2 ask for the output `masks_uint8` (UINT8 [M,H,W]), or "
+                              "format rle or polygons (the `masks` output, JSON text).")
+        if len(inputs.images) > 1:
+            raise bad_request(f"{len(inputs.images)} images; a SAM model segments one image per request.")
+        if inputs.images:
+            data = inputs.images[0]
+            raw = data if isinstance(data, bytes) else b"%dx%d:" % data.shape[:2] + data.tobytes()
+            image_id = image_id_of(raw)
+            if options.image_id and options.image_id != image_id:
+                raise bad_request(f"image_id {options.image_id} is not the sha256 of the image sent ({image_id}); "
+                                  "send one or the other.")
+            image: Any = await self.image_arg(name, data, "image[0]") if isinstance(data, bytes) else data
+        else:
+            image_id, image = options.image_id, None
+        rid = request_id(request)
+        if options.mode == "everything":
+            answer = await self.call(name, EVERYTHING_REPLICA_METHOD, image, image_id, options.everything_options(),
+                                     options.format, rid)
+        else:
+            answer = await self.call(name, route.replica_method or "segment", image, image_id, options.prompt_list(),
+                                     options.format, rid)
+        if uint8:
+            height, width = answer["image_size"]["height"], answer["image_size"]["width"]
+            count = sum(len(r["masks"]) for r in answer["results"]) if "results" in answer else len(answer["masks"])
+            if count * height * width > self.limits.max_body_bytes:
+                raise payload_too_large(f"masks_uint8: {count} masks of {height}x{width} is more than "
+                                        f"{self.limits.max_body_bytes} bytes; ask for `masks` (RLE) instead.")
+        return oip.infer_response(name, oip.segment_tensors(answer, uint8), inputs, entry.warnings)
 
 
 def cannot_load(name: str, reason: str | None, type: str = "model_unavailable", what: str = "") -> ApiError:

@@ -7,7 +7,14 @@ and the replicas' answers become named output tensors:
 - classify: ``labels`` BYTES, ``scores`` FP32, ``indices`` INT64, each [N,K] ([K] for one unbatched image);
 - detect: ``boxes`` FP32 [D,4], ``scores`` FP32 [D], ``labels`` BYTES [D], ``indices`` INT64 [D] and ``image_index``
   INT64 [D] (which image of the batch each detection is on): the D detections of every image, image by image;
-- embed: ``embedding`` FP32 [N,dim] ([dim] for one unbatched image).
+- embed: ``embedding`` FP32 [N,dim] ([dim] for one unbatched image);
+- segment (SAM, one image): ``masks`` BYTES [M] (each a mask as JSON text: COCO RLE ``{"size", "counts"}``, or
+  polygons with ``format: polygons``), ``masks_uint8`` UINT8 [M,H,W] (0/1; only when asked for), ``scores`` FP32
+  [M], ``areas`` INT64 [M], ``boxes`` FP32 [M,4], ``prompt_index`` INT64 [M] (which of ``prompts`` made each
+  mask) and ``image_id`` BYTES [1] (send it back as the ``image_id`` parameter, with no input, to prompt the
+  cached embedding again). The prompts are /v1 segment's options as request parameters; parameters are scalars,
+  so the list-valued ones (``points``, ``point_labels``, ``box``, ``prompts``) are JSON text, e.g.
+  ``"points": "[[220, 140]]"``.
 
 Which replica methods run follows the requested ``outputs`` (none requested: the model's predict task, or embed).
 JSON ``BYTES`` elements of an input are base64 (an image is not UTF-8 text); with the binary tensor data extension
@@ -47,8 +54,15 @@ OUTPUTS: dict[str, tuple[tuple[str, str, list[int]], ...]] = {
     "detect": (("boxes", "FP32", [-1, 4]), ("scores", "FP32", [-1]), ("labels", "BYTES", [-1]),
                ("indices", "INT64", [-1]), ("image_index", "INT64", [-1])),
     "embed": (("embedding", "FP32", [-1, -1]),),
+    "segment": (("masks", "BYTES", [-1]), ("masks_uint8", "UINT8", [-1, -1, -1]), ("scores", "FP32", [-1]),
+                ("areas", "INT64", [-1]), ("boxes", "FP32", [-1, 4]), ("prompt_index", "INT64", [-1]),
+                ("image_id", "BYTES", [1])),
 }
-PREDICT_TASKS = ("classify", "detect")
+PREDICT_TASKS = ("classify", "detect", "segment")
+# SAM outputs answered only when asked for by name (a [M,H,W] tensor is large).
+ON_REQUEST = frozenset({"masks_uint8"})
+# SAM options whose values are lists: as request parameters (scalars) they are JSON text.
+JSON_PARAMETERS = ("points", "point_labels", "box", "prompts")
 
 
 # ---- the request ---------------------------------------------------------------------------
@@ -73,7 +87,7 @@ class RequestedOutput(_Closed):
 class InferRequest(_Closed):
     id: str | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
-    inputs: list[InputTensor] = Field(..., min_length=1)
+    inputs: list[InputTensor]
     outputs: list[RequestedOutput] | None = None
 
 
@@ -109,11 +123,20 @@ def parse_infer_request(body: bytes, header_length: str | None, limits: Limits) 
         request = InferRequest.model_validate(data)
     except ValidationError as exc:
         raise bad_request("The inference request is not the protocol's: " + _problems(exc)) from None
-    if len(request.inputs) != 1:
+    if len(request.inputs) > 1:
         raise bad_request(f"{len(request.inputs)} inputs; send one: `image` (BYTES) or `pixels` (UINT8).")
-    tensor = request.inputs[0]
-    values = _tensor_values(tensor, binary)
-    images, batched = _images(tensor, values, limits)
+    if not request.inputs:   # a SAM prompt on a cached embedding names it (image_id) instead of sending the image
+        if "image_id" not in request.parameters:
+            raise bad_request("No inputs; send one: `image` (BYTES) or `pixels` (UINT8) (a SAM model also takes "
+                              "no input and the `image_id` parameter of an image it has encoded).")
+        if binary:
+            raise bad_request(f"{len(binary)} bytes follow the JSON header but there is no input.")
+        images: list[bytes | np.ndarray] = []
+        batched = False
+    else:
+        tensor = request.inputs[0]
+        values = _tensor_values(tensor, binary)
+        images, batched = _images(tensor, values, limits)
     options = {k: v for k, v in request.parameters.items() if k not in RESERVED}
     flags = [("parameters.binary_data_output", request.parameters.get("binary_data_output", False))]
     flags += [(f"outputs[{o.name!r}].parameters.binary_data", o.parameters["binary_data"])
@@ -310,6 +333,47 @@ def output_tensors(task: str, results: list[dict[str, Any]], batched: bool) -> l
     raise ValueError(f"no v2 outputs for task {task!r}")
 
 
+def segment_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Request parameters as /v1 segment's options: the list-valued ones arrive as JSON text."""
+    out = dict(options)
+    for name in JSON_PARAMETERS:
+        value = out.get(name)
+        if isinstance(value, str):
+            try:
+                out[name] = json.loads(value)
+            except (ValueError, RecursionError):
+                raise bad_request(f"parameters.{name}: {value[:80]!r} is not JSON; request parameters are scalars, "
+                                  f"so `{name}` is JSON text, e.g. {_JSON_EXAMPLES[name]!r}.") from None
+    return out
+
+
+_JSON_EXAMPLES = {"points": "[[220, 140]]", "point_labels": "[1]", "box": "[10, 20, 200, 180]",
+                  "prompts": '[{"points": [[220, 140]], "point_labels": [1]}, {"box": [10, 20, 200, 180]}]'}
+
+
+def segment_tensors(answer: Mapping[str, Any], uint8: bool) -> list[Tensor]:
+    """A SAM replica's answer (``segment``: per-prompt ``results``; ``segment_everything``: ``masks``) as tensors; every
+    mask of every prompt in one [M,...] tensor, ``prompt_index`` saying whose. ``uint8``: decode the RLE masks too."""
+    groups = [r["masks"] for r in answer["results"]] if "results" in answer else [answer["masks"]]
+    found = [(i, m) for i, masks in enumerate(groups) for m in masks]
+    height, width = answer["image_size"]["height"], answer["image_size"]["width"]
+    texts = [json.dumps(m["rle"] if "rle" in m else m["polygons"], separators=(",", ":")).encode() for _, m in found]
+    tensors = [Tensor("masks", "BYTES", np.array(texts, dtype=object).reshape(len(found))),
+               Tensor("scores", "FP32", np.array([m["score"] for _, m in found], dtype=np.float32)),
+               Tensor("areas", "INT64", np.array([m["area"] for _, m in found], dtype=np.int64)),
+               Tensor("boxes", "FP32", np.array([m["bbox"] for _, m in found], dtype=np.float32).reshape(-1, 4)),
+               Tensor("prompt_index", "INT64", np.array([i for i, _ in found], dtype=np.int64)),
+               Tensor("image_id", "BYTES", np.array([answer["image_id"].encode()], dtype=object))]
+    if uint8:
+        from vfm.models.masks import decode_rle
+
+        masks = np.zeros((len(found), height, width), dtype=np.uint8)
+        for k, (_, m) in enumerate(found):
+            masks[k] = decode_rle(m["rle"])
+        tensors.insert(1, Tensor("masks_uint8", "UINT8", masks))
+    return tensors
+
+
 def _serialize(tensor: Tensor) -> bytes:
     if tensor.datatype == "BYTES":
         return b"".join(struct.pack("<I", len(b)) + b for b in tensor.value.reshape(-1))
@@ -358,7 +422,7 @@ def server_metadata(version: str) -> dict[str, Any]:
 
 
 def model_metadata(name: str, tasks: list[str], backend: str | None) -> dict[str, Any]:
-    """Inputs and outputs as tensors; a model without classify, detect or embed (SAM) has no v2 outputs."""
+    """Inputs and outputs as tensors (a model without classify, detect, segment or embed has none)."""
     available = output_names(tasks)
     outputs = [{"name": n, "datatype": d, "shape": s} for task in dict.fromkeys(available.values())
                for n, d, s in OUTPUTS[task]]

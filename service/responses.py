@@ -505,7 +505,8 @@ class OipInferRequest(TypedDict):
 
     id: NotRequired[str]
     parameters: NotRequired[dict[str, Any]]
-    inputs: Annotated[list[OipInputTensor], Field(min_length=1, max_length=1)]
+    inputs: Annotated[list[OipInputTensor], Field(max_length=1, description="one input; none only for a SAM "
+                                                   "model with the `image_id` parameter of an image it has encoded")]
     outputs: NotRequired[list[OipRequestedOutput]]
 
 

@@ -174,9 +174,13 @@ ROUTES: tuple[Route, ...] = (
                           {"name": "indices", "datatype": "INT64", "shape": [-1, -1]},
                           {"name": "embedding", "datatype": "FP32", "shape": [-1, -1]}]}),
     Route("v2_infer", "POST", "/v2/models/{name:path}/infer", "v2: inference on `image` (BYTES, encoded files) or "
-          "`pixels` (UINT8 [H,W,3]); options as request `parameters`; the outputs asked for choose predict or embed",
-          "v2", "oip_infer", tasks=("classify", "detect", "embed"),
-          options={"classify": ClassifyOptions, "detect": DetectOptions, "embed": EmbedOptions},
+          "`pixels` (UINT8 [H,W,3]); options as request `parameters`; the outputs asked for choose predict or embed. "
+          "SAM: /v1 segment's options as parameters, the list-valued ones (`points`, `point_labels`, `box`, "
+          "`prompts`) as JSON text (`\"points\": \"[[220, 140]]\"`); no input and an `image_id` parameter prompt a "
+          "cached embedding; masks as RLE JSON text (`masks`, BYTES) or, asked for, `masks_uint8` (UINT8 [M,H,W])",
+          "v2", "oip_infer", tasks=("classify", "detect", "segment", "embed"),
+          options={"classify": ClassifyOptions, "detect": DetectOptions, "segment": SegmentOptions,
+                   "embed": EmbedOptions}, replica_method="segment",
           request_body=r.OipInferRequest, response=r.OipInferAnswer,
           example_request={"parameters": {"top_k": 3}, "inputs": [
               {"name": "image", "datatype": "BYTES", "shape": [1], "data": [_B64]}]},

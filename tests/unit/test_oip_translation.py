@@ -169,4 +169,40 @@ def test_model_metadata_follows_the_tasks() -> None:
     meta = oip.model_metadata("m", ["classify", "embed"], "onnx")
     assert meta["platform"] == "vfm_onnx" and [i["name"] for i in meta["inputs"]] == ["image", "pixels"]
     assert [o["name"] for o in meta["outputs"]] == ["labels", "scores", "indices", "embedding"]
-    assert oip.model_metadata("sam", ["segment"], None)["outputs"] == []
+    sam = oip.model_metadata("sam", ["segment"], None)
+    assert [o["name"] for o in sam["outputs"]] == ["masks", "masks_uint8", "scores", "areas", "boxes", "prompt_index",
+                                                   "image_id"]
+    assert [i["name"] for i in sam["inputs"]] == ["image", "pixels"]
+    assert oip.model_metadata("x", ["encode"], None) == {"name": "x", "versions": ["1"], "platform": "vfm_torch",
+                                                         "inputs": [], "outputs": []}
+
+
+def test_sam_parameters_are_json_text_and_masks_become_tensors() -> None:
+    from vfm.models.masks import decode_rle, mask_to_json
+
+    assert oip.segment_options({"points": "[[220, 140]]", "point_labels": "[1]", "multimask": True}) == {
+        "points": [[220, 140]], "point_labels": [1], "multimask": True}
+    assert oip.segment_options({"box": [1, 2, 3, 4]}) == {"box": [1, 2, 3, 4]}   # a JSON client's list stays
+    with pytest.raises(ApiError, match="points.*is not JSON.*JSON text"):
+        oip.segment_options({"points": "220,140"})
+    first, second = np.zeros((4, 6), bool), np.zeros((4, 6), bool)
+    first[1:3, 2:5] = True
+    second[0, 0] = True
+    answer = {"image_id": "ab" * 32, "cached": False, "image_size": {"height": 4, "width": 6},
+              "results": [{"masks": [mask_to_json(first, 0.75)]}, {"masks": [mask_to_json(second, 0.5)]}]}
+    result = _read_back(oip.infer_response("sam", oip.segment_tensors(answer, uint8=True), _inputs(True), []))
+    rles = [json.loads(b) for b in result.as_numpy("masks")]
+    assert [np.array_equal(decode_rle(r), m) for r, m in zip(rles, (first, second))] == [True, True]
+    assert np.array_equal(result.as_numpy("masks_uint8"), np.stack([first, second]).astype(np.uint8))
+    assert np.array_equal(result.as_numpy("scores"), np.float32([0.75, 0.5]))
+    assert result.as_numpy("areas").tolist() == [6, 1]
+    assert result.as_numpy("boxes").tolist() == [mask_to_json(first, 0)["bbox"], mask_to_json(second, 0)["bbox"]]
+    assert result.as_numpy("prompt_index").tolist() == [0, 1]
+    assert result.as_numpy("image_id").tolist() == [b"ab" * 32]
+    plain = oip.segment_tensors(answer, uint8=False)
+    assert "masks_uint8" not in [t.name for t in plain]
+
+
+def test_no_input_is_only_for_a_cached_sam_embedding() -> None:
+    _refused(400, "No inputs", [])
+    assert _request([], parameters={"image_id": "ab" * 32}).images == []
