@@ -265,6 +265,18 @@ def client(service_url: str) -> Iterator[VfmClient]:
         yield c
 
 
+@pytest.fixture
+def heads(heads_dir: Path, client: VfmClient, api_key: str) -> Iterator[Path]:
+    """The session's heads folder, emptied (and the catalog reloaded) after the test."""
+    yield heads_dir
+    for child in heads_dir.iterdir():
+        if child.is_symlink() or child.is_file():
+            child.unlink()
+        else:
+            shutil.rmtree(child)
+    client.http.post("/v1/admin/heads/reload", headers={"Authorization": f"Bearer {api_key}"}).raise_for_status()
+
+
 def post_json(client: VfmClient, path: str, body: dict[str, Any]) -> Any:
     """POST a JSON body (``{"images": [...]}``, an ``image_id``...); the answer of a 200, else the test fails."""
     response = client.http.post(path, json=body)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -24,15 +22,6 @@ def photo_folder(tmp_path: Path, chelsea_jpeg: bytes, astronaut_jpeg: bytes, ran
     for i, data in enumerate(random_pngs(7, seed=5)):
         (folder / f"c_noise{i}.png").write_bytes(data)
     return folder
-
-
-@pytest.fixture
-def heads(heads_dir: Path, client: VfmClient, api_key: str) -> Iterator[Path]:
-    """The session's heads folder, emptied (and the catalog reloaded) after the test."""
-    yield heads_dir
-    for child in heads_dir.iterdir():
-        shutil.rmtree(child)
-    client.http.post("/v1/admin/heads/reload", headers={"Authorization": f"Bearer {api_key}"}).raise_for_status()
 
 
 def test_predict_url_over_a_folder_answers_in_input_order_as_the_local_run(service_url: str, photo_folder: Path,

@@ -174,17 +174,6 @@ class RunsCode:
         return (Path.touch, (self.marker,))
 
 
-@pytest.fixture
-def heads(heads_dir: Path, client: VfmClient, api_key: str) -> Iterator[Path]:
-    yield heads_dir
-    for child in heads_dir.iterdir():
-        if child.is_symlink() or child.is_file():
-            child.unlink()
-        else:
-            shutil.rmtree(child)
-    client.http.post(RELOAD, headers={"X-API-Key": api_key}).raise_for_status()
-
-
 def test_a_pickled_or_escaping_head_is_refused_and_runs_nothing(client: VfmClient, heads: Path, api_key: str,
                                                                 tmp_path: Path, small_png: bytes,
                                                                 random_pngs) -> None:

@@ -1,24 +1,12 @@
 """Heads served over their backbone: a head folder dropped into heads_dir serves after a reload."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
-import pytest
 
 from vfm.models.heads import KNNHead, save_head
 from vfm.service.client import VfmClient
-
-
-@pytest.fixture
-def heads(heads_dir: Path, client: VfmClient, api_key: str) -> Iterator[Path]:
-    """The session's heads folder, emptied (and the catalog reloaded) after the test."""
-    yield heads_dir
-    for child in heads_dir.iterdir():
-        shutil.rmtree(child)
-    client.http.post("/v1/admin/heads/reload", headers={"Authorization": f"Bearer {api_key}"}).raise_for_status()
 
 
 def test_a_knn_head_over_tiny_cnn_names_each_training_image(client: VfmClient, heads: Path, api_key: str,

@@ -3,7 +3,6 @@ route serves, each mask format, segment's three forms, heads ready and invalid) 
 /openapi.json gives its status; and /docs and /redoc load every asset from the service itself."""
 from __future__ import annotations
 
-import html.parser
 import re
 import shutil
 from pathlib import Path
@@ -18,16 +17,7 @@ import pytest
 from vfm.service.api import answer_schema
 from vfm.service.client import VfmClient
 
-
-class _Links(html.parser.HTMLParser):
-    """Every URL an HTML page makes the browser load: src and href attributes, and Redoc's spec-url."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.urls: list[str] = []
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        self.urls += [value for name, value in attrs if name in ("src", "href", "spec-url") and value]
+from docs_pages import page_urls
 
 
 def test_docs_and_redoc_load_every_asset_from_the_service(service_url: str) -> None:
@@ -35,9 +25,7 @@ def test_docs_and_redoc_load_every_asset_from_the_service(service_url: str) -> N
     for page in ("/docs", "/redoc"):
         answer = httpx.get(service_url + page, timeout=30)
         assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/html")
-        links = _Links()
-        links.feed(answer.text)
-        urls = links.urls + re.findall(r"""\burl:\s*['"]([^'"]+)['"]""", answer.text)   # Swagger UI's spec URL
+        urls = page_urls(answer.text)
         assert any(u.endswith(".js") for u in urls) and any(u.endswith("openapi.json") for u in urls), urls
         for url in urls:
             absolute = urljoin(service_url + page, url)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import html.parser
 import re
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,8 @@ import pytest
 
 from vfm.service.api import answer_schema
 from vfm.service.routes import ROUTES
+
+from docs_pages import page_urls
 
 JSON = "application/json"
 
@@ -189,24 +190,6 @@ def test_the_ingress_answers_before_any_replica_call_match_the_schema(openapi: d
         _validate(openapi, routes[name].path, method, answer.status_code, answer.json())
     heads = {h["name"]: h for h in answers[4].json()["heads"]}
     assert heads["knn"]["status"] == "ready" and heads["broken"]["status"] == "invalid"   # both forms documented
-
-
-class _Links(html.parser.HTMLParser):
-    """Every URL an HTML page makes the browser load: src and href attributes, and Redoc's spec-url."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.urls: list[str] = []
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        self.urls += [value for name, value in attrs if name in ("src", "href", "spec-url") and value]
-
-
-def page_urls(page: str) -> list[str]:
-    """The URLs of a docs page: its tags' src/href, and the OpenAPI URL Swagger UI's script fetches."""
-    links = _Links()
-    links.feed(page)
-    return links.urls + re.findall(r"""\burl:\s*['"]([^'"]+)['"]""", page)
 
 
 @pytest.mark.parametrize("root_path", ["", "/vfm"])   # "/vfm": as behind Serve's route_prefix /vfm
