@@ -7,12 +7,13 @@ for every family keeps the exports comparable.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -157,7 +158,8 @@ def export_graph(module: Any, args: tuple, folder: Path, key: str, input_names: 
     scratch.mkdir(parents=True, exist_ok=True)
     traced_path = scratch / f"{key}.onnx"
     try:
-        with warnings.catch_warnings(record=True) as caught, torch.inference_mode(False), torch.no_grad():
+        with warnings.catch_warnings(record=True) as caught, torch.inference_mode(False), torch.no_grad(), \
+                _mha_slow_path():
             warnings.simplefilter("always")
             torch.onnx.export(module, args, str(traced_path), dynamo=False, opset_version=opset,
                               input_names=list(input_names), output_names=list(output_names),
@@ -185,6 +187,28 @@ def export_graph(module: Any, args: tuple, folder: Path, key: str, input_names: 
     declared = {name for axes in dynamic_axes.values() for name in axes.values()}
     return GraphFile(key=key, file=target.name, external_data=data_name, inputs=_io(model.graph.input, declared),
                      outputs=_io(model.graph.output, declared), dynamic_axes=dict(dynamic_axes))
+
+
+@contextlib.contextmanager
+def _mha_slow_path() -> Iterator[None]:
+    """Trace ``nn.MultiheadAttention`` (torchvision's ViT) through its plain ops.
+
+    In eval mode without grad it takes a fused fast path (``aten::_native_multi_head_attention``)
+    that has no ONNX symbolic; the slow path computes the same attention from matmuls and softmax.
+    Parity still compares the graph with the module as PyTorch serves it (fast path on).
+    """
+    import torch
+
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    before = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(before)
 
 
 def _io(values: Any, declared: set[str]) -> list[TensorInfo]:
