@@ -75,6 +75,7 @@ class GraphFile:
     inputs: list[TensorInfo]
     outputs: list[TensorInfo]
     dynamic_axes: dict[str, dict[int, str]]
+    optimization: dict[str, Any] | None = None   # transformer fusion: fused-op counts (models/export/optimize.py)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -153,13 +154,15 @@ def export_graph(module: Any, args: tuple, folder: Path, key: str, input_names: 
     import onnx
     import torch
 
+    from .optimize import fuse_transformer, fusion_enabled, is_transformer, plain_attention
+
     module.eval()
     scratch = folder / f".{key}.scratch"
     scratch.mkdir(parents=True, exist_ok=True)
     traced_path = scratch / f"{key}.onnx"
     try:
         with warnings.catch_warnings(record=True) as caught, torch.inference_mode(False), torch.no_grad(), \
-                _mha_slow_path():
+                _mha_slow_path(), plain_attention(module):
             warnings.simplefilter("always")
             torch.onnx.export(module, args, str(traced_path), dynamo=False, opset_version=opset,
                               input_names=list(input_names), output_names=list(output_names),
@@ -171,6 +174,10 @@ def export_graph(module: Any, args: tuple, folder: Path, key: str, input_names: 
         # come back training, so put it back in eval mode for the parity run that follows.
         module.eval()
         model = onnx.load(str(traced_path))  # pulls in any external tensors the exporter wrote
+        optimization = None
+        if fusion_enabled() and is_transformer(module):
+            model, fused = fuse_transformer(model)
+            optimization = {"fusions": fused}
     except Exception as exc:
         raise ExportError(f"torch.onnx.export failed on the {key} graph: {type(exc).__name__}: "
                           f"{str(exc).splitlines()[0][:300] if str(exc) else ''}") from exc
@@ -182,11 +189,13 @@ def export_graph(module: Any, args: tuple, folder: Path, key: str, input_names: 
                     location=data_name, size_threshold=1024)
     shutil.rmtree(scratch, ignore_errors=True)
     onnx.checker.check_model(str(target))
-    log.info("exported %s (%.1f MB of weights%s)", target.name, size / 1e6,
-             f", external data {data_name}" if data_name else "")
+    log.info("exported %s (%.1f MB of weights%s%s)", target.name, size / 1e6,
+             f", external data {data_name}" if data_name else "",
+             f", fused {optimization['fusions']}" if optimization else "")
     declared = {name for axes in dynamic_axes.values() for name in axes.values()}
     return GraphFile(key=key, file=target.name, external_data=data_name, inputs=_io(model.graph.input, declared),
-                     outputs=_io(model.graph.output, declared), dynamic_axes=dict(dynamic_axes))
+                     outputs=_io(model.graph.output, declared), dynamic_axes=dict(dynamic_axes),
+                     optimization=optimization)
 
 
 @contextlib.contextmanager

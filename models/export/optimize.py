@@ -1,0 +1,404 @@
+"""Transformer graph fusion of an exported graph: attention, LayerNorm, GELU and skip-LayerNorm kernels.
+
+Two passes run on the traced graph before it is saved and parity-checked (so parity covers them):
+
+1. **Attention** (ours): ``MatMul(Q, K^T) * scale -> Softmax -> MatMul(., V)`` between the
+   per-head reshapes becomes one ``com.microsoft.MultiHeadAttention`` node (ONNX Runtime's fused
+   CPU/CUDA kernel). ONNX Runtime's own attention fusion (``FusionAttention``) expects BERT's
+   ``Div`` by sqrt(head size) and a mask path; transformers 5 multiplies by the scale (or splits it
+   over Q and K for SDPA), DINOv2 puts LayerScale between the projection and the residual, and
+   torchvision's ``nn.MultiheadAttention`` traces sequence-first with a packed projection, so it
+   matches none of them. The pattern here starts from the Softmax and only needs the three
+   ``[B, S, D]`` projections, the head split (``Reshape -> Transpose``) and the head merge.
+   torchvision's ``nn.MultiheadAttention`` is traced through ``_PlainSelfAttention`` (the same
+   weights, batch-first, per-head matmuls) so that it has that shape too.
+2. **LayerNorm / SkipLayerNorm / BiasGelu** (ONNX Runtime's transformer optimizer,
+   ``onnxruntime.transformers.optimizer.optimize_by_fusion``), with shape inference off (it
+   cannot follow the dynamic reshapes) and without the tanh GELU approximation (it changes numerics).
+
+CNN graphs are left alone: ONNX Runtime's own session-level optimizer covers them.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+from collections import Counter
+from typing import Any, Iterator
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+MS_DOMAIN = "com.microsoft"
+_ENABLED: contextvars.ContextVar[bool] = contextvars.ContextVar("vfm_export_fusion", default=True)
+
+
+@contextlib.contextmanager
+def fusion(enabled: bool) -> Iterator[None]:
+    """Turn transformer fusion on/off for the exports made inside (``vfm export --no-fuse``)."""
+    token = _ENABLED.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _ENABLED.reset(token)
+
+
+def fusion_enabled() -> bool:
+    return _ENABLED.get()
+
+
+def is_transformer(module: Any) -> bool:
+    """Fusion applies to modules with attention: LayerNorm-ed ones (ViT, DINOv2, Swin, SAM's encoder).
+
+    CNNs with LayerNorm (ConvNeXt) are fused too; the passes only rewrite what they match.
+    """
+    import torch
+
+    return any(isinstance(m, (torch.nn.LayerNorm, torch.nn.MultiheadAttention)) for m in module.modules())
+
+
+# ---- pass 0: trace torchvision's nn.MultiheadAttention in a fusable form ---------------------
+
+class _PlainSelfAttention:
+    """Factory of a drop-in for a batch-first self-attention ``nn.MultiheadAttention`` (export only)."""
+
+    @staticmethod
+    def make(mha: Any) -> Any:
+        import torch
+        import torch.nn.functional as F
+
+        class PlainSelfAttention(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.mha = mha
+
+            def forward(self, query: Any, key: Any, value: Any, need_weights: bool = False, **_: Any) -> Any:
+                m = self.mha
+                d, heads = m.embed_dim, m.num_heads
+                w, b = m.in_proj_weight, m.in_proj_bias
+                q = F.linear(query, w[:d], None if b is None else b[:d])
+                k = F.linear(key, w[d:2 * d], None if b is None else b[d:2 * d])
+                v = F.linear(value, w[2 * d:], None if b is None else b[2 * d:])
+                batch, seq = query.shape[0], query.shape[1]
+                q = q.reshape(batch, seq, heads, d // heads).permute(0, 2, 1, 3)
+                k = k.reshape(batch, key.shape[1], heads, d // heads).permute(0, 2, 3, 1)
+                v = v.reshape(batch, key.shape[1], heads, d // heads).permute(0, 2, 1, 3)
+                attn = torch.softmax(torch.matmul(q, k) * (float(d // heads) ** -0.5), dim=-1)
+                out = torch.matmul(attn, v).permute(0, 2, 1, 3).reshape(batch, seq, d)
+                return m.out_proj(out), None
+
+        return PlainSelfAttention()
+
+
+@contextlib.contextmanager
+def plain_attention(module: Any) -> Iterator[int]:
+    """Swap batch-first ``nn.MultiheadAttention`` children for ``_PlainSelfAttention`` while tracing.
+
+    The weights are shared, nothing is copied; the originals are put back afterwards, so parity
+    compares the graph with the module as PyTorch serves it. Yields how many were swapped.
+    """
+    import torch
+
+    swapped: list[tuple[Any, str, Any]] = []
+    if fusion_enabled():
+        for parent in list(module.modules()):
+            for name, child in list(parent.named_children()):
+                if (isinstance(child, torch.nn.MultiheadAttention) and child.batch_first and child.dropout == 0.0
+                        and child._qkv_same_embed_dim and child.bias_k is None and not child.add_zero_attn):
+                    setattr(parent, name, _PlainSelfAttention.make(child))
+                    swapped.append((parent, name, child))
+    try:
+        yield len(swapped)
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
+
+
+# ---- pass 1: attention -> com.microsoft.MultiHeadAttention ------------------------------------
+
+class _Graph:
+    def __init__(self, model: Any):
+        self.model = model
+        self.graph = model.graph
+        self.inits = {t.name: t for t in self.graph.initializer}
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.producer = {o: n for n in self.graph.node for o in n.output}
+        self.consumers: dict[str, list[Any]] = {}
+        for n in self.graph.node:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+        self.outputs = {o.name for o in self.graph.output}
+
+    def parent(self, node: Any, index: int, op: str) -> Any:
+        if index >= len(node.input):
+            return None
+        p = self.producer.get(node.input[index])
+        return p if p is not None and p.op_type == op else None
+
+    def only_consumer(self, name: str) -> Any:
+        users = self.consumers.get(name, [])
+        return users[0] if len(users) == 1 and name not in self.outputs else None
+
+    def constant(self, name: str) -> np.ndarray | None:
+        from onnx import numpy_helper
+
+        if name in self.inits:
+            return numpy_helper.to_array(self.inits[name])
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Identity":
+            return self.constant(node.input[0])
+        if node is not None and node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    return numpy_helper.to_array(a.t)
+        return None
+
+
+def _perm(node: Any) -> list[int] | None:
+    for a in node.attribute:
+        if a.name == "perm":
+            return list(a.ints)
+    return None
+
+
+def _is(node: Any, op: str, perm: list[int] | None = None) -> bool:
+    return node is not None and node.op_type == op and (perm is None or _perm(node) == perm)
+
+
+def _scalar(g: _Graph, node: Any) -> tuple[float, int] | None:
+    """(value, index of the other input) of a Mul/Div by a scalar constant."""
+    for i in (0, 1):
+        value = g.constant(node.input[i])
+        if value is not None and value.size == 1:
+            if node.op_type == "Div" and i == 0:
+                return None
+            v = float(value.reshape(()))
+            return (1.0 / v if node.op_type == "Div" else v), 1 - i
+    return None
+
+
+def _heads(g: _Graph, reshape: Any) -> tuple[int, int] | None:
+    """(num_heads, head_size) of a ``[B, S, D] -> [B, S, N, H]`` Reshape, from its shape constant."""
+    shape = g.constant(reshape.input[1])
+    if shape is not None:
+        dims = [int(x) for x in shape.reshape(-1)]
+        if len(dims) != 4 or dims[3] <= 0:
+            return None
+        if dims[2] == -1:
+            width = _width(g, reshape.input[0])
+            dims[2] = width // dims[3] if width and width % dims[3] == 0 else 0
+        return (dims[2], dims[3]) if dims[2] > 0 else None
+    concat = g.producer.get(reshape.input[1])
+    if concat is None or concat.op_type != "Concat" or len(concat.input) != 4:
+        return None
+    n, h = g.constant(concat.input[2]), g.constant(concat.input[3])
+    if n is None or h is None or n.size != 1 or h.size != 1:
+        return None
+    n, h = int(n.reshape(-1)[0]), int(h.reshape(-1)[0])
+    if n == -1 and h > 0:  # transformers: view(*input_shape, -1, head_dim); the width says how many heads
+        width = _width(g, reshape.input[0])
+        n = width // h if width and width % h == 0 else 0
+    return (n, h) if n > 0 and h > 0 else None
+
+
+def _width(g: _Graph, name: str) -> int | None:
+    """The last dimension of a linear projection's output (its bias or weight constant)."""
+    node = g.producer.get(name)
+    if node is not None and node.op_type == "Add":
+        for i in node.input:
+            value = g.constant(i)
+            if value is not None and value.ndim == 1:
+                return int(value.shape[0])
+        node = next((g.producer.get(i) for i in node.input if _is(g.producer.get(i), "MatMul")), None)
+    if node is not None and node.op_type == "MatMul":
+        value = g.constant(node.input[1])
+        if value is not None and value.ndim == 2:
+            return int(value.shape[1])
+    return None
+
+
+def _depends_on(g: _Graph, name: str, node: Any, depth: int = 6) -> bool:
+    """Whether tensor ``name`` is computed from ``node``'s output within ``depth`` steps."""
+    if depth < 0:
+        return False
+    producer = g.producer.get(name)
+    if producer is None:
+        return False
+    return producer is node or any(_depends_on(g, i, node, depth - 1) for i in producer.input)
+
+
+def _split_heads(g: _Graph, node: Any, perm: list[int]) -> tuple[str, Any] | None:
+    """``Transpose(perm) <- Reshape <- x`` -> (x, reshape): x is [B, S, D]."""
+    if not _is(node, "Transpose", perm):
+        return None
+    reshape = g.parent(node, 0, "Reshape")
+    return (reshape.input[0], reshape) if reshape is not None else None
+
+
+def _match_attention(g: _Graph, softmax: Any) -> dict[str, Any] | None:
+    from onnx import helper
+
+    axis = next((helper.get_attribute_value(a) for a in softmax.attribute if a.name == "axis"), -1)
+    if axis not in (-1, 3):
+        return None
+    pv = g.only_consumer(softmax.output[0])
+    if not _is(pv, "MatMul") or pv.input[0] != softmax.output[0]:
+        return None
+    removed = [softmax, pv]
+    merge = g.only_consumer(pv.output[0])
+    if merge is None:  # SDPA's symbolic reshapes its output to the query's own shape: a no-op here
+        users = g.consumers.get(pv.output[0], [])
+        shape = next((u for u in users if u.op_type == "Shape"), None)
+        same = next((u for u in users if u.op_type == "Reshape"), None)
+        if len(users) != 2 or shape is None or same is None or not _depends_on(g, same.input[1], shape):
+            return None
+        removed.append(same)
+        merge = g.only_consumer(same.output[0])
+    if not _is(merge, "Transpose", [0, 2, 1, 3]):
+        return None
+    out = g.only_consumer(merge.output[0])
+    if not _is(out, "Reshape"):
+        return None
+    v = _split_heads(g, g.producer.get(pv.input[1]), [0, 2, 1, 3])
+    if v is None:
+        return None
+    removed += [merge, out]
+    scale = 1.0
+    node = g.producer.get(softmax.input[0])
+    if node is not None and node.op_type in ("Mul", "Div"):       # (Q K^T) * scale
+        found = _scalar(g, node)
+        if found is None:
+            return None
+        scale, other = found
+        removed.append(node)
+        node = g.producer.get(node.input[other])
+    if not _is(node, "MatMul"):
+        return None
+    qk = node
+    removed.append(qk)
+    sides = []
+    for index in (0, 1):
+        side = g.producer.get(qk.input[index])
+        if side is not None and side.op_type == "Mul":            # SDPA: (Q * sqrt s) (K^T * sqrt s)
+            found = _scalar(g, side)
+            if found is None:
+                return None
+            scale *= found[0]
+            removed.append(side)
+            side = g.producer.get(side.input[found[1]])
+        sides.append(side)
+    q = _split_heads(g, sides[0], [0, 2, 1, 3])
+    k = _split_heads(g, sides[1], [0, 2, 3, 1])
+    if k is None and _is(sides[1], "Transpose", [0, 1, 3, 2]):
+        k = _split_heads(g, g.producer.get(sides[1].input[0]), [0, 2, 1, 3])
+        if k is not None:
+            removed.append(sides[1])
+            sides[1] = g.producer.get(sides[1].input[0])
+    if q is None or k is None:
+        return None
+    # the head splits (Transpose <- Reshape) are left to the pruning: another reader may keep them
+    heads = {_heads(g, r) for _, r in (q, k, v)}
+    if len(heads) != 1 or None in heads:
+        return None
+    num_heads, head_size = heads.pop()
+    # every intermediate must feed only this attention (a Shape may read it: checked after pruning)
+    inner = {o for n in removed for o in n.output} - {out.output[0]}
+    strangers = [u.op_type for name in inner for u in g.consumers.get(name, [])
+                 if u not in removed and u.op_type != "Shape"]
+    if strangers or inner & g.outputs:
+        log.debug("attention at %s not fused: its intermediates are also read by %s", softmax.name, strangers)
+        return None
+    return {"q": q[0], "k": k[0], "v": v[0], "out": out.output[0], "num_heads": num_heads, "scale": scale,
+            "head_size": head_size, "removed": removed}
+
+
+def fuse_attention(model: Any) -> int:
+    """Replace every matched attention core of ``model`` (in place); returns how many."""
+    from onnx import helper
+
+    original = type(model)()
+    original.CopyFrom(model)
+    g = _Graph(model)
+    fused = 0
+    for softmax in [n for n in g.graph.node if n.op_type == "Softmax"]:
+        match = _match_attention(g, softmax)
+        if match is None:
+            continue
+        index = min(list(g.graph.node).index(n) for n in match["removed"])
+        node = helper.make_node("MultiHeadAttention", [match["q"], match["k"], match["v"]], [match["out"]],
+                                name=f"{softmax.name or 'attention'}_fused_mha", domain=MS_DOMAIN,
+                                num_heads=match["num_heads"], scale=float(match["scale"]))
+        for n in match["removed"]:
+            g.graph.node.remove(n)
+        g.graph.node.insert(index, node)
+        g.refresh()
+        fused += 1
+    if fused:
+        _prune(g)
+        known = {i.name for i in g.graph.input} | set(g.inits) | {""} | set(g.producer)
+        dangling = sorted({i for n in g.graph.node for i in n.input if i not in known})
+        if dangling:  # a removed tensor is still read somewhere: keep the graph as traced
+            log.warning("attention fusion skipped: it would leave %s unproduced", dangling[:3])
+            model.CopyFrom(original)
+            return 0
+        if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return fused
+
+
+def _prune(g: _Graph) -> None:
+    """Drop nodes whose outputs nobody reads (the head-split shape arithmetic left behind)."""
+    while True:
+        dead = [n for n in g.graph.node
+                if not any(o in g.outputs or g.consumers.get(o) for o in n.output)]
+        if not dead:
+            return
+        for n in dead:
+            g.graph.node.remove(n)
+        g.refresh()
+
+
+# ---- pass 2: ONNX Runtime's LayerNorm / GELU fusions -------------------------------------------
+
+@contextlib.contextmanager
+def _quiet_optimizer() -> Iterator[None]:
+    """ONNX Runtime's fusion modules log as top-level names ("fusion_utils", "onnx_model_bert", ...)
+    and warn about the shape inference turned off here: keep them to errors while they run."""
+    import sys
+
+    loggers = [logger for name, logger in logging.root.manager.loggerDict.items()
+               if isinstance(logger, logging.Logger) and "onnxruntime" in
+               str(getattr(sys.modules.get(name), "__file__", "") or "").replace("\\", "/").split("site-packages/")[-1]]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def fuse_transformer(model: Any) -> tuple[Any, dict[str, int]]:
+    """Both passes on ``model`` (a ModelProto); returns the fused model and the fused-op counts."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_by_fusion
+
+    attention = fuse_attention(model)
+    options = FusionOptions("vit")
+    options.enable_attention = False          # pass 1 did it; FusionAttention matches none of these graphs
+    options.enable_shape_inference = False     # symbolic shape inference fails on the dynamic reshapes
+    options.enable_gelu_approximation = False
+    options.enable_embed_layer_norm = False
+    options.enable_rotary_embeddings = False
+    with _quiet_optimizer():
+        optimized = optimize_by_fusion(model, "vit", 0, 0, options)
+    stats = {k: int(v) for k, v in optimized.get_fused_operator_statistics().items() if v}
+    if attention:
+        stats["MultiHeadAttention"] = attention
+    counts = Counter(n.op_type for n in optimized.model.graph.node)
+    log.info("transformer fusion: %s (%d nodes left)", stats, sum(counts.values()))
+    return optimized.model, dict(sorted(stats.items()))
