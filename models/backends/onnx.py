@@ -104,25 +104,59 @@ def providers_for(settings: SessionSettings) -> list[tuple[str, dict[str, Any]]]
     return chosen
 
 
+# What an export's config.json "session" may say (export.optimize.SESSION_DEFAULTS writes it):
+# ONNX Runtime's graph optimisation level, execution mode, memory arena and memory pattern, and
+# the intra-op threads (null: one per core) when the replica asks for no ``num_threads`` itself.
+OPTIMIZATION_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+                       "layout": "ORT_ENABLE_LAYOUT", "all": "ORT_ENABLE_ALL"}
+EXECUTION_MODES = {"sequential": "ORT_SEQUENTIAL", "parallel": "ORT_PARALLEL"}
+
+
+def session_options(settings: SessionSettings, recorded: Mapping[str, Any] | None = None) -> Any:
+    """``ort.SessionOptions`` from the export's recorded choice, the replica's settings on top.
+
+    Unknown or malformed recorded values are ignored with a warning (an export made by another
+    vfm must still open), the defaults being ONNX Runtime's ``ORT_ENABLE_ALL``, sequential, arena on.
+    """
+    import onnxruntime as ort
+
+    recorded = dict(recorded or {})
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    level = OPTIMIZATION_LEVELS.get(str(recorded.get("graph_optimization_level", "all")))
+    mode = EXECUTION_MODES.get(str(recorded.get("execution_mode", "sequential")))
+    if level is None or mode is None or not hasattr(ort.GraphOptimizationLevel, level):
+        log.warning("ignoring the export's session settings %s (unknown level or mode)", recorded)
+        level, mode = "ORT_ENABLE_ALL", "ORT_SEQUENTIAL"
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    options.execution_mode = getattr(ort.ExecutionMode, mode)
+    for key in ("enable_cpu_mem_arena", "enable_mem_pattern"):
+        if isinstance(recorded.get(key), bool):
+            setattr(options, key, recorded[key])
+    threads = settings.num_threads or recorded.get("intra_op_threads")
+    if isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1:
+        options.intra_op_num_threads = threads
+    if settings.inter_op_threads:
+        options.inter_op_num_threads = settings.inter_op_threads
+    if not settings.spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
 class OnnxSession:
-    """One ONNX Runtime session with named outputs; on CUDA, inputs and outputs go through IO binding."""
+    """One ONNX Runtime session with named outputs; on CUDA, inputs and outputs go through IO binding.
+
+    ``recorded``: the export's config.json "session" (the options chosen by measurement for it).
+    """
 
     backend = "onnx"
 
-    def __init__(self, path: Path, settings: SessionSettings):
+    def __init__(self, path: Path, settings: SessionSettings, recorded: Mapping[str, Any] | None = None):
         import onnxruntime as ort
 
         self.path = Path(path)
         self.settings = settings
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if settings.num_threads:
-            options.intra_op_num_threads = settings.num_threads
-        if settings.inter_op_threads:
-            options.inter_op_num_threads = settings.inter_op_threads
-        if not settings.spinning:
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options = session_options(settings, recorded)
         providers = providers_for(settings)
         if settings.cache_dir is not None and any(name == TENSORRT for name, _ in providers):
             settings.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -159,4 +193,5 @@ class OnnxSession:
 def open_sessions(folder: Path, config: dict[str, Any], settings: SessionSettings) -> dict[str, OnnxSession]:
     """One session per graph of the export in ``folder`` (as its config.json lists them), by graph key."""
     version = folder / str(config["version"])
-    return {key: OnnxSession(version / graph["file"], settings) for key, graph in config["graphs"].items()}
+    recorded = config.get("session") if isinstance(config.get("session"), dict) else None
+    return {key: OnnxSession(version / graph["file"], settings, recorded) for key, graph in config["graphs"].items()}

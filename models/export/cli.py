@@ -33,6 +33,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help=f"parity: SAM masks must overlap with at least this IoU (default {default.min_iou})")
     p.add_argument("--external-data", action=argparse.BooleanOptionalAction, default=None,
                    help="weights in a separate .onnx.data file (default: only past 2 GiB)")
+    p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
+                   help="transformer graph fusion (attention, LayerNorm, GELU) before the parity check (default: on)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random parity inputs")
     p.add_argument("--json", action="store_true", help="print config.json")
     p.set_defaults(func=cmd_export)
@@ -67,7 +69,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"exporting {args.name} and checking it against PyTorch ...", file=sys.stderr, flush=True)
     result = export_model(args.name, args.out, opset=args.opset, weights=args.weights,
                           tolerance=_tolerance(args.name, args), external_data=args.external_data, seed=args.seed,
-                          **options)
+                          fuse=args.fuse, **options)
     if args.json:
         json.dump(result.config, sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -58,6 +58,20 @@ def is_transformer(module: Any) -> bool:
     return any(isinstance(m, (torch.nn.LayerNorm, torch.nn.MultiheadAttention)) for m in module.modules())
 
 
+# ONNX Runtime session options an export records in config.json "session" and every replica
+# opens its sessions with (``backends.onnx.session_options``; a replica's own ``num_threads``
+# wins). Chosen with bench/session_options.py on the fused ViT/DINOv2/Swin exports and CPU
+# classifiers (figures in the decisions doc): ORT_ENABLE_ALL, sequential execution (parallel
+# only adds scheduling on graphs that are one chain of layers), arena and memory pattern on.
+SESSION_DEFAULTS: dict[str, Any] = {"graph_optimization_level": "all", "execution_mode": "sequential",
+                                    "enable_cpu_mem_arena": True, "enable_mem_pattern": True,
+                                    "intra_op_threads": None}
+
+
+def session_defaults() -> dict[str, Any]:
+    return dict(SESSION_DEFAULTS)
+
+
 # ---- pass 0: trace torchvision's nn.MultiheadAttention in a fusable form ---------------------
 
 class _PlainSelfAttention:

@@ -36,6 +36,7 @@ from ..registry import get_spec
 from ..spec import ModelSpec
 from ..weights import LocalWeights, WeightsUnavailable, describe_source, parse_source
 from .common import DEFAULT_OPSET, EXPORTER, ExportError, Tolerance, check_opset
+from .optimize import fusion, session_defaults
 
 log = logging.getLogger(__name__)
 
@@ -175,14 +176,15 @@ def _exporter_for(runner: Any) -> Callable[..., Any]:
 def export_model(name: str, repository: str | Path | None = None, *, opset: int = DEFAULT_OPSET,
                  weights: str | Path | None = None, tolerance: Tolerance | None = None,
                  external_data: bool | None = None, seed: int = 0, model_options: dict[str, Any] | None = None,
-                 replace: bool = True, **export_options: Any) -> ExportResult:
+                 replace: bool = True, fuse: bool = True, **export_options: Any) -> ExportResult:
     """Export ``name`` to ``repository/NAME`` and check it; replaces an existing export of it.
 
     ``weights``: as for ``load_model`` (default: the model's own). ``tolerance``: the parity
     limits (default: the family's). ``external_data``: force the weights into (or out of) a
     ``.onnx.data`` file; by default only past protobuf's 2 GiB. ``seed``: of the random parity
     inputs. ``model_options``: builder options of the PyTorch model. ``export_options``: the
-    family exporter's (detectors: ``min_score``, ``max_candidates``). ``replace=False`` keeps an
+    family exporter's (detectors: ``min_score``, ``max_candidates``). ``fuse``: transformer graph
+    fusion (attention, LayerNorm, GELU; ``export.optimize``) before parity. ``replace=False`` keeps an
     export that another process published meanwhile (auto-export by several replicas). Raises
     ``ParityError`` when ONNX Runtime and PyTorch disagree; nothing is written then.
     """
@@ -208,13 +210,14 @@ def export_model(name: str, repository: str | Path | None = None, *, opset: int 
         version = work / str(VERSION)
         version.mkdir()
         log.info("exporting %s to %s (opset %d)", name, target, opset)
-        result = exporter(runner, version, opset, tolerance, external_data, seed, **export_options)
+        with fusion(fuse):
+            result = exporter(runner, version, opset, tolerance, external_data, seed, **export_options)
         config = {
             "format": FORMAT, "name": name, "family": spec.family, "task": spec.task, "tasks": list(spec.tasks),
             "kind": result.kind, "version": VERSION, "opset": opset, "exporter": EXPORTER,
             "graphs": {g.key: g.to_json() for g in result.graphs},
             "preprocess": spec.preprocess.to_json() if spec.preprocess else None,
-            "labels": result.labels, "runtime": result.runtime, "parity": result.parity,
+            "labels": result.labels, "runtime": result.runtime, "session": session_defaults(), "parity": result.parity,
             "weights": weights_label(spec, weights), "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
             "versions": _versions(),
         }

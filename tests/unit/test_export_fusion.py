@@ -1,0 +1,100 @@
+"""Transformer exports: torchvision's ViT-B/16 exports at all, and fused graphs (attention, LayerNorm,
+GELU) answer as PyTorch does; the session options an export records are the ones its sessions open with.
+
+vit_b_16 is full size with seeded random weights (no download); the fused structures are tiny_vit
+(transformers ViT) and a DINOv2-structured tiny backbone (LayerScale, SDPA attention).
+"""
+import dataclasses
+import json
+
+import numpy as np
+import onnx
+import pytest
+from skimage import data
+
+from vfm.models import load_model
+from vfm.models.backends.onnx import OnnxSession, SessionSettings, session_options
+from vfm.models.export import export_model
+from vfm.models.export.common import parity_images
+from vfm.models.families import vit
+from vfm.models.registry import get_spec, register, unregister
+
+TINY_DINOV2 = dict(vit.DINOV2_SMALL, hidden_size=48, num_hidden_layers=2, num_attention_heads=3, image_size=56)
+
+
+def _ops(path):
+    return [(n.domain, n.op_type) for n in onnx.load(str(path)).graph.node]
+
+
+@pytest.fixture(scope="module")
+def tiny_dinov2():
+    """A DINOv2 backbone of dinov2_small's structure (LayerScale, 14-pixel patches), 2 layers of 48 wide."""
+    name = "test/tiny-dinov2"
+
+    def build(spec, weights_path, device, **options):
+        return vit._build(spec, weights_path, device, model_type="dinov2", arch=TINY_DINOV2, **options)
+
+    spec = dataclasses.replace(get_spec("dinov2_small"), name=name, builder=build, weights=None,
+                               random_weights=True, feature_dim=48,
+                               preprocess=dataclasses.replace(vit.DINOV2_PREPROCESS, size=56, crop_pct=56 / 64))
+    register(spec)
+    yield name
+    unregister(name)
+
+
+def test_vit_b_16_random_weights_exports_and_matches_pytorch(tmp_path):
+    result = export_model("vit_b_16", tmp_path, weights="random")
+    config = result.config
+    parity, tol = config["parity"], config["parity"]["tolerance"]
+    assert 0 <= parity["features_max_abs_diff"] <= tol["atol"] + tol["rtol"] * parity["features_scale"]
+    # torchvision's nn.MultiheadAttention is traced per head and fused into ONNX Runtime's kernel
+    assert config["graphs"]["model"]["optimization"]["fusions"]["MultiHeadAttention"] == 12
+    photo = [data.astronaut()]
+    onnx_runner = load_model("vit_b_16", backend="onnx", device="cpu", weights="random", repository=tmp_path)
+    torch_runner = load_model("vit_b_16", device="cpu", weights="random")
+    np.testing.assert_allclose(onnx_runner.embed(photo), torch_runner.embed(photo), atol=2e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("model", ["tiny_vit", "tiny_dinov2"])
+def test_fused_transformer_export_matches_pytorch(model, tiny_dinov2, tmp_path):
+    name = tiny_dinov2 if model == "tiny_dinov2" else model
+    fused = export_model(name, tmp_path / "fused")
+    plain = export_model(name, tmp_path / "plain", fuse=False)
+    fusions = fused.config["graphs"]["model"]["optimization"]["fusions"]
+    assert fusions["MultiHeadAttention"] == 2 and fusions["SkipLayerNormalization"] >= 2
+    assert fusions.get("BiasGelu", 0) + fusions.get("Gelu", 0) == 2
+    ops = _ops(fused.files[0])
+    assert ops.count(("com.microsoft", "MultiHeadAttention")) == 2 and ("", "Softmax") not in ops
+    assert ("", "Softmax") in _ops(plain.files[0]) and plain.config["graphs"]["model"]["optimization"] is None
+
+    torch_runner = load_model(name, device="cpu")
+    onnx_runner = load_model(name, backend="onnx", device="cpu", repository=tmp_path / "fused")
+    images = parity_images(seed=7, sizes=[(96, 160), (200, 90), (64, 64), (31, 300)]) + [data.chelsea()]
+    tol = fused.config["parity"]["tolerance"]
+    for pooling in ("cls", "cls+mean"):
+        onnx_runner.pooling = torch_runner.pooling = pooling
+        got, expected = onnx_runner.embed(images), torch_runner.embed(images)
+        assert np.max(np.abs(got - expected)) <= tol["atol"] + tol["rtol"] * np.max(np.abs(expected))
+    # one image at a time answers as the batch does (the fused attention keeps the batch axis dynamic)
+    np.testing.assert_allclose(onnx_runner.embed(images[:1]), onnx_runner.embed(images)[:1], atol=1e-5)
+
+
+def test_recorded_session_options_open_the_sessions(tmp_path):
+    result = export_model("tiny_vit", tmp_path)
+    config = json.loads((result.folder / "config.json").read_text())
+    assert config["session"]["graph_optimization_level"] == "all"
+    settings = SessionSettings(device="cpu")
+    path = result.files[0]
+    basic = OnnxSession(path, settings, {"graph_optimization_level": "basic", "enable_cpu_mem_arena": False,
+                                         "intra_op_threads": 1})
+    opened = basic.session.get_session_options()
+    assert str(opened.graph_optimization_level).endswith("ORT_ENABLE_BASIC")
+    assert opened.enable_cpu_mem_arena is False and opened.intra_op_num_threads == 1
+    # the replica's own thread count wins over the recorded one
+    assert session_options(SessionSettings(num_threads=2), {"intra_op_threads": 1}).intra_op_num_threads == 2
+    # an export made by another vfm with values this one does not know still opens, on the defaults
+    odd = session_options(settings, {"graph_optimization_level": "turbo", "enable_mem_pattern": "yes"})
+    assert str(odd.graph_optimization_level).endswith("ORT_ENABLE_ALL")
+    runner = load_model("tiny_vit", backend="onnx", device="cpu", repository=tmp_path)
+    assert runner.classify([data.coffee()], top_k=1)[0].top[0].label == \
+        load_model("tiny_vit", device="cpu").classify([data.coffee()], top_k=1)[0].top[0].label
