@@ -7,7 +7,7 @@ For every export in DIR (``vfm export NAME --weights random --repository DIR``; 
 ``--compare DIR2`` also the same model from a second repository, e.g. one exported with
 ``--no-fuse``), opens one session per variant of the options a replica can be given (graph
 optimisation level, execution mode, memory arena) and times ``session.run`` on a random batch
-of the graph's input size at each batch size. Rounds alternate the variants so a change in
+of the graph's input size at each batch size (``--clock cpu``: CPU time, for a busy machine). Rounds alternate the variants so a change in
 machine load hits all alike; each figure is the median over rounds, printed relative to the
 first variant (the recorded defaults, ``export.optimize.SESSION_DEFAULTS``), with the load average.
 """
@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: this process's CPU time (time.process_time), steadier than wall time on a "
+                             "machine shared with other work; meaningful with --threads 1 (no pool threads spinning)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="which of: " + ", ".join(VARIANTS))
     args = parser.parse_args(argv)
 
@@ -63,11 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
 
     settings = SessionSettings(device="cpu", num_threads=args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     roots = [Path(args.repository)] + ([Path(args.compare)] if args.compare else [])
     names = ([m.strip() for m in args.models.split(",") if m.strip()] if args.models
              else sorted(json.loads(p.read_text())["name"] for p in roots[0].glob("*/config.json")))
     chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
-    print(f"threads {args.threads}, rounds {args.rounds}, load average {os.getloadavg()}")
+    print(f"threads {args.threads}, rounds {args.rounds}, {args.clock} clock, load average {os.getloadavg()}")
     print(f"{'model':<28} {'repository':<22} {'variant':<18} {'batch':>5} {'ms':>9} {'/ first':>8}")
     for name in names:
         sessions: dict[tuple[str, str], Any] = {}
@@ -87,9 +91,9 @@ def main(argv: list[str] | None = None) -> int:
             order = list(sessions)
             for i in range(args.rounds):
                 for k in (order if i % 2 == 0 else order[::-1]):
-                    start = time.perf_counter()
+                    start = clock()
                     sessions[k].run(None, inputs[k])
-                    samples[k].append(time.perf_counter() - start)
+                    samples[k].append(clock() - start)
             first = statistics.median(samples[order[0]])
             for k in order:
                 t = statistics.median(samples[k])

@@ -9,6 +9,7 @@ from typing import Any
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     from .common import DEFAULT_OPSET, Tolerance
+    from .optimize import DEFAULT_FUSION, FUSION_LEVELS
 
     default = Tolerance()
     p = sub.add_parser("export", help="export a model to ONNX (checked against PyTorch) into a model repository",
@@ -33,8 +34,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help=f"parity: SAM masks must overlap with at least this IoU (default {default.min_iou})")
     p.add_argument("--external-data", action=argparse.BooleanOptionalAction, default=None,
                    help="weights in a separate .onnx.data file (default: only past 2 GiB)")
-    p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
-                   help="transformer graph fusion (attention, LayerNorm, GELU) before the parity check (default: on)")
+    p.add_argument("--fuse", choices=FUSION_LEVELS, default=DEFAULT_FUSION,
+                   help="transformer graph fusion before the parity check: attention (fused multi-head attention "
+                        f"kernels), all (+ LayerNorm, GELU, skip-LayerNorm), none (default {DEFAULT_FUSION})")
+    p.add_argument("--no-fuse", dest="fuse", action="store_const", const="none", help="same as --fuse none")
     p.add_argument("--seed", type=int, default=0, help="seed of the random parity inputs")
     p.add_argument("--json", action="store_true", help="print config.json")
     p.set_defaults(func=cmd_export)

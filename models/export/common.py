@@ -154,7 +154,7 @@ def export_graph(module: Any, args: tuple, folder: Path, key: str, input_names: 
     import onnx
     import torch
 
-    from .optimize import fuse_transformer, fusion_enabled, is_transformer, plain_attention
+    from .optimize import current_fusion, fuse_transformer, fusion_enabled, is_transformer, plain_attention
 
     module.eval()
     scratch = folder / f".{key}.scratch"
@@ -177,7 +177,7 @@ def export_graph(module: Any, args: tuple, folder: Path, key: str, input_names: 
         optimization = None
         if fusion_enabled() and is_transformer(module):
             model, fused = fuse_transformer(model)
-            optimization = {"fusions": fused}
+            optimization = {"level": current_fusion(), "fusions": fused}
     except Exception as exc:
         raise ExportError(f"torch.onnx.export failed on the {key} graph: {type(exc).__name__}: "
                           f"{str(exc).splitlines()[0][:300] if str(exc) else ''}") from exc

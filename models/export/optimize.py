@@ -12,7 +12,7 @@ Two passes run on the traced graph before it is saved and parity-checked (so par
    ``[B, S, D]`` projections, the head split (``Reshape -> Transpose``) and the head merge.
    torchvision's ``nn.MultiheadAttention`` is traced through ``_PlainSelfAttention`` (the same
    weights, batch-first, per-head matmuls) so that it has that shape too.
-2. **LayerNorm / SkipLayerNorm / BiasGelu** (ONNX Runtime's transformer optimizer,
+2. (``fuse="all"`` only) **LayerNorm / SkipLayerNorm / BiasGelu** (ONNX Runtime's transformer optimizer,
    ``onnxruntime.transformers.optimizer.optimize_by_fusion``), with shape inference off (it
    cannot follow the dynamic reshapes) and without the tanh GELU approximation (it changes numerics).
 
@@ -31,21 +31,42 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 MS_DOMAIN = "com.microsoft"
-_ENABLED: contextvars.ContextVar[bool] = contextvars.ContextVar("vfm_export_fusion", default=True)
+# "attention": pass 1 only (the default); "all": passes 1 and 2; "none": the graph as traced.
+# Pass 2 is off by default because it measured slower on CPU (bench/session_options.py, ONNX
+# Runtime 1.32, 1 thread, dinov2_small batch 1: traced 88 ms, + attention 89-90 ms, + LayerNorm/GELU
+# 96 ms, + SkipLayerNorm alone 97 ms): ONNX Runtime's session-level ORT_ENABLE_ALL already fuses
+# LayerNorm and folds the biases into FusedMatMul, which the offline SkipLayerNormalization prevents.
+FUSION_LEVELS = ("attention", "all", "none")
+DEFAULT_FUSION = "attention"
+_LEVEL: contextvars.ContextVar[str] = contextvars.ContextVar("vfm_export_fusion", default=DEFAULT_FUSION)
+
+
+def fusion_level(fuse: bool | str) -> str:
+    """``True`` -> the default level, ``False`` -> "none", or one of ``FUSION_LEVELS``."""
+    level = (DEFAULT_FUSION if fuse else "none") if isinstance(fuse, bool) else str(fuse).strip().lower()
+    if level not in FUSION_LEVELS:
+        from .common import ExportError
+
+        raise ExportError(f"fuse must be one of {', '.join(FUSION_LEVELS)} (or true/false), got {fuse!r}.")
+    return level
 
 
 @contextlib.contextmanager
-def fusion(enabled: bool) -> Iterator[None]:
-    """Turn transformer fusion on/off for the exports made inside (``vfm export --no-fuse``)."""
-    token = _ENABLED.set(bool(enabled))
+def fusion(fuse: bool | str) -> Iterator[None]:
+    """The fusion level of the exports made inside (``vfm export --fuse LEVEL`` / ``--no-fuse``)."""
+    token = _LEVEL.set(fusion_level(fuse))
     try:
         yield
     finally:
-        _ENABLED.reset(token)
+        _LEVEL.reset(token)
+
+
+def current_fusion() -> str:
+    return _LEVEL.get()
 
 
 def fusion_enabled() -> bool:
-    return _ENABLED.get()
+    return _LEVEL.get() != "none"
 
 
 def is_transformer(module: Any) -> bool:
@@ -396,12 +417,19 @@ def _quiet_optimizer() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def fuse_transformer(model: Any) -> tuple[Any, dict[str, int]]:
-    """Both passes on ``model`` (a ModelProto); returns the fused model and the fused-op counts."""
+def fuse_transformer(model: Any, level: str | None = None) -> tuple[Any, dict[str, int]]:
+    """The passes of ``level`` (default: the current one) on ``model`` (a ModelProto), in place
+    where possible; returns the fused model and the fused-op counts."""
+    from onnx import helper
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_by_fusion
 
+    level = level or current_fusion()
+    if level == "none":
+        return model, {}
     attention = fuse_attention(model)
+    if level == "attention":
+        return model, ({"MultiHeadAttention": attention} if attention else {})
     options = FusionOptions("vit")
     options.enable_attention = False          # pass 1 did it; FusionAttention matches none of these graphs
     options.enable_shape_inference = False     # symbolic shape inference fails on the dynamic reshapes
@@ -410,6 +438,9 @@ def fuse_transformer(model: Any) -> tuple[Any, dict[str, int]]:
     options.enable_rotary_embeddings = False
     with _quiet_optimizer():
         optimized = optimize_by_fusion(model, "vit", 0, 0, options)
+    if any(n.domain == MS_DOMAIN for n in optimized.model.graph.node) and \
+            not any(o.domain == MS_DOMAIN for o in optimized.model.opset_import):
+        optimized.model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     stats = {k: int(v) for k, v in optimized.get_fused_operator_statistics().items() if v}
     if attention:
         stats["MultiHeadAttention"] = attention

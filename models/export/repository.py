@@ -36,7 +36,7 @@ from ..registry import get_spec
 from ..spec import ModelSpec
 from ..weights import LocalWeights, WeightsUnavailable, describe_source, parse_source
 from .common import DEFAULT_OPSET, EXPORTER, ExportError, Tolerance, check_opset
-from .optimize import fusion, session_defaults
+from .optimize import fusion, fusion_level, session_defaults
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def _exporter_for(runner: Any) -> Callable[..., Any]:
 def export_model(name: str, repository: str | Path | None = None, *, opset: int = DEFAULT_OPSET,
                  weights: str | Path | None = None, tolerance: Tolerance | None = None,
                  external_data: bool | None = None, seed: int = 0, model_options: dict[str, Any] | None = None,
-                 replace: bool = True, fuse: bool = True, **export_options: Any) -> ExportResult:
+                 replace: bool = True, fuse: bool | str = True, **export_options: Any) -> ExportResult:
     """Export ``name`` to ``repository/NAME`` and check it; replaces an existing export of it.
 
     ``weights``: as for ``load_model`` (default: the model's own). ``tolerance``: the parity
@@ -184,7 +184,8 @@ def export_model(name: str, repository: str | Path | None = None, *, opset: int 
     ``.onnx.data`` file; by default only past protobuf's 2 GiB. ``seed``: of the random parity
     inputs. ``model_options``: builder options of the PyTorch model. ``export_options``: the
     family exporter's (detectors: ``min_score``, ``max_candidates``). ``fuse``: transformer graph
-    fusion (attention, LayerNorm, GELU; ``export.optimize``) before parity. ``replace=False`` keeps an
+    fusion before parity (``export.optimize``): True/"attention" (default), "all" (+ LayerNorm,
+    GELU, skip-LayerNorm), False/"none". ``replace=False`` keeps an
     export that another process published meanwhile (auto-export by several replicas). Raises
     ``ParityError`` when ONNX Runtime and PyTorch disagree; nothing is written then.
     """
@@ -201,6 +202,7 @@ def export_model(name: str, repository: str | Path | None = None, *, opset: int 
         raise ExportError(f"The ONNX export of {name!r} does not take option(s) {', '.join(unknown)}"
                           + (f"; it takes: {', '.join(accepted)}." if accepted else "."))
     tolerance = tolerance or default_tolerance(name)
+    fusion_level(fuse)  # a bad level fails before anything is written
     root = repository_root(repository)
     root.mkdir(parents=True, exist_ok=True)
     target = root / folder_name(name)

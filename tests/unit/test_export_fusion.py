@@ -47,8 +47,9 @@ def test_vit_b_16_random_weights_exports_and_matches_pytorch(tmp_path):
     config = result.config
     parity, tol = config["parity"], config["parity"]["tolerance"]
     assert 0 <= parity["features_max_abs_diff"] <= tol["atol"] + tol["rtol"] * parity["features_scale"]
-    # torchvision's nn.MultiheadAttention is traced per head and fused into ONNX Runtime's kernel
-    assert config["graphs"]["model"]["optimization"]["fusions"]["MultiHeadAttention"] == 12
+    # torchvision's nn.MultiheadAttention is traced per head and fused into ONNX Runtime's kernel;
+    # the default level fuses attention only
+    assert config["graphs"]["model"]["optimization"] == {"level": "attention", "fusions": {"MultiHeadAttention": 12}}
     photo = [data.astronaut()]
     onnx_runner = load_model("vit_b_16", backend="onnx", device="cpu", weights="random", repository=tmp_path)
     torch_runner = load_model("vit_b_16", device="cpu", weights="random")
@@ -58,8 +59,9 @@ def test_vit_b_16_random_weights_exports_and_matches_pytorch(tmp_path):
 @pytest.mark.parametrize("model", ["tiny_vit", "tiny_dinov2"])
 def test_fused_transformer_export_matches_pytorch(model, tiny_dinov2, tmp_path):
     name = tiny_dinov2 if model == "tiny_dinov2" else model
-    fused = export_model(name, tmp_path / "fused")
+    fused = export_model(name, tmp_path / "fused", fuse="all")   # every pass: attention, LayerNorm, GELU
     plain = export_model(name, tmp_path / "plain", fuse=False)
+    assert fused.config["graphs"]["model"]["optimization"]["level"] == "all"
     fusions = fused.config["graphs"]["model"]["optimization"]["fusions"]
     assert fusions["MultiHeadAttention"] == 2 and fusions["SkipLayerNormalization"] >= 2
     assert fusions.get("BiasGelu", 0) + fusions.get("Gelu", 0) == 2
@@ -77,6 +79,14 @@ def test_fused_transformer_export_matches_pytorch(model, tiny_dinov2, tmp_path):
         assert np.max(np.abs(got - expected)) <= tol["atol"] + tol["rtol"] * np.max(np.abs(expected))
     # one image at a time answers as the batch does (the fused attention keeps the batch axis dynamic)
     np.testing.assert_allclose(onnx_runner.embed(images[:1]), onnx_runner.embed(images)[:1], atol=1e-5)
+
+
+def test_a_bad_fusion_level_is_refused_before_anything_is_written(tmp_path):
+    from vfm.models.export.common import ExportError
+
+    with pytest.raises(ExportError, match="fuse must be one of"):
+        export_model("tiny_vit", tmp_path, fuse="everything")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_recorded_session_options_open_the_sessions(tmp_path):
