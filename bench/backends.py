@@ -61,8 +61,8 @@ def cases(name: str, task: str, runner_images: Callable[[int], list[np.ndarray]]
             for batch in (one, eight)]
 
 
-def time_pair(make: Callable[[Any], Callable[[], Any]], torch_runner: Any, onnx_runner: Any, rounds: int
-              ) -> tuple[float, float]:
+def time_pair(make: Callable[[Any], Callable[[], Any]], torch_runner: Any, onnx_runner: Any, rounds: int,
+              clock: Callable[[], float] = time.perf_counter) -> tuple[float, float]:
     calls = {"torch": make(torch_runner), "onnx": make(onnx_runner)}
     for call in calls.values():  # warm-up: lazy initialisation, allocator, first-shape compilation
         call()
@@ -70,9 +70,9 @@ def time_pair(make: Callable[[Any], Callable[[], Any]], torch_runner: Any, onnx_
     for i in range(rounds):
         order = ("torch", "onnx") if i % 2 == 0 else ("onnx", "torch")
         for key in order:
-            start = time.perf_counter()
+            start = clock()
             calls[key]()
-            samples[key].append(time.perf_counter() - start)
+            samples[key].append(clock() - start)
     return statistics.median(samples["torch"]), statistics.median(samples["onnx"])
 
 
@@ -84,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7, help="timed calls per backend and case (median)")
     parser.add_argument("--weights", default=None, help="e.g. random, for full-size models without a download")
     parser.add_argument("--repository", default=None, help="reuse exports from here (default: a temporary one)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: this process's CPU time (steadier on a machine shared with other work; "
+                             "use with --threads 1, where no pool thread spins)")
     args = parser.parse_args(argv)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
     import torch
 
@@ -98,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     repository = args.repository or made
     try:
         print(f"ONNX Runtime / PyTorch, device {args.device}, {args.threads} threads each, {args.rounds} rounds, "
-              f"images {IMAGE_SIZE[1]}x{IMAGE_SIZE[0]}; repository {repository}")
+              f"images {IMAGE_SIZE[1]}x{IMAGE_SIZE[0]}, {args.clock} clock, load average {os.getloadavg()}; "
+              f"repository {repository}")
         print(f"{'model':<22} {'case':<20} {'PyTorch ms':>11} {'ORT ms':>9} {'ORT/PyTorch':>12}")
         for name in [m.strip() for m in args.models.split(",") if m.strip()]:
             spec = get_spec(name)
@@ -110,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             onnx_runner = load_model(name, backend="onnx", device=args.device, weights=args.weights,
                                      repository=repository, num_threads=args.threads)
             for label, make in cases(name, spec.task, lambda n: images(n, seed=1)):
-                t_torch, t_onnx = time_pair(make, torch_runner, onnx_runner, args.rounds)
+                t_torch, t_onnx = time_pair(make, torch_runner, onnx_runner, args.rounds, clock)
                 print(f"{name:<22} {label:<20} {t_torch * 1e3:>11.2f} {t_onnx * 1e3:>9.2f} "
                       f"{t_onnx / t_torch:>12.2f}", flush=True)
     finally:

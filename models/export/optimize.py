@@ -229,14 +229,17 @@ def _heads(g: _Graph, reshape: Any) -> tuple[int, int] | None:
     concat = g.producer.get(reshape.input[1])
     if concat is None or concat.op_type != "Concat" or len(concat.input) != 4:
         return None
-    n, h = g.constant(concat.input[2]), g.constant(concat.input[3])
-    if n is None or h is None or n.size != 1 or h.size != 1:
+    n, h = (g.constant(i) for i in concat.input[2:])
+    n = int(n.reshape(-1)[0]) if n is not None and n.size == 1 else -1
+    h = int(h.reshape(-1)[0]) if h is not None and h.size == 1 else -1
+    if (n > 0) == (h > 0):
+        return (n, h) if n > 0 else None
+    # transformers: view(..., -1, head_dim); SAM's decoder: reshape(b, n, heads, c // heads)
+    width = _width(g, reshape.input[0])
+    known = max(n, h)
+    if not width or width % known:
         return None
-    n, h = int(n.reshape(-1)[0]), int(h.reshape(-1)[0])
-    if n == -1 and h > 0:  # transformers: view(*input_shape, -1, head_dim); the width says how many heads
-        width = _width(g, reshape.input[0])
-        n = width // h if width and width % h == 0 else 0
-    return (n, h) if n > 0 and h > 0 else None
+    return (n, width // n) if n > 0 else (width // h, h)
 
 
 def _width(g: _Graph, name: str) -> int | None:
@@ -283,15 +286,15 @@ def _match_attention(g: _Graph, softmax: Any) -> dict[str, Any] | None:
     if not _is(pv, "MatMul") or pv.input[0] != softmax.output[0]:
         return None
     removed = [softmax, pv]
-    merge = g.only_consumer(pv.output[0])
-    if merge is None:  # SDPA's symbolic reshapes its output to the query's own shape: a no-op here
-        users = g.consumers.get(pv.output[0], [])
-        shape = next((u for u in users if u.op_type == "Shape"), None)
-        same = next((u for u in users if u.op_type == "Reshape"), None)
-        if len(users) != 2 or shape is None or same is None or not _depends_on(g, same.input[1], shape):
+    # Shape readers (the exporter's size arithmetic) are allowed: fuse_attention checks they die with it
+    users = [u for u in g.consumers.get(pv.output[0], []) if u.op_type != "Shape"]
+    merge = users[0] if len(users) == 1 and pv.output[0] not in g.outputs else None
+    if _is(merge, "Reshape"):  # SDPA's symbolic reshapes its output to the query's own shape: a no-op here
+        shape = next((u for u in g.consumers[pv.output[0]] if u.op_type == "Shape"), None)
+        if shape is None or not _depends_on(g, merge.input[1], shape):
             return None
-        removed.append(same)
-        merge = g.only_consumer(same.output[0])
+        removed.append(merge)
+        merge = g.only_consumer(merge.output[0])
     if not _is(merge, "Transpose", [0, 2, 1, 3]):
         return None
     out = g.only_consumer(merge.output[0])
