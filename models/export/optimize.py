@@ -45,9 +45,7 @@ def fusion_level(fuse: bool | str) -> str:
     """``True`` -> the default level, ``False`` -> "none", or one of ``FUSION_LEVELS``."""
     level = (DEFAULT_FUSION if fuse else "none") if isinstance(fuse, bool) else str(fuse).strip().lower()
     if level not in FUSION_LEVELS:
-        from .common import ExportError
-
-        raise ExportError(f"fuse must be one of {', '.join(FUSION_LEVELS)} (or true/false), got {fuse!r}.")
+        raise ValueError(f"fuse must be one of {', '.join(FUSION_LEVELS)} (or true/false), got {fuse!r}.")
     return level
 
 

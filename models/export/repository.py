@@ -202,7 +202,10 @@ def export_model(name: str, repository: str | Path | None = None, *, opset: int 
         raise ExportError(f"The ONNX export of {name!r} does not take option(s) {', '.join(unknown)}"
                           + (f"; it takes: {', '.join(accepted)}." if accepted else "."))
     tolerance = tolerance or default_tolerance(name)
-    fusion_level(fuse)  # a bad level fails before anything is written
+    try:
+        fusion_level(fuse)  # a bad level fails before anything is written
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
     root = repository_root(repository)
     root.mkdir(parents=True, exist_ok=True)
     target = root / folder_name(name)

@@ -81,6 +81,10 @@ def test_fused_transformer_export_matches_pytorch(model, tiny_dinov2, tmp_path):
     np.testing.assert_allclose(onnx_runner.embed(images[:1]), onnx_runner.embed(images)[:1], atol=1e-5)
 
 
+def test_cnn_graphs_are_left_as_traced(tmp_path):
+    assert export_model("tiny_cnn", tmp_path).config["graphs"]["model"]["optimization"] is None
+
+
 def test_a_bad_fusion_level_is_refused_before_anything_is_written(tmp_path):
     from vfm.models.export.common import ExportError
 

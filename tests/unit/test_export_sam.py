@@ -62,6 +62,8 @@ def test_two_graphs_and_their_config(runners):
     assert decoder["inputs"][1]["shape"] == ["prompts", "points", 2]
     assert [o["name"] for o in decoder["outputs"]] == ["low_res_masks", "iou_predictions"]
     assert decoder["outputs"][0]["shape"][0] == "prompts"
+    # the two-way transformer's 7 attentions run as fused kernels, and parity below holds with them
+    assert decoder["optimization"]["fusions"] == {"MultiHeadAttention": 7}
     parity = config["parity"]
     assert parity["mask_iou_min"] >= 0.99 and parity["masks_compared"] > 0
     assert parity["low_res_logits_max_abs_diff"] <= 1e-3
