@@ -79,9 +79,11 @@ def is_transformer(module: Any) -> bool:
 
 # ONNX Runtime session options an export records in config.json "session" and every replica
 # opens its sessions with (``backends.onnx.session_options``; a replica's own ``num_threads``
-# wins). Chosen with bench/session_options.py on the fused ViT/DINOv2/Swin exports and CPU
-# classifiers (figures in the decisions doc): ORT_ENABLE_ALL, sequential execution (parallel
-# only adds scheduling on graphs that are one chain of layers), arena and memory pattern on.
+# wins). Chosen with ``bench/session_options.py --threads 1 --clock cpu`` on the vit_b_16 and
+# dinov2_small exports, batch 1, CPU time relative to these defaults: level extended 1.00 / 0.99,
+# level basic 1.03 / 1.03, parallel execution 2.05 / 2.01 (its inter-op pool spins on a graph
+# that is one chain of layers), no arena / memory pattern 1.30 / 1.35. Threads stay the
+# replica's choice (null: one per core).
 SESSION_DEFAULTS: dict[str, Any] = {"graph_optimization_level": "all", "execution_mode": "sequential",
                                     "enable_cpu_mem_arena": True, "enable_mem_pattern": True,
                                     "intra_op_threads": None}
