@@ -228,6 +228,47 @@ def own_label(frames: list[str]) -> str:
     return leaf_label(frames)
 
 
+def direct_service(cfg, served: str, ray_options: dict):
+    """The experiment behind ``--path direct``: the model's own replica answers ``POST /v1/models/{name}/predict``
+    (raw body, ``top_k``), with no ingress between Serve's proxy and the model; decode, batching, model and metrics
+    are ``ModelServer``'s own. It is a measurement of the hop, not a route of the service (no auth, one transport)."""
+    from fastapi import FastAPI
+    from ray import serve
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+    from vfm.service.api import FastJSONResponse
+    from vfm.service.app import RunningService, connect, deployment_name, http_options
+    from vfm.service.deployments import ModelServer
+    from vfm.service.metrics import MetricsHubDeployment
+
+    http = FastAPI()
+
+    class DirectModel(ModelServer):
+        async def predict_route(self, name, request):  # noqa: ANN001, ANN201 (annotated below, as objects)
+            result = await self.predict(await request.body(), {"top_k": int(request.query_params.get("top_k", 5))})
+            return FastJSONResponse({"model": name, **result})
+
+        # Objects, not the strings of `from __future__ import annotations`: the class travels to the replica by value.
+        predict_route.__annotations__ = {"name": str, "request": Request}
+        predict_route = http.post("/v1/models/{name}/predict")(predict_route)
+
+        async def metrics_route(self):  # noqa: ANN201
+            await self.metrics.flush()
+            return Response(await self.metrics._hub.render.remote(), media_type="text/plain")
+
+        metrics_route = http.get("/metrics")(metrics_route)
+
+    DirectModel = serve.ingress(http)(DirectModel)
+
+    plan, started = connect(cfg, ray_options=ray_options)
+    serve.start(http_options=http_options(cfg))
+    app = serve.deployment(DirectModel).options(name=deployment_name(served, set()),
+                                                **cfg.models[served].serve_options())
+    serve.run(app.bind(served, cfg, MetricsHubDeployment.bind()), name=cfg.app_name, route_prefix="/")
+    return RunningService(f"http://{cfg.host}:{cfg.port}", plan, started)
+
+
 # ---- report -------------------------------------------------------------------------------------
 
 def main() -> int:
@@ -243,6 +284,8 @@ def main() -> int:
     parser.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
     parser.add_argument("--nonblocking", action="store_true", help="py-spy without pausing the processes (idle "
                         "threads then count as busy)")
+    parser.add_argument("--path", choices=("vfm", "direct"), default="vfm",
+                        help="vfm: the service as it is; direct: an experiment with no ingress hop (see direct_service)")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="an environment variable for the Ray this run starts (e.g. RAY_SERVE_... settings)")
     parser.add_argument("--no-py-spy", action="store_true", help="only the CPU accounting")
@@ -278,7 +321,9 @@ def main() -> int:
     loads: list[float] = []
     try:
         print(f"starting the service ({args.model}) ...", file=sys.stderr, flush=True)
-        service = start_service(cfg, ray_options={"_temp_dir": ray_tmp, "log_to_driver": False})
+        ray_options = {"_temp_dir": ray_tmp, "log_to_driver": False}
+        service = (direct_service(cfg, args.model, ray_options) if args.path == "direct"
+                   else start_service(cfg, ray_options=ray_options))
         procs = find_processes(cfg.app_name, ray_tmp)
         nices = {p.pid: niceness(p.pid) for p in procs}
         missing = {"proxy", "ingress", "model"} - {p.role for p in procs}
@@ -361,6 +406,8 @@ def main() -> int:
     # ---- tables ----
     if args.env:
         print(f"\nenvironment: {' '.join(args.env)}", end="")
+    if args.path == "direct":
+        print("\npath: direct (experiment: the model replica answers HTTP, no ingress)", end="")
     print(f"\n{args.model}, concurrency {args.concurrency}, {n} raw-body predict requests in {wall:.1f} s "
           f"= {n / wall:.1f} req/s; mean batch {mean_batch:.1f} (max_batch_size {cfg.models[args.model].max_batch_size},"
           f" batch_wait_timeout_s {cfg.models[args.model].batch_wait_timeout_s}); {os.cpu_count()} cores, "
