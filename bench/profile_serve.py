@@ -15,7 +15,8 @@ Starts the service with one model (its own Ray in a temp folder, 127.0.0.1), dri
      printing CPU ms per request for each hop and the hottest frames of each process;
   3. prints the model alone in-process at the batch size the service formed (CPU ms per image),
      the ceiling of the path.
-py-spy samples only Python threads; the CPU of Ray's C++ threads shows in the per-thread table.
+``--path direct`` measures the same with no ingress hop (the model's replica answers predict itself;
+an experiment, see ``direct_service``). py-spy samples only Python threads; the CPU of Ray's C++ threads shows in the per-thread table.
 The folded stacks are written to ``--out`` (speedscope can open them). The machine may be shared:
 the load average is printed with the tables.
 """
