@@ -30,12 +30,13 @@ INGRESS_NAME = "ingress"
 SHUTDOWN_POLL_S = 0.1
 HUB_LINGER_S = 0.5
 # The environment of the processes of a Ray that vfm starts (an environment variable already set wins; a cluster vfm
-# joins takes them from its nodes' environment, which `vfm serve --render` writes). Measured by
-# bench/profile_serve.py (docs/decisions.md): Serve's default runs a replica's code on a second event loop in its own
-# thread and its handles' router on a third, so every request crosses threads twice per process
-# (run_coroutine_threadsafe, Condition.wait/notify); one loop per process costs less CPU per request. Ray starts its
-# workers at niceness 15, so the proxy and every replica lose the CPU to any process at default priority on the
-# machine (a load generator, a data loader, a neighbour); a server runs at default priority.
+# joins takes them from its nodes' environment, which `vfm serve --render` writes). bench/profile_serve.py measured
+# them (docs/decisions.md): Ray starts its workers at niceness 15, so Serve's proxy and every replica lose the CPU to
+# any process at default priority on the machine (a load generator, a data loader, a neighbour); a server runs at
+# default priority. Serve's default runs a replica's code on a second event loop in its own thread and its handles'
+# router on a third, so a request crosses threads several times per process (run_coroutine_threadsafe,
+# Condition.wait/notify); with one loop per process (what Ray's RAY_SERVE_THROUGHPUT_OPTIMIZED sets) those frames
+# leave the profile, though the CPU per request moved less than this shared machine's noise (about 15%).
 RAY_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
            "RAY_worker_niceness": "0"}
 
