@@ -29,6 +29,16 @@ INGRESS_NAME = "ingress"
 # level of the application: ingress, then models, then the metrics hub). An idle replica stops at once.
 SHUTDOWN_POLL_S = 0.1
 HUB_LINGER_S = 0.5
+# The environment of the processes of a Ray that vfm starts (an environment variable already set wins; a cluster vfm
+# joins takes them from its nodes' environment, which `vfm serve --render` writes). bench/profile_serve.py measured
+# them (docs/decisions.md): Ray starts its workers at niceness 15, so Serve's proxy and every replica lose the CPU to
+# any process at default priority on the machine (a load generator, a data loader, a neighbour); a server runs at
+# default priority. Serve's default runs a replica's code on a second event loop in its own thread and its handles'
+# router on a third, so a request crosses threads several times per process (run_coroutine_threadsafe,
+# Condition.wait/notify); with one loop per process (what Ray's RAY_SERVE_THROUGHPUT_OPTIMIZED sets) those frames
+# leave the profile, though the CPU per request moved less than this shared machine's noise (about 15%).
+RAY_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+           "RAY_worker_niceness": "0"}
 
 
 @dataclass
@@ -237,7 +247,13 @@ def _init_ray(plan: ServicePlan, address: str | None, ray_options: dict[str, Any
     if num_cpus > cores:
         log.info("models reserve %.2f CPUs on a %d-core machine; the local Ray shares the cores", need["CPU"], cores)
     ray_options = {"include_dashboard": False, **ray_options}
-    ray.init(num_cpus=num_cpus, **ray_options)
+    added = {key: value for key, value in RAY_ENV.items() if key not in os.environ}
+    os.environ.update(added)  # the raylet started here inherits them, and every worker it starts
+    try:
+        ray.init(num_cpus=num_cpus, **ray_options)
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
     return True
 
 

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import yaml
 
-from .app import http_options
+from .app import RAY_ENV, http_options
 from .config import ModelConfig, ServiceConfig
 
 TARGETS = {"serve": "deploy/serve.yaml", "kuberay": "deploy/kuberay/rayservice.yaml", "compose": "docker-compose.yml"}
@@ -108,11 +108,13 @@ def serve_config(cfg: ServiceConfig) -> dict[str, Any]:
 # ---- KubeRay --------------------------------------------------------------------------------
 
 def _env(cfg: ServiceConfig) -> dict[str, Any]:
-    """The container's ``env``: the API key variable, from a Secret you create (optional: no Secret, no key)."""
-    if not cfg.api_key_env:
-        return {}
-    return {"env": [{"name": cfg.api_key_env, "valueFrom": {"secretKeyRef": {
-        "name": f"{dns_name(cfg.app_name)}-api-key", "key": "api-key", "optional": True}}}]}
+    """The container's ``env``: Ray's settings for Serve's processes (``app.RAY_ENV``: the node's raylet starts them
+    with this environment), and the API key variable, from a Secret you create (optional: no Secret, no key)."""
+    env: list[dict[str, Any]] = [{"name": key, "value": value} for key, value in RAY_ENV.items()]
+    if cfg.api_key_env:
+        env.append({"name": cfg.api_key_env, "valueFrom": {"secretKeyRef": {
+            "name": f"{dns_name(cfg.app_name)}-api-key", "key": "api-key", "optional": True}}})
+    return {"env": env}
 
 
 def _pod_spec(container: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -188,7 +190,8 @@ def _node(image_kind: str, command: list[str], cfg: ServiceConfig, config_source
           healthcheck: dict[str, Any], profile: str) -> dict[str, Any]:
     heads_source, heads_target = _heads_mount(cfg)
     env = {"RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN": "${RAY_AUTH_TOKEN:?set RAY_AUTH_TOKEN to a random secret, see README.md, Run on a cluster}"}
+           "RAY_AUTH_TOKEN": "${RAY_AUTH_TOKEN:?set RAY_AUTH_TOKEN to a random secret, see README.md, Run on a cluster}",
+           **RAY_ENV}
     if cfg.api_key_env:
         env[cfg.api_key_env] = f"${{{cfg.api_key_env}:-}}"
     dockerfile = "deploy/docker/Dockerfile" + ("" if image_kind == "cpu" else ".gpu")

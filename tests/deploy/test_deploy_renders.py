@@ -29,6 +29,7 @@ import pytest
 import yaml
 
 from vfm.service.config import load_config, parse_config
+from vfm.service.app import RAY_ENV
 from vfm.service.render import TARGETS
 from vfm.cli import main
 
@@ -179,7 +180,7 @@ def test_the_renders_follow_the_config(tmp_path: Path) -> None:
     assert cluster["workerGroupSpecs"][0]["maxReplicas"] == math.ceil(gpu_peak) == 3
     head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert head["resources"]["limits"]["cpu"] == str(math.ceil(3 * 2 + 0.25))   # CPU-only replicas + the ingress
-    assert "env" not in head   # no API key variable in the config
+    assert [e["name"] for e in head["env"]] == list(RAY_ENV)   # Ray's settings for Serve; no API key variable
     serve = yaml.safe_load(service["spec"]["serveConfigV2"])
     assert serve["http_options"]["port"] == 9000
     assert serve["applications"][0]["args"]["models"]["tiny_vit"]["resources"] == {"a100": 1.0}
