@@ -263,8 +263,9 @@ class ModelServer:
             return embedding, True
         if image is None:
             return Failure(404, "unknown_image_id",
-                           f"No embedding for image_id {image_id} on {self.served} (never encoded here, or evicted "
-                           f"from the cache of {self.cache.capacity}); send the image again in the `image` field.")
+                           f"No embedding for image_id {image_id} on {self.served} (never encoded here, evicted "
+                           f"from the cache of {self.cache.capacity}, or its replica restarted); send the image "
+                           "again in the `image` field.")
         self.metrics.inc("vfm_sam_cache_misses", labels)
         self.cache.claim(image_id)
         try:
