@@ -91,6 +91,7 @@ def test_ids_on_both_replicas_hit_and_a_killed_holder_gives_404_never_500(client
     assert counts(metrics.settled(*WATCHED), before) == (18, 0, 0)
 
     victim, survivor = pair
+    before = metrics.settled(*WATCHED)
     ray.kill(ray.get_actor(victim.name, namespace="serve"), no_restart=True)
     # The killed replica's ids: gone with it, a clean 404 (send the image again); the survivor's: still cached.
     for image_id in ids[victim.name]:
@@ -106,6 +107,8 @@ def test_ids_on_both_replicas_hit_and_a_killed_holder_gives_404_never_500(client
     again = prompt(client, lost_id, lost_image)
     assert again.status_code == 200 and again.json()["cached"] is False, again.text
     assert prompt(client, lost_id).json()["cached"] is True
+    # The 404s count as misses: 3 ids lost + 1 encoded again; hits: the survivor's 3 + the id encoded again.
+    assert counts(metrics.settled(*WATCHED), before) == (4, 4, 1)
 
     deadline = time.monotonic() + 180
     while not (len(now := replicas()) == 2 and victim.name not in {r.name for r in now}
