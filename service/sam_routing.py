@@ -11,8 +11,11 @@ Each SAM replica keeps the embeddings it computed (``sam_cache.py``). With sever
 
 Serve's own multiplexing does not hold this: a replica's ids reach the routers through the controller (pushed
 every 0.1 s, then a long poll), an id not yet known goes to the replica with the fewest ids, and a busy holder
-is passed over after 1-2 s. Here a request waits for its holder's capacity (``max_queued_requests`` still
-bounds the wait: 503 overloaded), and never goes elsewhere while the holder runs.
+is passed over after 1-2 s; and its FIFO mix-in hands a replica found for one request to the oldest request
+waiting. Here a request waits for its holder's capacity (``max_queued_requests`` still bounds the wait: 503
+overloaded), never goes elsewhere while the holder runs, and gets the replica chosen for it (no FIFO mix-in).
+With several ingress replicas each router remembers only what it sent; they agree by the hash until the set
+of SAM replicas changes, after which an id another router placed may be a 404 once (send the image again).
 
 When the holder is gone (its process died, Serve removed it), Serve's router drops it from the running
 replicas and the id hashes onto another: a prompt by id alone is a clean 404 ``unknown_image_id`` there (send
