@@ -147,10 +147,12 @@ def plan_service(cfg: ServiceConfig) -> ServicePlan:
 def build_serve_application(plan: ServicePlan) -> Any:
     """The Serve application: ingress -> one deployment per available model, + the metrics hub."""
     from ray import serve
+    from ray.serve.config import RequestRouterConfig
 
     from .deployments import ModelServer
     from .ingress import Ingress
     from .metrics import MetricsHubDeployment
+    from .sam_routing import ROUTER_PATH as SAM_ROUTER_PATH
 
     cfg = plan.cfg
     slowest = max([cfg.timeout_for(n) for n in cfg.models] + [cfg.request_timeout_s])
@@ -163,6 +165,8 @@ def build_serve_application(plan: ServicePlan) -> Any:
     model_deployment = serve.deployment(ModelServer)
     for served in plan.deployable:
         options = cfg.models[served].serve_options()
+        if "segment" in plan.entries[served].tasks:  # a SAM: each image id to the replica holding its embedding
+            options["request_router_config"] = RequestRouterConfig(request_router_class=SAM_ROUTER_PATH)
         # The ingress logs each HTTP request (when access_log is on); a second line per request from the replica
         # adds nothing. A stopping replica lets the requests in flight finish, within the model's timeout.
         handles[served] = model_deployment.options(

@@ -261,11 +261,12 @@ class ModelServer:
         if embedding is not None:
             self.metrics.inc("vfm_sam_cache_hits", labels)
             return embedding, True
+        self.metrics.inc("vfm_sam_cache_misses", labels)
         if image is None:
             return Failure(404, "unknown_image_id",
-                           f"No embedding for image_id {image_id} on {self.served} (never encoded here, or evicted "
-                           f"from the cache of {self.cache.capacity}); send the image again in the `image` field.")
-        self.metrics.inc("vfm_sam_cache_misses", labels)
+                           f"No embedding for image_id {image_id} on {self.served} (never encoded here, evicted "
+                           f"from the cache of {self.cache.capacity}, or its replica restarted); send the image "
+                           "again in the `image` field.")
         self.cache.claim(image_id)
         try:
             decoded = await self._decode(image)

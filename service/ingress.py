@@ -141,13 +141,18 @@ class Ingress:
             raise cannot_load(name, entry.reason)
         return entry
 
-    async def call(self, name: str, method: str, *args: Any) -> Any:
-        """Call a replica method with the model's timeout; Failures and Serve errors become ApiErrors."""
+    async def call(self, name: str, method: str, *args: Any, image_id: str = "") -> Any:
+        """Call a replica method with the model's timeout; Failures and Serve errors become ApiErrors.
+        A SAM call passes its ``image_id``: the SAM's router (``sam_routing.py``) sends every call for one id to
+        the replica that holds its embedding."""
         from ray.exceptions import RayActorError
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
         timeout = self.cfg.timeout_for(name)
-        response = getattr(self.handles[name], method).remote(*args)
+        handle = self.handles[name]
+        if image_id:
+            handle = handle.options(multiplexed_model_id=image_id)
+        response = getattr(handle, method).remote(*args)
 
         async def wait() -> Any:
             return await response
@@ -291,7 +296,7 @@ class Ingress:
                                                            for result in results]}, name)
         argument = image_id_of(parsed.image) if route.replica_argument == "image_id" else options.runner_kwargs()
         result = await self.call(name, route.replica_method, await self.image_arg(name, parsed.image), argument,
-                                 request_id(request))
+                                 request_id(request), image_id=argument if isinstance(argument, str) else "")
         return self.warned({"model": name, **echoed, **result}, name)
 
     async def segment(self, route: Route, request: Request, name: str) -> dict[str, Any]:
@@ -313,10 +318,10 @@ class Ingress:
                               type="missing_image")
         if options.mode == "everything":
             result = await self.call(name, EVERYTHING_REPLICA_METHOD, image, image_id, options.everything_options(),
-                                     options.format, request_id(request))
+                                     options.format, request_id(request), image_id=image_id)
             return self.warned({"model": name, "mode": "everything", "format": options.format, **result}, name)
         result = await self.call(name, route.replica_method, image, image_id, options.prompt_list(),
-                                 options.format, request_id(request))
+                                 options.format, request_id(request), image_id=image_id)
         results = result.pop("results")
         if options.prompts is None:
             result["masks"] = results[0]["masks"]
@@ -342,12 +347,13 @@ class Ingress:
         detector_image = await self.image_arg(options.detector, parsed.image)
         detected, encoded = await _all(
             self.call(options.detector, "predict", detector_image, options.detect_kwargs(self.limits), rid),
-            self.call(name, "encode", sam_image, image_id, rid))
+            self.call(name, "encode", sam_image, image_id, rid, image_id=image_id))
         found = detected["detections"]
         masks: list[list[dict[str, Any]]] = []
         if found:  # the image is sent too, so an embedding evicted meanwhile is computed again, not a 404
             prompts = [{"box": d["box"], "multimask": options.multimask} for d in found]
-            segmented = await self.call(name, "segment", sam_image, image_id, prompts, options.format, rid)
+            segmented = await self.call(name, "segment", sam_image, image_id, prompts, options.format, rid,
+                                        image_id=image_id)
             masks = [r["masks"] for r in segmented["results"]]
         return self.warned({"model": name, "detector": options.detector, "format": options.format,
                             "image_id": image_id, "cached": encoded["cached"], "image_size": encoded["image_size"],
@@ -500,10 +506,10 @@ class Ingress:
         rid = request_id(request)
         if options.mode == "everything":
             answer = await self.call(name, EVERYTHING_REPLICA_METHOD, image, image_id, options.everything_options(),
-                                     options.format, rid)
+                                     options.format, rid, image_id=image_id)
         else:
             answer = await self.call(name, route.replica_method or "segment", image, image_id, options.prompt_list(),
-                                     options.format, rid)
+                                     options.format, rid, image_id=image_id)
         if uint8:
             height, width = answer["image_size"]["height"], answer["image_size"]["width"]
             count = sum(len(r["masks"]) for r in answer["results"]) if "results" in answer else len(answer["masks"])

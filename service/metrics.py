@@ -45,7 +45,8 @@ METRICS: dict[str, MetricDef] = {
                                                ("model", "task"), LATENCY_BUCKETS),
     "vfm_sam_cache_hits": MetricDef("counter", "SAM segment requests whose image embedding was cached.",
                                     ("model",)),
-    "vfm_sam_cache_misses": MetricDef("counter", "SAM requests that ran the image encoder.", ("model",)),
+    "vfm_sam_cache_misses": MetricDef("counter", "SAM requests whose image embedding was not cached: the encoder "
+                                      "ran, or a prompt by image_id alone was a 404 unknown_image_id.", ("model",)),
     "vfm_model_ready": MetricDef("gauge", "1 when a configured model serves, 0 when it is unavailable.",
                                  ("model",)),
 }
