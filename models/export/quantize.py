@@ -249,11 +249,32 @@ def _to_float16(src: Path, dst: Path, options: VariantOptions) -> dict[str, Any]
     import onnx
     from onnxconverter_common import float16
 
-    model = float16.convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    model = float16.convert_float_to_float16(_detach_outputs(onnx.load(str(src))), keep_io_types=True)
     onnx.save_model(model, str(dst))
     onnx.checker.check_model(str(dst))
     return {"dtype": "float16", "float16": {"keep_io_types": True,
                                             "tool": "onnxconverter_common.float16.convert_float_to_float16"}}
+
+
+def _detach_outputs(model: Any) -> Any:
+    """Give each graph output that other nodes also read (a classifier's ``features``) an Identity of
+    its own: ``keep_io_types`` casts the output itself back to float32, and the float16 nodes
+    reading it would then get float32 ("Gemm bound to different types")."""
+    from onnx import helper
+
+    outputs = {o.name for o in model.graph.output}
+    read = {name for node in model.graph.node for name in node.input} & outputs
+    for node in list(model.graph.node):
+        for i, name in enumerate(node.output):
+            if name in read:
+                inner = f"{name}__float16_inner"
+                node.output[i] = inner
+                for consumer in model.graph.node:
+                    for j, used in enumerate(consumer.input):
+                        if used == name:
+                            consumer.input[j] = inner
+                model.graph.node.append(helper.make_node("Identity", [inner], [name], name=f"{name}__output"))
+    return model
 
 
 def _refresh_io(graph: GraphFile, version: Path) -> None:
