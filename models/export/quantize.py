@@ -187,24 +187,24 @@ def make_variant(version: Path, result: FamilyExport, spec: Any, options: Varian
     shutil.copyfile(version / graph.file, float_path)
     try:
         if options.quantize:
-            made = _quantize_int8(float_path, version / graph.file, spec, options)
+            made = quantize_graph(float_path, version / graph.file, spec, options)
         else:
-            made = _to_float16(float_path, version / graph.file, options)
-        made["check"] = _check_classifier(float_path, version / graph.file, spec, options)
+            made = float16_graph(float_path, version / graph.file, options)
+        made["check"] = check_classifier(float_path, version / graph.file, spec, options)
     finally:
         float_path.unlink(missing_ok=True)
     _refresh_io(graph, version)
     return made
 
 
-def _quantize_int8(src: Path, dst: Path, spec: Any, options: VariantOptions) -> dict[str, Any]:
+def quantize_graph(src: Path, dst: Path, spec: Any, options: VariantOptions) -> dict[str, Any]:
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
                                           quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from ..images import preprocess_batch
 
-    prepared = src.with_name(src.name.replace(".float32.", ".prepared."))
+    prepared = dst.with_name(f".{dst.stem}.prepared.onnx")
     try:
         # shape inference and ONNX Runtime's own fusions first, as onnxruntime.quantization advises
         quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
@@ -243,7 +243,7 @@ def _quantize_int8(src: Path, dst: Path, spec: Any, options: VariantOptions) -> 
         prepared.unlink(missing_ok=True)
 
 
-def _to_float16(src: Path, dst: Path, options: VariantOptions) -> dict[str, Any]:
+def float16_graph(src: Path, dst: Path, options: VariantOptions) -> dict[str, Any]:
     """Weights and compute in float16; inputs and outputs stay float32 (``keep_io_types``), so the
     runners and the service feed it as they feed the float32 graph."""
     import onnx
@@ -295,7 +295,7 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=1, keepdims=True)
 
 
-def _check_classifier(float_path: Path, variant_path: Path, spec: Any, options: VariantOptions) -> dict[str, Any]:
+def check_classifier(float_path: Path, variant_path: Path, spec: Any, options: VariantOptions) -> dict[str, Any]:
     """Top-1 agreement of the variant with float32 on real photos; raise when it is too low."""
     from ..images import preprocess_batch
 
