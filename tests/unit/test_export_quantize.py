@@ -106,3 +106,16 @@ def test_service_config_serves_the_variants_on_onnx_only():
         parse_config({"models": {"tiny_cnn": {"quantize": "int8"}}})
     with pytest.raises(ConfigError, match="quantize"):
         parse_config({"models": {"tiny_cnn": {"backend": "onnx", "quantize": "int4"}}})
+
+
+def test_predict_quantize_goes_with_onnx_and_names_the_export_to_make(half, tmp_path, capsys):
+    from PIL import Image
+
+    photo = tmp_path / "photo.png"
+    Image.fromarray(parity_images(1, [(60, 80)])[0]).save(photo)
+    assert main(["predict", "tiny_cnn", str(photo), "--quantize", "int8"]) == 2
+    assert "--quantize int8 runs an int8 ONNX export: it goes with --backend onnx" in capsys.readouterr().err
+    assert main(["predict", "tiny_cnn", str(photo), "--backend", "onnx", "--quantize", "int8",
+                 "--repository", str(half)]) == 2
+    err = capsys.readouterr().err
+    assert f"run `vfm export tiny_cnn --quantize int8 --repository {half}` first" in err
