@@ -119,3 +119,21 @@ def test_predict_quantize_goes_with_onnx_and_names_the_export_to_make(half, tmp_
                  "--repository", str(half)]) == 2
     err = capsys.readouterr().err
     assert f"run `vfm export tiny_cnn --quantize int8 --repository {half}` first" in err
+
+
+def test_what_a_float16_graph_declares_is_checked_when_the_cpu_cannot_run_it(half, tmp_path):
+    """The fallback when ONNX Runtime's CPU build lacks a float16 kernel: checker, strict shape
+    inference and the same IO as float32; a graph that declares other IO fails."""
+    from vfm.models.export.common import ParityError
+    from vfm.models.export.quantize import check_declared_io
+
+    export_model("tiny_cnn", tmp_path)
+    float_path, half_path = tmp_path / "tiny_cnn" / "1" / "model.onnx", half / "tiny_cnn.float16" / "1" / "model.onnx"
+    assert check_declared_io(float_path, half_path) == {"declared_io": "same as float32",
+                                                        "io": ["input", "features", "logits"]}
+    model = onnx.load(str(half_path))
+    model.graph.output[1].type.tensor_type.elem_type = onnx.TensorProto.FLOAT16  # logits declared half
+    broken = tmp_path / "broken.onnx"
+    onnx.save_model(model, str(broken))
+    with pytest.raises(ParityError):
+        check_declared_io(float_path, broken)
