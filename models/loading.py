@@ -79,8 +79,8 @@ def load_onnx_graphs(spec: ModelSpec, device: str = "auto", weights: str | Path 
     assert spec.onnx_graphs is not None
     for key in ("repository", "auto_export"):
         options.pop(key, None)
-    if options.pop("dtype", None) not in (None, "float32"):
-        raise ValueError(f"Model {spec.name!r} is ONNX graphs in float32; it takes no dtype.")
+    if options.pop("dtype", None) not in (None, "float32") or options.pop("quantize", None) is not None:
+        raise ValueError(f"Model {spec.name!r} is ONNX graphs in float32; it takes no dtype or quantize.")
     resolved = resolve_onnx_device(device)
     session_options = {k: options.pop(k) for k in SESSION_OPTIONS if k in options}
     settings = SessionSettings(device=resolved, cache_dir=cache_dir() / "tensorrt" / spec.name, **session_options)
@@ -99,36 +99,44 @@ def load_onnx_runner(spec: ModelSpec, device: str = "auto", weights: str | Path 
                      repository: str | Path | None = None, auto_export: bool = False, **options: Any) -> Runner:
     """The ONNX Runtime runner of ``spec`` from ``repository/NAME`` (exported first if ``auto_export``).
 
-    ``repository`` defaults to ``$VFM_MODEL_REPOSITORY`` or ``./model_repository``. ``weights``
-    are what an automatic export starts from; an existing export made from other weights is refused.
+    ``repository`` defaults to ``$VFM_MODEL_REPOSITORY`` or ``./model_repository``. ``quantize="int8"``
+    or ``dtype="float16"`` run the ``NAME.int8`` / ``NAME.float16`` export (``vfm export --quantize int8``).
+    ``weights`` are what an automatic export starts from; an existing export made from other weights
+    is refused.
     """
     from .backends.onnx import SESSION_OPTIONS, SessionSettings, open_sessions, resolve_onnx_device
     from .backends.torch import import_torch
-    from .export import ExportNotFound, ExportStale, export_model, find_export, folder_name
+    from .export import ExportNotFound, ExportStale, VariantOptions, export_model, find_export, folder_name
     from .families import ONNX_RUNNERS
     from .weights import cache_dir
 
     import_torch()  # the runners' post-processing uses torch; make its first import one thread at a time
     resolved = resolve_onnx_device(device)
-    dtype = options.pop("dtype", None)
-    if dtype not in (None, "float32"):
-        raise ValueError(f"dtype {dtype!r} is a PyTorch backend option; ONNX exports run in float32. "
-                         "Use backend: torch for float16/bfloat16.")
+    dtype, quantize = options.pop("dtype", None), options.pop("quantize", None)
+    if dtype not in (None, "float32", "float16"):
+        raise ValueError(f"dtype {dtype!r} is a PyTorch backend option; ONNX exports run in float32, float16 "
+                         "(`vfm export NAME --dtype float16`) or int8 (quantize: int8). Use backend: torch for it.")
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize {quantize!r} is not known; the ONNX backend takes quantize: int8.")
+    if quantize and dtype not in (None, "float32"):
+        raise ValueError("give quantize: int8 or dtype: float16, not both.")
+    variant = quantize or (dtype if dtype == "float16" else None)
     session_options = {k: options.pop(k) for k in SESSION_OPTIONS if k in options}
     # Checked before any export. TensorRT engines are built per machine and GPU, so they go to
     # the local cache rather than into the (possibly shared, read-only) repository.
     settings = SessionSettings(device=resolved, cache_dir=cache_dir() / "tensorrt" / folder_name(spec.name),
                                **session_options)
     try:
-        folder, config = find_export(spec.name, repository, weights)
+        folder, config = find_export(spec.name, repository, weights, variant=variant)
     except (ExportNotFound, ExportStale) as exc:
         if not auto_export:
             raise
         stale = isinstance(exc, ExportStale)
         log.log(logging.WARNING if stale else logging.INFO, "%s: %s; exporting it now (auto_export)", spec.name,
                 "the ONNX export is stale" if stale else "no ONNX export in the repository")
-        export_model(spec.name, repository, weights=weights, replace=stale)
-        folder, config = find_export(spec.name, repository, weights)
+        options_made = VariantOptions(quantize=quantize, dtype=dtype or "float32") if variant else None
+        export_model(spec.name, repository, weights=weights, replace=stale, variant=options_made)
+        folder, config = find_export(spec.name, repository, weights, variant=variant)
     kind = config.get("kind")
     if kind not in ONNX_RUNNERS:
         raise ValueError(f"{folder}/config.json names runner kind {kind!r}, which this vfm does not know; "

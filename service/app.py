@@ -101,10 +101,10 @@ def _availability(cfg: ServiceConfig, served: str) -> str | None:
         except ImportError as exc:
             return f"the ONNX backend cannot run here ({exc}); install onnxruntime or use backend: torch."
     if backend == "onnx" and not spec.onnx_graphs:  # graphs that are the weights need no export
-        from vfm.models.export import ExportNotFound, ExportStale, find_export
+        from vfm.models.export import ExportNotFound, ExportStale, find_export, variant_of
 
         try:
-            find_export(registry, cfg.model_repository, mc.weights)
+            find_export(registry, cfg.model_repository, mc.weights, variant=variant_of(mc.quantize, mc.dtype))
         except (ExportNotFound, ExportStale) as exc:
             if not mc.auto_export:
                 return " ".join(str(exc).split())

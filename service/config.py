@@ -68,7 +68,10 @@ class ModelConfig(_Strict):
     request_timeout_s: float | None = Field(None, gt=0, description="overrides the service-wide timeout")
     health_check_period_s: float = Field(10.0, gt=0)
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
-        "float32", description="torch backend: float16/bfloat16 need a CUDA device")
+        "float32", description="torch backend: float16/bfloat16 need a CUDA device; onnx backend: float16 runs "
+                               "the NAME.float16 export (`vfm export NAME --dtype float16`)")
+    quantize: Literal["int8"] | None = Field(
+        None, description="onnx backend: int8 runs the NAME.int8 export (`vfm export NAME --quantize int8`)")
     auto_export: bool = Field(False, description="onnx backend: export into model_repository on first use")
     options: dict[str, Any] = Field(default_factory=dict, description="more runner options, e.g. pooling, num_threads")
     decode_in: Literal["replica", "ingress"] = Field(
@@ -78,8 +81,13 @@ class ModelConfig(_Strict):
     def _consistent(self) -> "ModelConfig":
         if self.replicas is not None and self.autoscaling is not None:
             raise ValueError("give `replicas` or `autoscaling`, not both")
-        if self.dtype != "float32" and (self.backend != "torch" or self.device == "cpu"):
-            raise ValueError(f"dtype {self.dtype} needs backend: torch on a CUDA device (device: cuda or auto)")
+        if self.quantize is not None and (self.backend != "onnx" or self.dtype != "float32"):
+            raise ValueError(f"quantize: {self.quantize} needs backend: onnx (and dtype float32): it runs the "
+                             f"model's {self.quantize} export")
+        onnx_half = self.backend == "onnx" and self.dtype == "float16"
+        if self.dtype != "float32" and not onnx_half and (self.backend != "torch" or self.device == "cpu"):
+            raise ValueError(f"dtype {self.dtype} needs backend: torch on a CUDA device (device: cuda or auto), "
+                             "or (float16) backend: onnx and a float16 export")
         if self.device.startswith("cuda") and self.num_gpus <= 0:
             raise ValueError(f"device {self.device!r} needs num_gpus > 0 (Ray hides GPUs from replicas without one)")
         reserved = sorted({"CPU", "GPU", "memory", "object_store_memory"} & set(self.resources))

@@ -62,6 +62,8 @@ def runner_options(cfg: ServiceConfig, served: str) -> dict[str, Any]:
     options = dict(mc.options)
     if mc.backend == "onnx":
         options.update(repository=cfg.model_repository, auto_export=mc.auto_export)
+        if mc.quantize or mc.dtype != "float32":  # the NAME.int8 / NAME.float16 export
+            options.update(quantize=mc.quantize, dtype=mc.dtype)
     elif mc.dtype != "float32":
         options["dtype"] = mc.dtype
     return options

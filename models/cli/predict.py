@@ -75,6 +75,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repository", metavar="DIR",
                    help="--backend onnx: the model repository holding the exports (default: $VFM_MODEL_REPOSITORY "
                         "or ./model_repository)")
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="--backend onnx: run the model's int8 export (`vfm export NAME --quantize int8`)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--weights", help="weights source: a path, hf:org/name, https://...#sha256=..., or random")
     p.set_defaults(func=cmd_predict)
@@ -216,12 +218,16 @@ def load_runner(name: str, backend: str, args: argparse.Namespace, weights: str 
     from ..export import ExportNotFound, ExportStale, repository_root
     from ..loading import load_model
 
-    options = {"repository": args.repository} if backend == "onnx" and args.repository else {}
+    options: dict[str, Any] = {"repository": args.repository} if backend == "onnx" and args.repository else {}
+    quantize = getattr(args, "quantize", None) if name == args.name else None  # not the --detector's
+    if quantize:
+        options["quantize"] = quantize
     try:
         return load_model(name, backend=backend, device=args.device, weights=weights, **options)
     except (ExportNotFound, ExportStale) as exc:
         root = repository_root(args.repository)
-        export = f"`vfm export {name} --repository {root}" + (f" --weights {weights}`" if weights else "`")
+        export = (f"`vfm export {name}" + (f" --quantize {quantize}" if quantize else "") + f" --repository {root}"
+                  + (f" --weights {weights}`" if weights else "`"))
         if isinstance(exc, ExportNotFound):
             raise UsageError(f"model {name!r} has no ONNX export in {root}: run {export} first, or point "
                              "--repository (or $VFM_MODEL_REPOSITORY) at the folder that holds it") from None
@@ -300,6 +306,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.detector and args.everything:
         raise UsageError("--detector prompts the SAM with the detector's boxes and --everything with a grid of "
                          "points: use one of them")
+    if args.quantize and (args.url or args.backend != "onnx"):
+        raise UsageError("--quantize int8 runs an int8 ONNX export: it goes with --backend onnx (on a server, "
+                         "the config's quantize: int8 chooses it)")
     if args.repository and not args.url and "onnx" not in (args.backend, args.detector_backend):
         raise UsageError("--repository holds ONNX exports: it goes with --backend onnx (or --detector-backend onnx)")
     if args.url:

@@ -9,6 +9,8 @@
 - ``common``: the exporter call, graph files, parity tolerances and checks every family shares.
 - ``classify``, ``detect``, ``mtcnn``, ``sam``: one exporter per family, each tracing the module
   the family's PyTorch network call runs, so the graph computes what that call computes.
+- ``quantize``: int8 and float16 variants (``NAME.int8``, ``NAME.float16``), published only when
+  they keep the float32 answers on real photos.
 - ``cli``: ``vfm export NAME``.
 
 This package imports the families (to trace their networks); no family imports it.
@@ -16,7 +18,9 @@ This package imports the families (to trace their networks); no family imports i
 from .common import DEFAULT_OPSET, ExportError, ParityError, Tolerance
 from .repository import (ExportNotFound, ExportResult, ExportStale, default_tolerance, export_model, find_export,
                          folder_name, model_folder, repository_root)
+from .quantize import QuantizationRefused, VariantOptions, variant_of
 
 __all__ = ["DEFAULT_OPSET", "ExportError", "ExportNotFound", "ExportResult", "ExportStale", "ParityError",
+           "QuantizationRefused", "VariantOptions", "variant_of",
            "Tolerance", "default_tolerance", "export_model", "find_export", "folder_name", "model_folder",
            "repository_root"]

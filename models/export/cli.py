@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 
@@ -39,6 +40,22 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         f"kernels), all (+ LayerNorm, GELU, skip-LayerNorm), none (default {DEFAULT_FUSION})")
     p.add_argument("--no-fuse", dest="fuse", action="store_const", const="none", help="same as --fuse none")
     p.add_argument("--seed", type=int, default=0, help="seed of the random parity inputs")
+    q = p.add_argument_group("int8 and float16 (published as NAME.int8 / NAME.float16 only when they keep the "
+                             "float32 answers on real photos)")
+    q.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8: static QDQ with --calibration, else dynamic; serve it with quantize: int8")
+    q.add_argument("--calibration", type=Path, default=None, metavar="FOLDER",
+                   help="images to calibrate static int8 on (preprocessed as the model does)")
+    q.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=True,
+                   help="int8 weights per output channel (default: yes)")
+    q.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                   help="float16: weights and compute in half, inputs/outputs float32 (for GPUs)")
+    q.add_argument("--min-agreement", type=float, default=0.99, metavar="SHARE",
+                   help="int8: the share of sure photos whose float32 top-1 class must stay (default 0.99)")
+    q.add_argument("--min-margin", type=float, default=0.1, metavar="P",
+                   help="a photo is sure when float32's top-1 probability beats its top-2 by P or more (default 0.1)")
+    q.add_argument("--check-images", type=Path, default=None, metavar="FOLDER",
+                   help="photos to check the answers on (default: scikit-image's sample photos)")
     p.add_argument("--json", action="store_true", help="print config.json")
     p.set_defaults(func=cmd_export)
 
@@ -59,11 +76,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from .repository import export_model
     from .common import ExportError, check_opset
+    from .quantize import VariantOptions
     from ..registry import UnknownModel, get_spec
 
     try:
         get_spec(args.name)
         check_opset(args.opset)
+        variant = VariantOptions(quantize=args.quantize, dtype=args.dtype, calibration=args.calibration,
+                                 per_channel=args.per_channel, min_agreement=args.min_agreement,
+                                 min_margin=args.min_margin, check_images=args.check_images)
     except (UnknownModel, ExportError) as exc:
         raise UsageError(str(exc)) from None
     options = {k: v for k, v in (("min_score", args.min_score), ("max_candidates", args.max_candidates))
@@ -72,7 +93,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"exporting {args.name} and checking it against PyTorch ...", file=sys.stderr, flush=True)
     result = export_model(args.name, args.out, opset=args.opset, weights=args.weights,
                           tolerance=_tolerance(args.name, args), external_data=args.external_data, seed=args.seed,
-                          fuse=args.fuse, **options)
+                          fuse=args.fuse, variant=variant if variant.variant else None, **options)
     if args.json:
         json.dump(result.config, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -81,6 +102,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     for path in result.files:
         print(f"  {path}  ({path.stat().st_size / 1e6:.1f} MB)")
     figures = {k: v for k, v in result.parity.items() if k not in ("tolerance", "sizes")}
+    check = result.config.get("check")
+    if check:
+        print(f"{variant.variant} vs float32 on {check['views']} real photo views: top-1 agreement "
+              f"{check['top1_agreement']} on the {check['sure_views']} sure ones, "
+              f"{check['top1_agreement_all_views']} on all")
     print("parity (ONNX Runtime vs PyTorch): " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                                           for k, v in figures.items()))
     print(f"run it: vfm predict {result.name} IMAGE --backend onnx --repository {result.folder.parent}")

@@ -106,12 +106,18 @@ def weights_label(spec: ModelSpec, weights: str | Path | None) -> str:
     return describe_source(source) or str(weights)
 
 
-def find_export(name: str, repository: str | Path | None = None, weights: str | Path | None = None
-                ) -> tuple[Path, dict[str, Any]]:
-    """(folder, config) of ``name``'s export; ``ExportNotFound`` or ``ExportStale`` say what to run."""
+def find_export(name: str, repository: str | Path | None = None, weights: str | Path | None = None,
+                variant: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """(folder, config) of ``name``'s export; ``ExportNotFound`` or ``ExportStale`` say what to run.
+
+    ``variant``: "int8" or "float16" finds ``NAME.int8`` / ``NAME.float16`` (``vfm.models.export.quantize``).
+    """
+    from .quantize import variant_folder
+
     spec = get_spec(name)
-    folder = model_folder(name, repository)
-    command = f"`vfm export {name}" + (f" --out {repository_root(repository)}`" if repository else "`")
+    folder = repository_root(repository) / variant_folder(folder_name(name), variant)
+    flag = {"int8": " --quantize int8", "float16": " --dtype float16"}.get(variant or "", "")
+    command = f"`vfm export {name}{flag}" + (f" --out {repository_root(repository)}`" if repository else "`")
     config_path = folder / CONFIG_FILE
     if not config_path.is_file():
         raise ExportNotFound(f"Model {name!r} has no ONNX export in {repository_root(repository)} (no {config_path}). "
@@ -176,7 +182,8 @@ def _exporter_for(runner: Any) -> Callable[..., Any]:
 def export_model(name: str, repository: str | Path | None = None, *, opset: int = DEFAULT_OPSET,
                  weights: str | Path | None = None, tolerance: Tolerance | None = None,
                  external_data: bool | None = None, seed: int = 0, model_options: dict[str, Any] | None = None,
-                 replace: bool = True, fuse: bool | str = True, **export_options: Any) -> ExportResult:
+                 replace: bool = True, fuse: bool | str = True, variant: Any = None,
+                 **export_options: Any) -> ExportResult:
     """Export ``name`` to ``repository/NAME`` and check it; replaces an existing export of it.
 
     ``weights``: as for ``load_model`` (default: the model's own). ``tolerance``: the parity
@@ -185,7 +192,9 @@ def export_model(name: str, repository: str | Path | None = None, *, opset: int 
     inputs. ``model_options``: builder options of the PyTorch model. ``export_options``: the
     family exporter's (detectors: ``min_score``, ``max_candidates``). ``fuse``: transformer graph
     fusion before parity (``export.optimize``): True/"attention" (default), "all" (+ LayerNorm,
-    GELU, skip-LayerNorm), False/"none". ``replace=False`` keeps an
+    GELU, skip-LayerNorm), False/"none". ``variant``: a ``quantize.VariantOptions`` (int8 or
+    float16), published as ``NAME.int8`` / ``NAME.float16`` only when it keeps the float32 answers
+    (else ``QuantizationRefused``). ``replace=False`` keeps an
     export that another process published meanwhile (auto-export by several replicas). Raises
     ``ParityError`` when ONNX Runtime and PyTorch disagree; nothing is written then.
     """
@@ -208,7 +217,9 @@ def export_model(name: str, repository: str | Path | None = None, *, opset: int 
         raise ExportError(str(exc)) from None
     root = repository_root(repository)
     root.mkdir(parents=True, exist_ok=True)
-    target = root / folder_name(name)
+    from .quantize import make_variant, variant_folder
+
+    target = root / variant_folder(folder_name(name), variant.variant if variant else None)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=root))
     os.chmod(work, 0o755)  # mkdtemp's 0700 would hide the published export from a service running as another user
     try:
@@ -217,6 +228,7 @@ def export_model(name: str, repository: str | Path | None = None, *, opset: int 
         log.info("exporting %s to %s (opset %d)", name, target, opset)
         with fusion(fuse):
             result = exporter(runner, version, opset, tolerance, external_data, seed, **export_options)
+        made = make_variant(version, result, spec, variant) if variant and variant.variant else {}
         config = {
             "format": FORMAT, "name": name, "family": spec.family, "task": spec.task, "tasks": list(spec.tasks),
             "kind": result.kind, "version": VERSION, "opset": opset, "exporter": EXPORTER,
@@ -224,7 +236,7 @@ def export_model(name: str, repository: str | Path | None = None, *, opset: int 
             "preprocess": spec.preprocess.to_json() if spec.preprocess else None,
             "labels": result.labels, "runtime": result.runtime, "session": session_defaults(), "parity": result.parity,
             "weights": weights_label(spec, weights), "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
-            "versions": _versions(),
+            "versions": _versions(), **made,
         }
         (work / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         _publish(work, target, replace)

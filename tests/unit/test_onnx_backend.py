@@ -143,7 +143,9 @@ def test_bad_options_are_clear_errors(repo):
         load_model("tiny_cnn", backend="onnx", device="cpu", repository=repo, spinning="no")
     with pytest.raises(ValueError, match="does not take option.*pooling"):
         load_model("tiny_cnn", backend="onnx", device="cpu", repository=repo, pooling="mean")
-    with pytest.raises(ValueError, match="float16.*backend: torch"):
+    with pytest.raises(ValueError, match="bfloat16.*backend: torch"):
+        load_model("tiny_cnn", backend="onnx", device="cpu", repository=repo, dtype="bfloat16")
+    with pytest.raises(ExportNotFound, match="vfm export tiny_cnn --dtype float16"):  # float16 is its own export
         load_model("tiny_cnn", backend="onnx", device="cpu", repository=repo, dtype="float16")
     with pytest.raises(DeviceUnavailable, match="Unknown device"):
         load_model("tiny_cnn", backend="onnx", device="tpu", repository=repo)
