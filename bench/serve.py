@@ -248,7 +248,7 @@ def start_bare_ray_serve(model: str, threads: int, batch: int, wait: float) -> N
     serve.run(BareIngress.bind(BareModel.bind()), name="bare", route_prefix="/bare")
 
 
-# ---- subprocesses: LitServe (bench/litserve_app.py) and `vfm serve` ---------------------------
+# ---- subprocesses: LitServe (bench/anchors/litserve_app.py) and `vfm serve` -----------------
 
 def start_subprocess(argv: list[str], log: Path) -> subprocess.Popen:
     with open(log, "wb") as out:  # the child holds its own descriptor
@@ -350,9 +350,9 @@ def measure(args: argparse.Namespace, images: dict[str, bytes], ray_tmp: str) ->
               file=sys.stderr, flush=True)
         lit_port = free_port()
         lit_log = Path(ray_tmp) / "litserve.log"
-        lit = start_subprocess([sys.executable, str(ROOT / "bench" / "litserve_app.py"), "--port", str(lit_port),
-                                "--model", args.model, "--threads", str(args.threads), "--batch", str(args.batch),
-                                "--wait", str(args.wait)], lit_log)
+        lit = start_subprocess([sys.executable, str(ROOT / "bench" / "anchors" / "litserve_app.py"),
+                                "--port", str(lit_port), "--model", args.model, "--threads", str(args.threads),
+                                "--batch", str(args.batch), "--wait", str(args.wait)], lit_log)
         service = start_service(cfg)  # joins the Ray started above, which also holds the bare app
         start_bare_ray_serve(args.model, args.threads, args.batch, args.wait)
         lit_url = f"http://127.0.0.1:{lit_port}"
@@ -381,7 +381,8 @@ def measure(args: argparse.Namespace, images: dict[str, bytes], ray_tmp: str) ->
             plan: list[tuple[str, Callable[[], Run]]] = [
                 ("in-process, model only", lambda: in_process_run(runner, photo, n, same, c, decode=False)),
                 ("in-process, with decode", lambda: in_process_run(runner, photo, n, same, c, decode=True)),
-                ("vfm json", batched("vfm json", "batched", http(lambda i: vfm_request(url, "batched", photo, "json")))),
+                ("vfm json", batched("vfm json", "batched",
+                                     http(lambda i: vfm_request(url, "batched", photo, "json")))),
                 ("LitServe json", http(lambda i: (f"{lit_url}/predict", b64_body))),
                 ("bare Ray Serve raw", http(lambda i: (f"{url}/bare/predict", {"content": photo}))),
                 ("vfm raw unbatched", http(lambda i: vfm_request(url, "unbatched", photo))),

@@ -1,4 +1,5 @@
-"""sim_gpu: the constant-latency test model, a SIMULATION of a GPU (tiny_cnn's network, each call held to latency_ms)."""
+"""sim_gpu: the constant-latency test model, a SIMULATION of a GPU (tiny_cnn's network, each call held to
+latency_ms)."""
 from __future__ import annotations
 
 import time

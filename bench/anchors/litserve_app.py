@@ -1,6 +1,7 @@
 """The LitServe anchor of bench/serve.py (started by it as a subprocess, stopped by it by PID).
 
-    .venv/bin/python bench/litserve_app.py --port 8001 [--model efficientnet_lite0] [--threads 1] [--batch 16] [--wait 0.01]
+    .venv/bin/python bench/anchors/litserve_app.py --port 8001 [--model efficientnet_lite0] [--threads 1] \\
+        [--batch 16] [--wait 0.01]
 
 The vfm runner behind LitServe's own batching (``max_batch_size``, ``batch_timeout``), one inference worker on
 CPU, one API server: POST /predict with a JSON body ``{"image": "<base64 of the image file>"}`` answers
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import litserve as ls
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 TOP_K = 5
 
