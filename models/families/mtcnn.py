@@ -79,40 +79,41 @@ class SummedAreas:
     ``float32(sum) / rows / cols`` as torch's CPU kernel computes it. The tables are uint32 and
     wrap around past 2**32; the difference of four corners is still the exact sum of a
     rectangle (modular arithmetic), as long as that sum is below 2**32 (16 million pixels).
-    They are laid out ``[B, C, H + 1, W + 1]``, the networks' layout, so gathering rows copies
-    whole rows.
+    Laid out ``[B, H + 1, W + 1, C]``: a pyramid level gathers whole rows, then columns; a crop
+    gathers the C values of a corner in one index.
     """
 
     def __init__(self, images: np.ndarray):
         batch, height, width, channels = images.shape
-        table = np.zeros((batch, channels, height + 1, width + 1), np.uint32)
-        table[:, :, 1:, 1:] = images.transpose(0, 3, 1, 2)
-        np.add.accumulate(table, axis=3, out=table)
+        table = np.zeros((batch, height + 1, width + 1, channels), np.uint32)
+        table[:, 1:, 1:] = images
+        np.add.accumulate(table, axis=2, out=table)
         for row in range(1, height + 1):  # row by row, each a vectorised add: faster than a cumsum across rows
-            np.add(table[:, :, row], table[:, :, row - 1], out=table[:, :, row])
+            np.add(table[:, row], table[:, row - 1], out=table[:, row])
         self.table = table
+        self.corners = table.reshape(-1, channels)  # [B * (H + 1) * (W + 1), C]
         self.height, self.width = height, width
 
     @staticmethod
     def _normalised(sums: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        """``[N, C, h, w]`` sums over ``rows`` x ``cols`` pixels -> float32 means, normalised the way
-        the nets take them, ``(mean - 127.5) / 128`` (in place, in facenet's order of operations)."""
+        """``[N, h, w, C]`` sums over ``rows`` x ``cols`` pixels -> ``[N, C, h, w]`` float32 means,
+        normalised the way the nets take them, ``(mean - 127.5) / 128`` (facenet's order of operations)."""
         out = sums.astype(np.float32)
         out /= rows.astype(np.float32)
         out /= cols.astype(np.float32)
         out -= np.float32(127.5)
         out *= np.float32(0.0078125)
-        return out
+        return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
 
     def resize(self, height: int, width: int) -> np.ndarray:
         """Every image area-resized to ``height`` x ``width``: ``[B, C, height, width]`` normalised float32."""
         y0, y1 = area_bins(self.height, height)
         x0, x1 = area_bins(self.width, width)
-        rows = np.take(self.table, y1, axis=2)
-        rows -= np.take(self.table, y0, axis=2)     # [B, C, height, W + 1]: sums of the row bands
-        sums = np.take(rows, x1, axis=3)
-        sums -= np.take(rows, x0, axis=3)
-        return self._normalised(sums, (y1 - y0)[:, None], x1 - x0)
+        rows = np.take(self.table, y1, axis=1)
+        rows -= np.take(self.table, y0, axis=1)     # [B, height, W + 1, C]: sums of the row bands
+        sums = np.take(rows, x1, axis=2)
+        sums -= np.take(rows, x0, axis=2)
+        return self._normalised(sums, (y1 - y0)[:, None, None], (x1 - x0)[:, None])
 
     def crops(self, image_inds: np.ndarray, y0: np.ndarray, y1: np.ndarray, x0: np.ndarray, x1: np.ndarray,
               side: int) -> np.ndarray:
@@ -122,14 +123,17 @@ class SummedAreas:
         heights, widths = (y1 - y0)[:, None], (x1 - x0)[:, None]
         ys = y0[:, None] + (i * heights) // side
         ye = y0[:, None] + ((i + 1) * heights + side - 1) // side
-        xs = x0[:, None] + (i * widths) // side
-        xe = x0[:, None] + ((i + 1) * widths + side - 1) // side
-        # index shapes [N, 1, 1, 1], [1, C, 1, 1], [N, 1, side, 1], [N, 1, 1, side] -> [N, C, side, side]
-        b, c = image_inds[:, None, None, None], np.arange(self.table.shape[1])[None, :, None, None]
-        ys, ye, xs, xe = ys[:, None, :, None], ye[:, None, :, None], xs[:, None, None, :], xe[:, None, None, :]
-        t = self.table
-        sums = t[b, c, ye, xe] - t[b, c, ys, xe] - t[b, c, ye, xs] + t[b, c, ys, xs]
-        return self._normalised(sums, ye - ys, xe - xs)
+        xs = (x0[:, None] + (i * widths) // side)[:, None, :]
+        xe = (x0[:, None] + ((i + 1) * widths + side - 1) // side)[:, None, :]
+        # flat corner indices: [N, side, 1] row starts + [N, 1, side] columns -> [N, side, side]
+        first_row = image_inds[:, None] * (self.height + 1)
+        row_s = ((first_row + ys) * (self.width + 1))[:, :, None]
+        row_e = ((first_row + ye) * (self.width + 1))[:, :, None]
+        sums = np.take(self.corners, row_e + xe, axis=0)   # [N, side, side, C]
+        sums -= np.take(self.corners, row_s + xe, axis=0)
+        sums -= np.take(self.corners, row_e + xs, axis=0)
+        sums += np.take(self.corners, row_s + xs, axis=0)
+        return self._normalised(sums, (ye - ys)[:, :, None, None], (xe - xs)[:, :, :, None])
 
 
 def pyramid_scales(height: int, width: int, min_face_size: int, factor: float = PYRAMID_FACTOR) -> list[float]:
