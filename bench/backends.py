@@ -9,7 +9,11 @@ the runner's own task method (preprocessing and post-processing included, as the
 calls it) at batch 1 and batch 8; SAM is timed as its encoder (``encode``, one image) and its
 decoder (``segment``, 1 and 8 prompts on a cached embedding). Rounds alternate the two
 backends so that a change in machine load hits both alike; each figure is the median over
-rounds. Prints a table with the ratio ONNX Runtime / PyTorch (below 1: ONNX Runtime is faster).
+rounds. Prints a table with the ratio ONNX Runtime / PyTorch (below 1: ONNX Runtime is faster),
+and per model what its export cost: each export runs in a fresh Python process (``export_model``,
+as ``vfm export`` does), timed wall clock, with that process's peak resident memory (its
+``ru_maxrss``, which includes importing torch and ONNX Runtime, about 0.5 GB); "reused" when
+``--repository`` already held an export from the same weights.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import argparse
 import os
 import statistics
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -61,6 +66,25 @@ def cases(name: str, task: str, runner_images: Callable[[int], list[np.ndarray]]
             for batch in (one, eight)]
 
 
+def export_in_child(name: str, repository: str, weights: str | None) -> tuple[float, float]:
+    """Export ``name`` into ``repository`` in a fresh Python process: (wall seconds, peak RSS in GB of that
+    process). A failed export raises ``RuntimeError`` with the child's last line of output."""
+    code = ("import sys; from vfm.models.export import export_model; "
+            "export_model(sys.argv[1], sys.argv[2], weights=sys.argv[3] or None)")
+    with tempfile.TemporaryFile() as output:
+        start = time.perf_counter()
+        child = subprocess.Popen([sys.executable, "-c", code, name, repository, weights or ""], stdout=output,
+                                 stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(child.pid, 0)  # the child's own rusage (ru_maxrss in KiB on Linux)
+        seconds = time.perf_counter() - start
+        child.returncode = os.waitstatus_to_exitcode(status)
+        if child.returncode != 0:
+            output.seek(0)
+            lines = output.read().decode(errors="replace").strip().splitlines()
+            raise RuntimeError(lines[-1] if lines else f"exit status {child.returncode}")
+    return seconds, usage.ru_maxrss / 2**20
+
+
 def time_pair(make: Callable[[Any], Callable[[], Any]], torch_runner: Any, onnx_runner: Any, rounds: int,
               clock: Callable[[], float] = time.perf_counter) -> tuple[float, float]:
     calls = {"torch": make(torch_runner), "onnx": make(onnx_runner)}
@@ -93,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from vfm.models import get_spec, load_model
-    from vfm.models.export import export_model, find_export
+    from vfm.models.export import find_export
 
     torch.set_num_threads(args.threads)
     # Exports go to a temporary repository unless --repository names one to keep; the temporary one is removed
@@ -104,24 +128,34 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ONNX Runtime / PyTorch, device {args.device}, {args.threads} threads each, {args.rounds} rounds, "
               f"images {IMAGE_SIZE[1]}x{IMAGE_SIZE[0]}, {args.clock} clock, load average {os.getloadavg()}; "
               f"repository {repository}")
-        print(f"{'model':<22} {'case':<20} {'PyTorch ms':>11} {'ORT ms':>9} {'ORT/PyTorch':>12}")
+        print(f"{'model':<22} {'case':<20} {'PyTorch ms':>11} {'ORT ms':>9} {'ORT/PyTorch':>12} "
+              f"{'export s':>9} {'export peak RSS':>16}")
+        failed = 0
         for name in [m.strip() for m in args.models.split(",") if m.strip()]:
             spec = get_spec(name)
             try:
                 find_export(name, repository, args.weights)
+                export_cost = f"{'reused':>9} {'':>16}"
             except Exception:  # not there or made from other weights: export (and parity-check) it now
-                export_model(name, repository, weights=args.weights)
+                try:
+                    seconds, peak_gb = export_in_child(name, repository, args.weights)
+                except RuntimeError as exc:
+                    print(f"{name:<22} export failed: {exc}", flush=True)
+                    failed += 1
+                    continue
+                export_cost = f"{seconds:>9.1f} {peak_gb:>13.2f} GB"
             torch_runner = load_model(name, device=args.device, weights=args.weights)
             onnx_runner = load_model(name, backend="onnx", device=args.device, weights=args.weights,
                                      repository=repository, num_threads=args.threads)
             for label, make in cases(name, spec.task, lambda n: images(n, seed=1)):
                 t_torch, t_onnx = time_pair(make, torch_runner, onnx_runner, args.rounds, clock)
                 print(f"{name:<22} {label:<20} {t_torch * 1e3:>11.2f} {t_onnx * 1e3:>9.2f} "
-                      f"{t_onnx / t_torch:>12.2f}", flush=True)
+                      f"{t_onnx / t_torch:>12.2f} {export_cost}", flush=True)
+                export_cost = ""  # once per model, on its first row
     finally:
         if made is not None:
             shutil.rmtree(made, ignore_errors=True)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

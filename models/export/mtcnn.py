@@ -1,10 +1,11 @@
 """Export MTCNN (``mtcnn_faces``) as its three small networks: pnet.onnx, rnet.onnx, onet.onnx.
 
 MTCNN is a cascade run in Python (an image pyramid through PNet, NMS, crops through RNet and
-ONet, box regression). Only the networks go to ONNX; ``MTCNNFaceDetector`` runs facenet's own
-``detect_face`` around them, so the cascade is the same code on both backends. PNet is fully
-convolutional and takes any batch, height and width; RNet (24x24 crops) and ONet (48x48)
-take any number of crops.
+ONet, box regression). Only the networks go to ONNX; ``MTCNNFaceDetector`` runs the batched
+cascade (``detect_faces``, facenet's ``detect_face`` batched) around them, so the cascade is the
+same code on both backends. PNet is fully convolutional and takes any batch, height and width
+(one call per pyramid level, all images of the batch); RNet (24x24 crops) and ONet (48x48)
+take any number of crops (all crops of all images, up to 512 a call).
 """
 from __future__ import annotations
 
