@@ -14,11 +14,13 @@ and sends compressed bytes, not pixels, through Ray (docs/decisions.md has the m
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from ray import serve
@@ -273,7 +275,7 @@ class ModelServer:
         try:
             decoded = await self._decode(image)
             result = (decoded if isinstance(decoded, Failure)
-                      else await self._infer(Job("encode", decoded, request_id=request_id)))
+                      else await self._encode_batched(Job("encode", decoded, request_id=request_id)))
         except BaseException:
             self.cache.fail(image_id, Failure(503, "overloaded", "The encoder run for this image was interrupted; "
                                                                  "send the request again."))
@@ -283,6 +285,12 @@ class ModelServer:
             return result
         self.cache.resolve(image_id, result)
         return result, False
+
+    async def _encode_batched(self, job: Job) -> Any:
+        """``job`` into the batch queue together with the encodes of other image ids: SAM requests arrive keyed by
+        image id (``multiplexed_model_id``, for ``sam_routing``), and Serve's batching splits a batch by that key."""
+        with _no_multiplexed_id():
+            return await self._infer(job)
 
     def _segment(self, embedding: Any, prompts: list[dict[str, Any]], mask_format: str) -> list[dict[str, Any]]:
         from vfm.models import Prompt
@@ -307,6 +315,19 @@ class ModelServer:
     def _unsupported(self, route: str) -> Failure:
         return Failure(400, "unsupported_task", f"Model {self.served!r} has no {route} route; it supports: "
                        f"{', '.join(self.runner.tasks)}.")
+
+
+@contextmanager
+def _no_multiplexed_id() -> Iterator[None]:
+    """This task's Serve request context without its ``multiplexed_model_id`` while inside."""
+    from ray.serve import context
+
+    token = context._serve_request_context.set(
+        dataclasses.replace(context._get_serve_request_context(), multiplexed_model_id=""))
+    try:
+        yield
+    finally:
+        context._serve_request_context.reset(token)
 
 
 def _size_json(size: tuple[int, int]) -> dict[str, Any]:

@@ -17,8 +17,9 @@ from vfm.service.sam_routing import owner
 from conftest import MetricsReader
 
 PAIR = "sam_pair"
-SERVICE_MODELS = {PAIR: {"model": "tiny_sam", "replicas": 2, "num_cpus": 0.05, "max_batch_size": 2,
-                         "health_check_period_s": 1}}
+# A 1 s batch wait: encodes sent together surely share a batch on a loaded machine (a full batch leaves at once).
+SERVICE_MODELS = {PAIR: {"model": "tiny_sam", "replicas": 2, "num_cpus": 0.05, "max_batch_size": 4,
+                         "batch_wait_timeout_s": 1.0, "health_check_period_s": 1}}
 ENCODER = {"model": PAIR, "task": "encode"}
 WATCHED = ("vfm_sam_cache_hits_total", "vfm_sam_cache_misses_total", "vfm_batch_size_count")
 REPLICA_PREFIX = "SERVE_REPLICA::vfm#model_sam_pair#"
@@ -74,6 +75,23 @@ def test_twenty_prompts_by_image_id_all_answer_from_the_cache(client: VfmClient,
     assert all(a.json()["cached"] for a in answers)
     metrics.read(until=lambda s: counts(s, before)[0] >= 20)
     assert counts(metrics.settled(*WATCHED), before) == (20, 0, 0)  # 20 hits, no miss, no encoder batch
+
+
+def test_encodes_of_different_images_share_encoder_batches(client: VfmClient, metrics, random_pngs) -> None:
+    """Requests reach a replica keyed by their image id, and Serve's batching splits a batch by that key: the
+    replica puts encodes into its queue without it, so different images still share one encoder run."""
+    pair = replicas()
+    together = images_on_each(random_pngs, pair, 4, seed=57)[pair[0].name]  # 4 images the router sends to one
+    before = metrics.settled(*WATCHED, "vfm_batch_size_sum")
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda image: client.encode(PAIR, image), together))
+    assert [a["cached"] for a in answers] == [False] * 4
+    after = metrics.read(until=lambda s: MetricsReader.value(s, "vfm_batch_size_sum", **ENCODER)
+                         - MetricsReader.value(before, "vfm_batch_size_sum", **ENCODER) >= 4)
+    images = MetricsReader.value(after, "vfm_batch_size_sum", **ENCODER) - MetricsReader.value(
+        before, "vfm_batch_size_sum", **ENCODER)
+    batches = counts(after, before)[2]
+    assert images == 4 and batches <= 2, f"4 encodes ran in {batches} encoder batches"
 
 
 def test_ids_on_both_replicas_hit_and_a_killed_holder_gives_404_never_500(client: VfmClient, metrics,
