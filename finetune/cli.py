@@ -17,8 +17,8 @@ from typing import Any, Callable, NoReturn
 
 from vfm.models.errors import UsageError
 
-from .config import (BACKENDS, DEFAULT_EPOCHS, DEFAULT_HIDDEN, DEFAULT_LRS, DEFAULT_WEIGHT_DECAYS, HEADS, LOSSES, METRICS, OPTIMIZERS, SCHEDULES,
-                     SUBSETS, EvalConfig, FeatureOptions, KNNSettings, TrainConfig, TrainSettings, default_of, flag)
+from .config import (BACKENDS, DEFAULT_EPOCHS, DEFAULT_HIDDEN, DEFAULT_LBFGS_CS, DEFAULT_LRS, DEFAULT_WEIGHT_DECAYS,
+                     HEADS, LOSSES, METRICS, OPTIMIZERS, SCHEDULES, SUBSETS, EvalConfig, FeatureOptions, KNNSettings, TrainConfig, TrainSettings, default_of, flag)
 from .values import choice_problem, parse_list, parse_names, parse_number, shown
 
 
@@ -131,7 +131,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     _field(g, T, "nesterov", action="store_true", help="sgd: Nesterov momentum")
     _field(g, T, "weight_decay", type=_FLOATS, metavar="W[,W...]", help="L2 weight decay; a list trains "
            "one head per value (x each --lr) in one pass, the best on validation kept (default sgd, gd "
-           f"{shown(DEFAULT_WEIGHT_DECAYS['sgd'])}; lbfgs {shown(DEFAULT_WEIGHT_DECAYS['lbfgs'])})")
+           f"{shown(DEFAULT_WEIGHT_DECAYS['sgd'])}; lbfgs 1/(N*C) on N training images for scikit-learn's C "
+           f"{shown(DEFAULT_LBFGS_CS)})")
     _choice(g, T, "schedule", SCHEDULES, help=f"sgd learning-rate schedule (default {_default(S, 'schedule')})")
     _field(g, T, "step_epochs", type=_INT, metavar="N", help="step schedule: x0.1 every N epochs (default epochs/3)")
     _field(g, T, "patience", type=_INT, metavar="N", help="sgd: stop a head after N epochs without a better "

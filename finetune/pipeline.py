@@ -115,6 +115,8 @@ def train_run(cfg: TrainConfig) -> RunSummary:
     cfg.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     prep = prepare(cfg)
+    if cfg.head != "knn":
+        cfg.settings.resolve(len(prep.x["train"]))  # lbfgs's default grid is relative to N
     classes = prep.data.classes
     run_digest = _run_digest(cfg, prep)
     if cfg.head == "knn":

@@ -85,6 +85,7 @@ def train_heads(settings: TrainSettings, x_train: torch.Tensor, y_train: torch.T
     """Train one head per (learning rate, weight decay); ``run_dir`` gets a checkpoint after every
     epoch (lbfgs: after every weight decay)."""
     torch.manual_seed(settings.seed)
+    settings.resolve(len(x_train))
     mean, std = standardisation(x_train)
     xs, xv = (x_train - mean) / std, (x_val - mean) / std
     grid = settings.grid()
@@ -377,6 +378,9 @@ class _LBFGS(_Loop):
         self.order = sorted(range(len(runs)), key=lambda h: (-float(self.wds[h]), h))
         self.steps = len(runs)
         self.keep_best = bool(model.hidden)  # an MLP stops early on validation; a linear head is convex
+        # a linear head runs to its minimiser in one step (no looks at validation on the way: they cost
+        # evaluations and change nothing); an MLP looks every _LBFGS_CHECK iterations
+        self.check = _LBFGS_CHECK if self.keep_best else settings.epochs
 
     def _forward(self, params: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """One head's outputs [1, B, O] from its own (unstacked) weights then biases."""
@@ -425,7 +429,7 @@ class _LBFGS(_Loop):
         while done < self.s.epochs:
             before = opt.state[params[0]].get("n_iter", 0)
             group = opt.param_groups[0]
-            group["max_iter"] = min(_LBFGS_CHECK, self.s.epochs - done)
+            group["max_iter"] = min(self.check, self.s.epochs - done)
             group["max_eval"] = 25 * group["max_iter"]  # only the iterations or a tolerance end a step
             opt.step(closure)
             ran = opt.state[params[0]].get("n_iter", 0) - before

@@ -14,7 +14,7 @@ builder did not create, and the builder leaves out models whose weights cannot b
 ``vfm serve --address auto`` on a Ray head with the config mounted read-only.
 
 What the config decides comes from it: the port, the application name, the API key variable,
-the heads folder, the head's CPUs (what its CPU-only replicas reserve at start) and the most GPU
+the heads and published models folders (compose), the head's CPUs (what its CPU-only replicas reserve at start) and the most GPU
 workers (what the models can ask for at their most replicas). The rest (images, worker pod
 sizes) are the constants below. Output is deterministic: keys sorted, no timestamps.
 """
@@ -37,6 +37,7 @@ CLUSTER_HOST = "0.0.0.0"          # inside a container or pod; what is published
 CONFIG_PATH = "/etc/vfm/config.yaml"
 CACHE_DIR = "/var/cache/vfm"       # VFM_CACHE of both images (a volume)
 WORKDIR = "/srv/vfm"               # the images' working directory: relative paths of the config start here
+PUBLISHED_MODELS = "published"     # the published models folder mounted where the config names none (models_dir)
 USER_ID = 10001                    # the images' non-root user
 GCS_PORT, DASHBOARD_PORT, CLIENT_PORT = 6379, 8265, 10001
 HEALTHCHECK = ["python", "/usr/local/lib/vfm/healthcheck.py", CONFIG_PATH]
@@ -85,12 +86,23 @@ def dns_name(name: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:63] or "vfm"
 
 
+def _mount(folder: str) -> tuple[str, str]:
+    """(host source, container target) of a folder of the config: relative paths start at WORKDIR."""
+    path = Path(folder)
+    if path.is_absolute():
+        return str(path), str(path)
+    return f"./{path.as_posix()}", f"{WORKDIR}/{path.as_posix()}"
+
+
 def _heads_mount(cfg: ServiceConfig) -> tuple[str, str]:
     """(host source, container target) of the heads folder."""
-    heads = Path(cfg.heads_dir)
-    if heads.is_absolute():
-        return str(heads), str(heads)
-    return f"./{heads.as_posix()}", f"{WORKDIR}/{heads.as_posix()}"
+    return _mount(cfg.heads_dir)
+
+
+def _models_mount(cfg: ServiceConfig) -> tuple[str, str]:
+    """(host source, container target) of the published models folder (`vfm finetune publish`): the
+    config's ``models_dir``, else ``PUBLISHED_MODELS`` (the container's $VFM_MODELS_DIR points there)."""
+    return _mount(cfg.models_dir or PUBLISHED_MODELS)
 
 
 # ---- serve ----------------------------------------------------------------------------------
@@ -189,9 +201,12 @@ def rayservice(cfg: ServiceConfig) -> dict[str, Any]:
 def _node(image_kind: str, command: list[str], cfg: ServiceConfig, config_source: str,
           healthcheck: dict[str, Any], profile: str) -> dict[str, Any]:
     heads_source, heads_target = _heads_mount(cfg)
+    models_source, models_target = _models_mount(cfg)
     env = {"RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": "${RAY_AUTH_TOKEN:?set RAY_AUTH_TOKEN to a random secret, see README.md, Run on a cluster}",
-           **RAY_ENV}
+           **RAY_ENV,
+           # where `vfm predict` in the container and the service (after the config's models_dir) look
+           "VFM_MODELS_DIR": models_target}
     if cfg.api_key_env:
         env[cfg.api_key_env] = f"${{{cfg.api_key_env}:-}}"
     dockerfile = "deploy/docker/Dockerfile" + ("" if image_kind == "cpu" else ".gpu")
@@ -205,6 +220,8 @@ def _node(image_kind: str, command: list[str], cfg: ServiceConfig, config_source
             {"type": "volume", "source": "model-cache", "target": CACHE_DIR},
             {"type": "bind", "source": config_source, "target": CONFIG_PATH, "read_only": True},
             {"type": "bind", "source": heads_source, "target": heads_target, "read_only": True,
+             "bind": {"create_host_path": True}},
+            {"type": "bind", "source": models_source, "target": models_target, "read_only": True,
              "bind": {"create_host_path": True}},
         ],
         "healthcheck": healthcheck,

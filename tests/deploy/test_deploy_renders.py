@@ -154,6 +154,11 @@ def test_the_compose_file_runs_a_head_gpu_workers_and_a_laptop_profile() -> None
         assert mounts["/etc/vfm/config.yaml"] == {"type": "bind", "source": "./configs/default.yaml",
                                                   "target": "/etc/vfm/config.yaml", "read_only": True}, name
         assert service["restart"] == "unless-stopped" and service["healthcheck"]["test"][0] == "CMD", name
+        # the heads and the published models (`vfm finetune publish`) come from the host, read-only, on every node
+        for source, target in (("./heads", "/srv/vfm/heads"), ("./published", "/srv/vfm/published")):
+            assert mounts[target] == {"type": "bind", "source": source, "target": target, "read_only": True,
+                                      "bind": {"create_host_path": True}}, name
+        assert service["environment"]["VFM_MODELS_DIR"] == "/srv/vfm/published", name
     for head in ("head", "head-cpu"):
         assert services[head]["ports"] == ["127.0.0.1:8000:8000", "127.0.0.1:8265:8265"]
         assert "vfm serve --config /etc/vfm/config.yaml --host 0.0.0.0 --address auto" in services[head]["command"][-1]
@@ -190,6 +195,34 @@ def test_the_renders_follow_the_config(tmp_path: Path) -> None:
     assert compose["name"] == "vision-prod" and compose["services"]["gpu-worker"]["deploy"]["replicas"] == 3
     assert compose["services"]["head"]["ports"][0] == "0.0.0.0:9000:9000"
     assert compose["services"]["head"]["volumes"][1]["source"] == config.as_posix()   # absolute: kept as given
+
+
+@pytest.mark.parametrize("models_dir, source, target", [
+    ("zoo/published", "./zoo/published", "/srv/vfm/zoo/published"),   # relative: from the images' working directory
+    ("/data/vfm-models", "/data/vfm-models", "/data/vfm-models"),      # absolute: kept as given
+])
+def test_the_compose_nodes_mount_the_configs_models_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        models_dir: str, source: str, target: str) -> None:
+    config = tmp_path / "models.yaml"
+    config.write_text(yaml.safe_dump({"models_dir": models_dir, "heads_dir": "/data/heads",
+                                      "models": {"tiny_cnn": {}}}))
+    code, out, err = vfm("serve", "--render", "compose", "--config", str(config))
+    assert code == 0, err
+    for name, service in yaml.safe_load(out)["services"].items():
+        mounts = {m["target"]: m for m in service["volumes"]}
+        assert mounts[target]["source"] == source and mounts[target]["read_only"] is True, name
+        assert mounts["/data/heads"]["source"] == "/data/heads", name
+        assert "/srv/vfm/published" not in mounts and service["environment"]["VFM_MODELS_DIR"] == target, name
+    # inside the container (working directory /srv/vfm) the service looks first where the folder is mounted
+    from vfm.models import published
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(published, "_extra_dirs", [])
+    monkeypatch.setattr(published, "_scanned", set())
+    monkeypatch.setenv("VFM_MODELS_DIR", target)
+    published.use_models_dir(models_dir)
+    lookup = [str(d) for d in published.models_dirs()]
+    assert lookup[-1] == target and lookup[0] == str((tmp_path / models_dir).resolve())  # ($PWD / absolute = absolute)
 
 
 def test_render_refuses_what_it_cannot_use() -> None:

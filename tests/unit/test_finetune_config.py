@@ -76,6 +76,20 @@ def test_defaults_follow_the_head_and_optimiser():
     assert knn.knn == KNNSettings(ks=(5,), metric="cosine") and knn.settings is None
 
 
+def test_the_lbfgs_weight_decays_are_relative_to_the_training_set_as_sklearns_c_is():
+    # scikit-learn's C * sum(loss) + |w|^2 / 2 is N*C * (mean loss + wd/2 |w|^2) at wd = 1 / (N*C)
+    s = TrainSettings(optimizer="lbfgs")
+    assert s.relative_decay and s.to_json()["weight_decay"] is None
+    with pytest.raises(ValueError, match="resolve"):
+        s.grid()
+    assert s.resolve(800).weight_decay == pytest.approx((1 / 8, 1 / 80, 1 / 800, 1 / 8000))  # C 0.01, 0.1, 1, 10
+    assert s.resolve(50).weight_decay[2] == pytest.approx(1 / 800)  # resolved once, for the run's N
+    assert [wd for _, wd in s.grid()] == list(s.weight_decay) and s.to_json()["weight_decay"] == list(s.weight_decay)
+    given = TrainSettings(optimizer="lbfgs", weight_decay=(0.1, 0.01))
+    assert not given.relative_decay and given.resolve(800).weight_decay == (0.1, 0.01)  # given values stay absolute
+    assert TrainSettings().weight_decay == (0.0,)  # sgd: no decay unless given
+
+
 def test_python_may_give_values_as_the_cli_spells_them():
     cfg = TrainConfig(" tiny_cnn ", "digits/", head="MLP", hidden="64,64", lrs="0.01,0.1", epochs="8",
                       classes="d3, d8", seed=7, features=FeatureOptions(threads=2))
