@@ -299,6 +299,16 @@ class Ingress:
                                  request_id(request), image_id=argument if isinstance(argument, str) else "")
         return self.warned({"model": name, **echoed, **result}, name)
 
+    async def _sam_segment(self, route: Route, name: str, image: Any, image_id: str, options: Any, rid: str
+                          ) -> dict[str, Any]:
+        """A SAM replica's answer to /v1's or v2's segment options: every object (``mode: everything``) or the
+        prompts' masks, keyed by ``image_id`` so the call reaches the replica holding its embedding."""
+        if options.mode == "everything":
+            return await self.call(name, EVERYTHING_REPLICA_METHOD, image, image_id, options.everything_options(),
+                                   options.format, rid, image_id=image_id)
+        return await self.call(name, route.replica_method, image, image_id, options.prompt_list(), options.format,
+                               rid, image_id=image_id)
+
     async def segment(self, route: Route, request: Request, name: str) -> dict[str, Any]:
         """SAM prompts (or ``mode: everything``) on an image or on the image_id of one already encoded: the image
         is optional here."""
@@ -316,12 +326,9 @@ class Ingress:
         else:
             raise bad_request("segment needs the image (field `image`) or the image_id that encode returned.",
                               type="missing_image")
+        result = await self._sam_segment(route, name, image, image_id, options, request_id(request))
         if options.mode == "everything":
-            result = await self.call(name, EVERYTHING_REPLICA_METHOD, image, image_id, options.everything_options(),
-                                     options.format, request_id(request), image_id=image_id)
             return self.warned({"model": name, "mode": "everything", "format": options.format, **result}, name)
-        result = await self.call(name, route.replica_method, image, image_id, options.prompt_list(),
-                                 options.format, request_id(request), image_id=image_id)
         results = result.pop("results")
         if options.prompts is None:
             result["masks"] = results[0]["masks"]
@@ -503,13 +510,7 @@ class Ingress:
             image: Any = await self.image_arg(name, data, "image[0]") if isinstance(data, bytes) else data
         else:
             image_id, image = options.image_id, None
-        rid = request_id(request)
-        if options.mode == "everything":
-            answer = await self.call(name, EVERYTHING_REPLICA_METHOD, image, image_id, options.everything_options(),
-                                     options.format, rid, image_id=image_id)
-        else:
-            answer = await self.call(name, route.replica_method or "segment", image, image_id, options.prompt_list(),
-                                     options.format, rid, image_id=image_id)
+        answer = await self._sam_segment(route, name, image, image_id, options, request_id(request))
         if uint8:
             height, width = answer["image_size"]["height"], answer["image_size"]["width"]
             count = sum(len(r["masks"]) for r in answer["results"]) if "results" in answer else len(answer["masks"])
