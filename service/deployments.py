@@ -1,8 +1,9 @@
 """``ModelServer``: the Ray Serve deployment class of every served model (one deployment each).
 
 Every model is served the same few steps: decode the image bytes, queue the image for dynamic
-batching (``@serve.batch`` with the model's ``max_batch_size``/``batch_wait_timeout_s``), run one
-runner call per group of requests with the same options, and answer JSON-ready dicts. Expected
+batching (``batcher.Batcher`` with the model's ``max_batch_size``/``batch_wait_timeout_s``: a batch is what
+queued while the model was busy), run one runner call per group of requests with the same options, in a
+thread of its own so the replica keeps accepting requests meanwhile, and answer JSON-ready dicts. Expected
 problems (bad bytes, bad prompts, an evicted SAM embedding) come back as ``Failure`` values; so does
 an input the model raises on, after the batch it was in ran again image by image (its batch-mates
 still get their answers; the log line carries the request id).
@@ -14,17 +15,16 @@ and sends compressed bytes, not pixels, through Ray (docs/decisions.md has the m
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections import defaultdict
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
-from ray import serve
 
+from .batcher import Batcher
 from .config import ServiceConfig
 from .errors import Failure
 from .metrics import MetricsBuffer
@@ -90,8 +90,10 @@ class ModelServer:
             set_threads(max(1, round(self.cfg.num_cpus)))
         self.runner = await asyncio.to_thread(load_model, cfg.registry_name(served), self.cfg.backend,
                                               self.cfg.device, self.cfg.weights, **runner_options(cfg, served))
-        self._infer.set_max_batch_size(self.cfg.max_batch_size)
-        self._infer.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        # The model's own thread: a batch never waits behind decodes in the default pool.
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix=f"vfm-model-{served}")
+        self._batcher: Batcher[Job, Any] = Batcher(self._infer_batch, self.cfg.max_batch_size,
+                                                   self.cfg.batch_wait_timeout_s)
         tasks = self.runner.tasks
         self.predict_task = "classify" if "classify" in tasks else "detect" if "detect" in tasks else None
         self.cache = EmbeddingCache(cfg.sam_cache_size) if "segment" in tasks else None
@@ -184,8 +186,11 @@ class ModelServer:
             raise RuntimeError(f"{self.served}: the last {self._failures} model calls failed ({self._last_error})")
 
     # ---- batching ----------------------------------------------------------------------------
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # replaced per model in __init__
-    async def _infer(self, jobs: list[Job]) -> list[Any]:
+    async def _infer(self, job: Job) -> Any:
+        """``job``'s answer, from the batch it joins (``Batcher``: one consumer per replica)."""
+        return await self._batcher(job)
+
+    async def _infer_batch(self, jobs: list[Job]) -> list[Any]:
         out: list[Any] = [None] * len(jobs)
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, job in enumerate(jobs):
@@ -203,7 +208,8 @@ class ModelServer:
         labels = (self.served, task)
         self.metrics.observe("vfm_batch_size", labels, len(jobs))
         try:
-            results = await asyncio.to_thread(self._call_runner, task, [job.image for job in jobs], options)
+            results = await asyncio.get_running_loop().run_in_executor(
+                self._model_thread, self._call_runner, task, [job.image for job in jobs], options)
         except Exception as exc:
             if len(jobs) > 1:
                 return [(await self._run(task, [job], options))[0] for job in jobs]
@@ -287,10 +293,10 @@ class ModelServer:
         return result, False
 
     async def _encode_batched(self, job: Job) -> Any:
-        """``job`` into the batch queue together with the encodes of other image ids: SAM requests arrive keyed by
-        image id (``multiplexed_model_id``, for ``sam_routing``), and Serve's batching splits a batch by that key."""
-        with _no_multiplexed_id():
-            return await self._infer(job)
+        """``job`` into the batch queue together with the encodes of other image ids. SAM requests arrive keyed by
+        image id (``multiplexed_model_id``, for ``sam_routing``); the batcher ignores that key (Serve's own batching
+        would split a batch by it), so encodes of different images share encoder runs."""
+        return await self._infer(job)
 
     def _segment(self, embedding: Any, prompts: list[dict[str, Any]], mask_format: str) -> list[dict[str, Any]]:
         from vfm.models import Prompt
@@ -315,19 +321,6 @@ class ModelServer:
     def _unsupported(self, route: str) -> Failure:
         return Failure(400, "unsupported_task", f"Model {self.served!r} has no {route} route; it supports: "
                        f"{', '.join(self.runner.tasks)}.")
-
-
-@contextmanager
-def _no_multiplexed_id() -> Iterator[None]:
-    """This task's Serve request context without its ``multiplexed_model_id`` while inside."""
-    from ray.serve import context
-
-    token = context._serve_request_context.set(
-        dataclasses.replace(context._get_serve_request_context(), multiplexed_model_id=""))
-    try:
-        yield
-    finally:
-        context._serve_request_context.reset(token)
 
 
 def _size_json(size: tuple[int, int]) -> dict[str, Any]:
