@@ -18,6 +18,8 @@ machine load hits every side alike; each figure is the median over rounds.
      through a handle, one ``@serve.batch`` deployment that decodes and runs the runner (the engine's own cost);
   5. ``sim_gpu``, a SIMULATION of a GPU (each model call takes --sim-latency-ms whatever the batch size), at
      concurrency 16 and 64: mean batch size (vfm_batch_size in /metrics) and batched / unbatched throughput;
+     and the HTTP front's ceiling: sim_gpu at 0 ms, max_batch_size 64, concurrency 64 (a model kept busy with
+     batches of B every L ms takes B / L requests a second through HTTP). ``--sim-only``: just these;
   6. cold start: ``vfm serve --config configs/default.yaml`` as a subprocess, to the first 200 from /readyz;
   7. ``--soak``: mixed routes (predict, embed, SAM encode + segment by image_id) at concurrency 32 for MINUTES:
      5xx count, p99 per minute, RSS of every Ray process after the first minute and at the end.
@@ -184,17 +186,20 @@ def with_batch_mean(url: str, name: str, run: Callable[[], Run]) -> tuple[Run, f
 # ---- vfm ------------------------------------------------------------------------------------
 
 def build_config(model: str, port: int, batch: int, wait: float, num_cpus: float, sim_latency_ms: float,
-                 decode_runs: bool) -> dict:
+                 decode_runs: bool, sim_only: bool = False) -> dict:
     common = {"model": model, "num_cpus": num_cpus, "max_ongoing_requests": 64, "max_queued_requests": -1}
     sim = {"model": "sim_gpu", "num_cpus": 0.1, "max_ongoing_requests": 128, "max_queued_requests": -1,
            "options": {"latency_ms": sim_latency_ms}}
-    models = {
+    models = {} if sim_only else {
         "batched": {**common, "max_batch_size": batch, "batch_wait_timeout_s": wait},
         "unbatched": {**common, "max_batch_size": 1, "batch_wait_timeout_s": 0.0},
+    }
+    models.update({
         "sim_batched": {**sim, "max_batch_size": 16, "batch_wait_timeout_s": wait},
         "sim_unbatched": {**sim, "max_batch_size": 1, "batch_wait_timeout_s": 0.0},
-    }
-    if decode_runs:
+        "sim_front": {**sim, "max_batch_size": 64, "batch_wait_timeout_s": 0.0, "options": {"latency_ms": 0}},
+    })
+    if decode_runs and not sim_only:
         models["decode_at_ingress"] = {**common, "max_batch_size": batch, "batch_wait_timeout_s": wait,
                                        "decode_in": "ingress"}
     return {"host": "127.0.0.1", "port": port, "metrics_flush_s": 1.0, "ingress": {"num_cpus": 0.1},
@@ -337,9 +342,9 @@ def measure(args: argparse.Namespace, images: dict[str, bytes], ray_tmp: str) ->
     n, c = args.requests, args.concurrency
     decode_runs = not args.quick
     set_threads(args.threads)
-    runner = load_model(args.model, device="cpu")
+    runner = None if args.sim_only else load_model(args.model, device="cpu")
     cfg = parse_config(build_config(args.model, args.port, args.batch, args.wait, float(args.threads),
-                                    args.sim_latency_ms, decode_runs), "bench config")
+                                    args.sim_latency_ms, decode_runs, args.sim_only), "bench config")
     results: dict[str, list[Run]] = {}
     means: dict[str, list[float]] = {}
     service = lit = None
@@ -350,14 +355,17 @@ def measure(args: argparse.Namespace, images: dict[str, bytes], ray_tmp: str) ->
               file=sys.stderr, flush=True)
         lit_port = free_port()
         lit_log = Path(ray_tmp) / "litserve.log"
-        lit = start_subprocess([sys.executable, str(ROOT / "bench" / "anchors" / "litserve_app.py"),
-                                "--port", str(lit_port), "--model", args.model, "--threads", str(args.threads),
-                                "--batch", str(args.batch), "--wait", str(args.wait)], lit_log)
+        if not args.sim_only:
+            lit = start_subprocess([sys.executable, str(ROOT / "bench" / "anchors" / "litserve_app.py"),
+                                    "--port", str(lit_port), "--model", args.model, "--threads", str(args.threads),
+                                    "--batch", str(args.batch), "--wait", str(args.wait)], lit_log)
         service = start_service(cfg)  # joins the Ray started above, which also holds the bare app
-        start_bare_ray_serve(args.model, args.threads, args.batch, args.wait)
+        if not args.sim_only:
+            start_bare_ray_serve(args.model, args.threads, args.batch, args.wait)
         lit_url = f"http://127.0.0.1:{lit_port}"
         try:
-            wait_http_ok(f"{lit_url}/health", lit, 300)
+            if lit is not None:
+                wait_http_ok(f"{lit_url}/health", lit, 300)
         except RuntimeError as exc:
             raise RuntimeError(f"LitServe: {exc}\n{lit_log.read_text(errors='replace')[-2000:]}") from None
         url, photo = service.url, images["photo"]
@@ -375,10 +383,12 @@ def measure(args: argparse.Namespace, images: dict[str, bytes], ray_tmp: str) ->
 
         for r in range(args.rounds):
             print(f"round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
-            results.setdefault("vfm raw", []).append(
-                batched("vfm raw", "batched", http(lambda i: vfm_request(url, "batched", photo)))())
-            same = max(1, round(statistics.median(means["vfm raw"])))  # in-process at the batch vfm formed
-            plan: list[tuple[str, Callable[[], Run]]] = [
+            plan: list[tuple[str, Callable[[], Run]]] = []
+            if not args.sim_only:
+                results.setdefault("vfm raw", []).append(
+                    batched("vfm raw", "batched", http(lambda i: vfm_request(url, "batched", photo)))())
+                same = max(1, round(statistics.median(means["vfm raw"])))  # in-process at the batch vfm formed
+            plan += [] if args.sim_only else [
                 ("in-process, model only", lambda: in_process_run(runner, photo, n, same, c, decode=False)),
                 ("in-process, with decode", lambda: in_process_run(runner, photo, n, same, c, decode=True)),
                 ("vfm json", batched("vfm json", "batched",
@@ -394,7 +404,9 @@ def measure(args: argparse.Namespace, images: dict[str, bytes], ray_tmp: str) ->
                     (f"sim_gpu c{sc} unbatched", http(
                         lambda i: vfm_request(url, "sim_unbatched", photo), max(n, 4 * sc), sc)),
                 ]
-            if decode_runs:
+            plan.append(("sim_gpu 0 ms c64 (front)", batched("sim_gpu 0 ms c64 (front)", "sim_front", http(
+                lambda i: vfm_request(url, "sim_front", photo), max(n, 4 * 64), 64))))
+            if decode_runs and not args.sim_only:
                 plan += [
                     ("vfm decode@ingress", http(lambda i: vfm_request(url, "decode_at_ingress", photo))),
                     ("vfm raw 1080p", http(lambda i: vfm_request(url, "batched", images["1080p"]))),
@@ -407,7 +419,8 @@ def measure(args: argparse.Namespace, images: dict[str, bytes], ray_tmp: str) ->
         if lit is not None:
             stop_subprocess(lit)
         try:
-            serve.delete("bare")
+            if not args.sim_only:
+                serve.delete("bare")
         except Exception:  # noqa: BLE001 (never deployed)
             pass
         if service is not None:
@@ -577,16 +590,18 @@ def report(args: argparse.Namespace, measured: dict[str, Any], cold: float | Non
         key = label.replace(" batched", "") if label.startswith("sim_gpu") else label
         batch = f"{mean(key):6.1f}" if key in means else f"{'':6s}"
         print(f"{label:28s} {tput(label):8.1f} {p50} {p99} {errors:7d} {batch}")
-    same = max(1, round(mean("vfm raw")))
     print("\nratios (goal in brackets)")
-    rows = [
-        (f"vfm raw / in-process model alone (batch {same})", tput("vfm raw") / tput("in-process, model only"),
-         ">= 0.9"),
-        ("vfm raw / in-process model + decode", tput("vfm raw") / tput("in-process, with decode"), ""),
-        ("vfm json / LitServe json", tput("vfm json") / tput("LitServe json"), ">= 1"),
-        ("vfm raw / bare Ray Serve raw", tput("vfm raw") / tput("bare Ray Serve raw"), ">= 0.9"),
-        (f"vfm batched / unbatched, c{c}", tput("vfm raw") / tput("vfm raw unbatched"), ""),
-    ]
+    rows = []
+    if "vfm raw" in results:
+        same = max(1, round(mean("vfm raw")))
+        rows += [
+            (f"vfm raw / in-process model alone (batch {same})", tput("vfm raw") / tput("in-process, model only"),
+             ">= 0.9"),
+            ("vfm raw / in-process model + decode", tput("vfm raw") / tput("in-process, with decode"), ""),
+            ("vfm json / LitServe json", tput("vfm json") / tput("LitServe json"), ">= 1"),
+            ("vfm raw / bare Ray Serve raw", tput("vfm raw") / tput("bare Ray Serve raw"), ">= 0.9"),
+            (f"vfm batched / unbatched, c{c}", tput("vfm raw") / tput("vfm raw unbatched"), ""),
+        ]
     for sc in (16, 64):
         rows.append((f"sim_gpu c{sc}: mean batch (of 16)", mean(f"sim_gpu c{sc}"), ">= 12" if sc == 64 else ""))
         rows.append((f"sim_gpu c{sc}: batched / unbatched", tput(f"sim_gpu c{sc} batched")
@@ -595,9 +610,14 @@ def report(args: argparse.Namespace, measured: dict[str, Any], cold: float | Non
         rows.append(("decode in replica / in ingress, photo", tput("vfm raw") / tput("vfm decode@ingress"), ""))
         rows.append(("decode in replica / in ingress, 1080p",
                      tput("vfm raw 1080p") / tput("vfm decode@ingress 1080p"), ""))
+    front = tput("sim_gpu 0 ms c64 (front)")
+    rows.append(("HTTP front ceiling, req/s (sim_gpu 0 ms, c64)", front, ""))
+    # A model kept busy with batches of B every L ms takes B / L requests a second through HTTP.
+    rows.append((f"req/s a mean batch of 12 needs at {args.sim_latency_ms:g} ms", 12_000 / args.sim_latency_ms, ""))
     for label, value, goal in rows:
         print(f"  {label:44s} {value:7.2f}  {goal}")
-    print(f"  {'vfm mean batch at c' + str(c):44s} {mean('vfm raw'):7.1f}  (max_batch_size {args.batch})")
+    if "vfm raw" in results:
+        print(f"  {'vfm mean batch at c' + str(c):44s} {mean('vfm raw'):7.1f}  (max_batch_size {args.batch})")
     if cold is not None:
         print(f"  {'cold start: vfm serve default.yaml -> /readyz 200':44s} {cold:6.1f}s")
 
@@ -616,12 +636,16 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true",
                         help="1 round of 48 requests, no decode-placement runs, no cold start (~2 minutes)")
     parser.add_argument("--no-cold-start", action="store_true")
+    parser.add_argument("--sim-only", action="store_true",
+                        help="only the sim_gpu runs and the HTTP front's ceiling (no efficientnet, LitServe, bare app)")
     parser.add_argument("--soak", type=float, nargs="?", const=10.0, default=None, metavar="MINUTES",
                         help="also run the soak (10 minutes when no value is given)")
     args = parser.parse_args()
     args.port = args.port or free_port()
     if args.quick:
         args.rounds, args.requests, args.no_cold_start = 1, 48, True
+    if args.sim_only:
+        args.no_cold_start = True
     if args.soak is not None and not 0 < args.soak <= 24 * 60:
         parser.error("--soak takes minutes in (0, 1440]")
 
