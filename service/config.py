@@ -55,8 +55,10 @@ class ModelConfig(_Strict):
     backend: Literal["torch", "onnx"] = "torch"
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     weights: str | None = Field(None, description="local path, hf:org/name or https://...#sha256=")
-    max_batch_size: int = Field(8, ge=1, le=1024)
-    batch_wait_timeout_s: float = Field(0.01, ge=0, le=10)
+    max_batch_size: int = Field(8, ge=1, le=1024, description="the most images in one model call")
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0, le=10, description="how long a request that finds the model idle waits for company; requests "
+                                      "that queue while the model runs go in its next call without waiting")
     replicas: int | None = Field(None, ge=1)
     autoscaling: Autoscaling | None = None
     num_cpus: float = Field(1.0, ge=0)
