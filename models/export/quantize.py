@@ -216,14 +216,6 @@ def make_variant(version: Path, result: FamilyExport, spec: Any, options: Varian
     Returns what config.json records about it; raises ``QuantizationRefused`` (nothing to publish)
     when the answers change past the limits.
     """
-    from .task_checks import VARIANT_GRAPHS, make_task_variant
-
-    if result.kind in VARIANT_GRAPHS:  # detectors and SAM: checked on boxes / masks (task_checks)
-        made = make_task_variant(result.kind, version, {g.key: g.file for g in result.graphs},
-                                 _export_runner(spec, result), spec, options)
-        for graph in result.graphs:
-            _refresh_io(graph, version)
-        return made
     if result.kind not in ("classifier", "vit"):
         raise ExportError(f"--quantize/--dtype float16 exports are checked on classifiers' top-1 answers, detectors' "
                           f"boxes and SAM's masks; {spec.name!r} is a {result.kind} export, which has no such check.")
@@ -246,23 +238,6 @@ def make_variant(version: Path, result: FamilyExport, spec: Any, options: Varian
         float_path.unlink(missing_ok=True)
     _refresh_io(graph, version)
     return made
-
-
-def _export_runner(spec: Any, result: FamilyExport) -> Any:
-    """``make_runner(folder, wrap)``: the family's ONNX runner over the graphs of this export in ``folder``."""
-    from ..backends.onnx import OnnxSession, SessionSettings
-    from ..families import ONNX_RUNNERS
-
-    config = {"runtime": result.runtime, "labels": result.labels}
-    settings = SessionSettings(device="cpu")
-
-    def make_runner(folder: Path, wrap: Any = None) -> Any:
-        sessions = {g.key: OnnxSession(folder / g.file, settings) for g in result.graphs}
-        if wrap is not None:
-            sessions = {key: wrap(key, session) for key, session in sessions.items()}
-        return ONNX_RUNNERS[result.kind](spec, sessions, config, folder, "cpu")
-
-    return make_runner
 
 
 def quantize_graph(src: Path, dst: Path, spec: Any, options: VariantOptions,

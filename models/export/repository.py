@@ -220,6 +220,7 @@ def export_model(name: str, repository: str | Path | None = None, *, opset: int 
     root = repository_root(repository)
     root.mkdir(parents=True, exist_ok=True)
     from .quantize import make_variant, variant_folder
+    from .task_checks import VARIANT_GRAPHS, make_export_variant
 
     target = root / variant_folder(folder_name(name), variant.variant if variant else None)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=root))
@@ -230,7 +231,10 @@ def export_model(name: str, repository: str | Path | None = None, *, opset: int 
         log.info("exporting %s to %s (opset %d)", name, target, opset)
         with fusion(fuse):
             result = exporter(runner, version, opset, tolerance, external_data, seed, **export_options)
-        made = make_variant(version, result, spec, variant) if variant and variant.variant else {}
+        made: dict[str, Any] = {}
+        if variant and variant.variant:  # detectors and SAM are checked on boxes / masks, classifiers on top-1
+            make = make_export_variant if result.kind in VARIANT_GRAPHS else make_variant
+            made = make(version, result, spec, variant)
         config = {
             "format": FORMAT, "name": name, "family": spec.family, "task": spec.task, "tasks": list(spec.tasks),
             "kind": result.kind, "version": VERSION, "opset": opset, "exporter": EXPORTER,

@@ -123,6 +123,34 @@ def make_task_variant(kind: str, version: Path, files: Mapping[str, str], make_r
     return made
 
 
+def make_export_variant(version: Path, result: Any, spec: Any, options: Any) -> dict[str, Any]:
+    """``make_task_variant`` for a family exporter's ``FamilyExport`` in ``version``; the graphs' IO refreshed."""
+    from .quantize import _refresh_io
+
+    made = make_task_variant(result.kind, version, {g.key: g.file for g in result.graphs},
+                             export_runner(spec, result), spec, options)
+    for graph in result.graphs:
+        _refresh_io(graph, version)
+    return made
+
+
+def export_runner(spec: Any, result: Any) -> Any:
+    """``make_runner(folder, wrap)``: the family's ONNX runner over the graphs of this export in ``folder``."""
+    from ..backends.onnx import OnnxSession, SessionSettings
+    from ..families import ONNX_RUNNERS
+
+    config = {"runtime": result.runtime, "labels": result.labels}
+    settings = SessionSettings(device="cpu")
+
+    def make_runner(folder: Path, wrap: Any = None) -> Any:
+        sessions = {g.key: OnnxSession(folder / g.file, settings) for g in result.graphs}
+        if wrap is not None:
+            sessions = {key: wrap(key, session) for key, session in sessions.items()}
+        return ONNX_RUNNERS[result.kind](spec, sessions, config, folder, "cpu")
+
+    return make_runner
+
+
 def record_calibration(kind: str, make_runner: Callable[..., Any], folder: Path, keys: Sequence[str],
                        options: Any) -> dict[str, list[dict[str, np.ndarray]]]:
     """The inputs each graph gets when the float32 runner runs the calibration images."""
