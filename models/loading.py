@@ -77,13 +77,29 @@ def load_onnx_graphs(spec: ModelSpec, device: str = "auto", weights: str | Path 
 
     import_torch()  # the runners' post-processing uses torch; make its first import one thread at a time
     assert spec.onnx_graphs is not None
-    for key in ("repository", "auto_export"):
-        options.pop(key, None)
-    if options.pop("dtype", None) not in (None, "float32") or options.pop("quantize", None) is not None:
-        raise ValueError(f"Model {spec.name!r} is ONNX graphs in float32; it takes no dtype or quantize.")
+    repository, auto_export = options.pop("repository", None), options.pop("auto_export", False)
+    dtype, quantize = options.pop("dtype", None), options.pop("quantize", None)
+    if dtype not in (None, "float32", "float16") or quantize not in (None, "int8") or (quantize and dtype == "float16"):
+        raise ValueError(f"Model {spec.name!r} is ONNX graphs in float32; it takes quantize: int8 or dtype: float16 "
+                         "(variants made by `vfm export`), not quantize {quantize!r} with dtype {dtype!r}.")
+    variant = quantize or (dtype if dtype == "float16" else None)
     resolved = resolve_onnx_device(device)
     session_options = {k: options.pop(k) for k in SESSION_OPTIONS if k in options}
     settings = SessionSettings(device=resolved, cache_dir=cache_dir() / "tensorrt" / spec.name, **session_options)
+    if variant:  # NAME.int8 / NAME.float16 in the repository: the graphs made from the shipped ones and checked
+        from .export import ExportNotFound, VariantOptions, export_model, find_export
+
+        try:
+            found, config = find_export(spec.name, repository, None, variant=variant)
+        except ExportNotFound:
+            if not auto_export:
+                raise
+            export_model(spec.name, repository, weights=weights,
+                         variant=VariantOptions(quantize=quantize, dtype=dtype or "float32"))
+            found, config = find_export(spec.name, repository, None, variant=variant)
+        folder = found / str(config["version"])
+        sessions = {key: OnnxSession(folder / file, settings) for key, file in spec.onnx_graphs.items()}
+        return spec.builder(spec, sessions, folder, resolved, **options)
     folder = resolve_weights(spec.name, spec.weights, weights)
     if folder is None or not Path(folder).is_dir():
         raise WeightsUnavailable(f"Weights for model {spec.name!r} are a folder holding "

@@ -50,10 +50,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="int8 weights per output channel (default: yes)")
     q.add_argument("--dtype", choices=["float32", "float16"], default="float32",
                    help="float16: weights and compute in half, inputs/outputs float32 (for GPUs)")
-    q.add_argument("--min-agreement", type=float, default=0.99, metavar="SHARE",
-                   help="int8: the share of sure photos whose float32 top-1 class must stay (default 0.99)")
+    q.add_argument("--min-agreement", type=float, default=None, metavar="SHARE",
+                   help="int8: the share of float32's answers that must stay: top-1 classes of sure photos "
+                        "(classifiers, default 0.99), clear boxes matched (detectors, 0.95), masks kept at "
+                        "--match-iou (SAM, 0.95)")
     q.add_argument("--min-margin", type=float, default=0.1, metavar="P",
-                   help="a photo is sure when float32's top-1 probability beats its top-2 by P or more (default 0.1)")
+                   help="a photo is sure when float32's top-1 probability beats its top-2 by P or more; a box is "
+                        "clear when its score is P or more above 0.5 (default 0.1)")
+    q.add_argument("--match-iou", type=float, default=None, metavar="IOU",
+                   help="detectors: a box of the variant matches float32's at this IoU or more (default 0.7); "
+                        "SAM: a mask is kept at this IoU or more (default 0.9)")
     q.add_argument("--check-images", type=Path, default=None, metavar="FOLDER",
                    help="photos to check the answers on (default: scikit-image's sample photos)")
     p.add_argument("--json", action="store_true", help="print config.json")
@@ -71,6 +77,23 @@ def _tolerance(name: str, args: argparse.Namespace) -> Any:
     return dataclasses.replace(default_tolerance(name), **overrides) if overrides else None
 
 
+def check_summary(check: dict[str, Any]) -> str:
+    """One line on what a variant kept (``quantize.check_classifier`` / ``task_checks``' figures)."""
+    if "shapes_only" in check:
+        return f"checked on declared inputs/outputs only ({check['shapes_only']})"
+    if "box_agreement" in check:
+        return (f"{check['matched']} of {check['clear_boxes']} clear boxes matched at IoU >= {check['min_iou']} "
+                f"({check['box_agreement']}; missed {check['missed']}, extra {check['extra']}) on {check['views']} "
+                f"real photo views, box IoU mean {check['box_iou_mean']}, score change mean "
+                f"{check['score_mean_abs_diff']} max {check['score_max_abs_diff']}")
+    if "mask_agreement" in check:
+        return (f"{check['mask_agreement']} of {check['masks_compared']} masks kept IoU >= {check['min_iou']} "
+                f"({check['prompts_per_image']} prompts on each of {check['images']} real photos), mask IoU mean "
+                f"{check['mask_iou_mean']} min {check['mask_iou_min']}")
+    return (f"top-1 agreement {check['top1_agreement']} on the {check['sure_views']} sure ones of {check['views']} "
+            f"real photo views, {check['top1_agreement_all_views']} on all")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from vfm.models.errors import UsageError
 
@@ -84,7 +107,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         check_opset(args.opset)
         variant = VariantOptions(quantize=args.quantize, dtype=args.dtype, calibration=args.calibration,
                                  per_channel=args.per_channel, min_agreement=args.min_agreement,
-                                 min_margin=args.min_margin, check_images=args.check_images)
+                                 min_margin=args.min_margin, check_images=args.check_images,
+                                 min_iou=args.match_iou)
     except (UnknownModel, ExportError) as exc:
         raise UsageError(str(exc)) from None
     options = {k: v for k, v in (("min_score", args.min_score), ("max_candidates", args.max_candidates))
@@ -104,10 +128,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     figures = {k: v for k, v in result.parity.items() if k not in ("tolerance", "sizes")}
     check = result.config.get("check")
     if check:
-        print(f"{variant.variant} vs float32 on {check['views']} real photo views: top-1 agreement "
-              f"{check['top1_agreement']} on the {check['sure_views']} sure ones, "
-              f"{check['top1_agreement_all_views']} on all")
-    print("parity (ONNX Runtime vs PyTorch): " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                                                          for k, v in figures.items()))
+        print(f"{variant.variant} vs float32: {check_summary(check)}")
+    if figures:
+        print("parity (ONNX Runtime vs PyTorch): " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                                              for k, v in figures.items()))
     print(f"run it: vfm predict {result.name} IMAGE --backend onnx --repository {result.folder.parent}")
     return 0

@@ -41,6 +41,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 # fp16 against fp32: ~3 significant digits per op, compounded over the network
 FLOAT16_TOLERANCE = Tolerance(atol=5e-2, rtol=2e-2)
 MIN_SURE_PHOTOS = 5
+# the share of answers a variant must keep: top-1 classes of sure photos, clear boxes, masks (task_checks)
+MIN_AGREEMENT = {"top1": 0.99, "boxes": 0.95, "masks": 0.95}
+CHECK_FACES = 60        # detectors are checked on lfw_subset's first 60 faces (face_mosaics)
 
 # scikit-image's sample photos (real photographs; drawings, synthetic and microscopy-only data left out).
 # Grayscale ones are given as RGB, as a camera's grey photo would be decoded.
@@ -59,19 +62,22 @@ class VariantOptions:
 
     int8: ``calibration`` (a folder of images) makes it static QDQ (activations uint8, weights
     int8, ``per_channel`` weights), else dynamic. ``min_agreement``: the share of the sure photos
-    whose top-1 class must stay; ``min_margin``: by how much float32's top-1 probability must beat
-    its top-2 for a photo to be sure; ``check_images``: a folder of photos to check on instead of
-    scikit-image's.
+    whose top-1 class must stay (classifiers, default 0.99), of the clear boxes that must match
+    (detectors, 0.95) or of the masks that must keep ``min_iou`` (SAM, 0.95); ``min_margin``: by
+    how much float32's top-1 probability must beat its top-2 for a photo to be sure (a box's score
+    its threshold, for a box to be clear); ``min_iou``: a matching box's IoU (default 0.7) or a
+    kept mask's (0.9); ``check_images``: a folder of photos to check on instead of scikit-image's.
     """
 
     quantize: str | None = None
     dtype: str = "float32"
     calibration: Path | None = None
     per_channel: bool = True
-    min_agreement: float = 0.99
+    min_agreement: float | None = None
     min_margin: float = 0.1
     check_images: Path | None = None
     max_calibration_images: int = 500
+    min_iou: float | None = None
 
     def __post_init__(self) -> None:
         if self.quantize is not None and self.quantize not in QUANTIZE_CHOICES:
@@ -82,14 +88,20 @@ class VariantOptions:
             raise ExportError("give --quantize int8 or --dtype float16, not both.")
         if self.calibration is not None and not self.quantize:
             raise ExportError("--calibration is for --quantize int8.")
-        if not 0.0 <= self.min_agreement <= 1.0:
+        if self.min_agreement is not None and not 0.0 <= self.min_agreement <= 1.0:
             raise ExportError(f"min_agreement must be from 0 to 1, got {self.min_agreement!r}.")
         if not 0.0 <= self.min_margin < 1.0:
             raise ExportError(f"min_margin must be from 0 to below 1, got {self.min_margin!r}.")
+        if self.min_iou is not None and not 0.0 < self.min_iou <= 1.0:
+            raise ExportError(f"min_iou must be above 0 and at most 1, got {self.min_iou!r}.")
         for name in ("calibration", "check_images"):
             folder = getattr(self, name)
             if folder is not None:
                 image_files(Path(folder), f"--{name.replace('_', '-')}")
+
+    def agreement(self, task: str) -> float:
+        """``min_agreement``, or the default of ``task`` ("top1", "boxes", "masks")."""
+        return self.min_agreement if self.min_agreement is not None else MIN_AGREEMENT[task]
 
     @property
     def variant(self) -> str | None:
@@ -148,6 +160,26 @@ def skimage_photos() -> list[tuple[str, np.ndarray]]:
     return out
 
 
+def face_mosaics(start: int = 0, stop: int = CHECK_FACES, tiles: int = 20,
+                 side: int = 80) -> list[tuple[str, np.ndarray]]:
+    """Real faces ``start:stop`` of scikit-image's ``lfw_subset`` (Labeled Faces in the Wild: 100 faces,
+    25x25 grey crops), enlarged to ``side`` pixels and tiled 5 across, ``tiles`` faces a mosaic: photos
+    with many faces for detectors' checks (the sample photos hold two). The check uses the first
+    ``CHECK_FACES``; the rest are left for calibration."""
+    import skimage.data
+    from PIL import Image
+
+    faces = skimage.data.lfw_subset()[start:min(stop, 100)]  # the first 100 are faces, the rest are not
+    out = []
+    for k in range(0, len(faces), tiles):
+        crops = [np.asarray(Image.fromarray((f * 255).round().astype(np.uint8)).resize((side, side), Image.BILINEAR))
+                 for f in faces[k:k + tiles]]
+        rows = [np.concatenate(crops[r:r + 5], axis=1) for r in range(0, len(crops), 5)]
+        grey = np.concatenate(rows, axis=0)
+        out.append((f"lfw_faces_{start + k}-{start + k + len(crops) - 1}", np.ascontiguousarray(np.stack([grey] * 3, axis=-1))))
+    return out
+
+
 def views(photos: Sequence[tuple[str, np.ndarray]]) -> list[tuple[str, np.ndarray]]:
     """Each photo, mirrored, and its centre 70%: three framings a user could send of one scene."""
     out = []
@@ -159,13 +191,21 @@ def views(photos: Sequence[tuple[str, np.ndarray]]) -> list[tuple[str, np.ndarra
     return out
 
 
-def check_photos(options: VariantOptions) -> tuple[str, list[tuple[str, np.ndarray]]]:
-    """(description, [(name, image)]) of the photos a variant is checked on."""
+def check_photos(options: VariantOptions, with_views: bool = True,
+                 faces: bool = False) -> tuple[str, list[tuple[str, np.ndarray]]]:
+    """(description, [(name, image)]) of the photos a variant is checked on (``views`` of each unless
+    ``with_views`` is False); ``faces`` adds scikit-image's 100 LFW faces as mosaics (``face_mosaics``)."""
+    frame = views if with_views else list
     if options.check_images is not None:
         photos = read_folder(options.check_images, "--check-images")
-        return f"{options.check_images} ({len(photos)} photos)", views(photos)
+        return f"{options.check_images} ({len(photos)} photos)", frame(photos)
     photos = skimage_photos()
-    return f"scikit-image sample photos ({len(photos)} photos: {', '.join(n for n, _ in photos)})", views(photos)
+    described = f"scikit-image sample photos ({len(photos)} photos: {', '.join(n for n, _ in photos)})"
+    if faces:
+        mosaics = face_mosaics()
+        photos += mosaics
+        described += f" and {len(mosaics)} mosaics of 20 of its first {CHECK_FACES} LFW faces"
+    return described, frame(photos)
 
 
 # ---- making the variant -------------------------------------------------------------------
@@ -177,8 +217,8 @@ def make_variant(version: Path, result: FamilyExport, spec: Any, options: Varian
     when the answers change past the limits.
     """
     if result.kind not in ("classifier", "vit"):
-        raise ExportError(f"--quantize/--dtype float16 exports are checked on classifiers' top-1 answers; "
-                          f"{spec.name!r} is a {result.kind} export, which has no such check yet.")
+        raise ExportError(f"--quantize/--dtype float16 exports are checked on classifiers' top-1 answers, detectors' "
+                          f"boxes and SAM's masks; {spec.name!r} is a {result.kind} export, which has no such check.")
     if result.kind == "vit" and not (result.runtime or {}).get("has_classifier"):
         raise ExportError(f"{spec.name!r} has no classifier head: its int8/float16 answers cannot be checked on "
                           "top-1 classes.")
@@ -200,7 +240,12 @@ def make_variant(version: Path, result: FamilyExport, spec: Any, options: Varian
     return made
 
 
-def quantize_graph(src: Path, dst: Path, spec: Any, options: VariantOptions) -> dict[str, Any]:
+def quantize_graph(src: Path, dst: Path, spec: Any, options: VariantOptions,
+                   feeds: Sequence[dict[str, np.ndarray]] | None = None,
+                   op_types: Sequence[str] | None = None) -> dict[str, Any]:
+    """int8 ``src`` -> ``dst``: static QDQ when ``options.calibration`` is given (calibrated on ``feeds``, the
+    graph's recorded inputs, else on the calibration images preprocessed as ``spec`` does), else dynamic.
+    ``op_types``: the op types to quantize (default: all that onnxruntime.quantization knows)."""
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
                                           quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -212,31 +257,40 @@ def quantize_graph(src: Path, dst: Path, spec: Any, options: VariantOptions) -> 
         # shape inference and ONNX Runtime's own fusions first, as onnxruntime.quantization advises
         quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
         if options.calibration is None:
-            quantize_dynamic(str(prepared), str(dst), weight_type=QuantType.QInt8, per_channel=options.per_channel)
+            quantize_dynamic(str(prepared), str(dst), weight_type=QuantType.QInt8, per_channel=options.per_channel,
+                             op_types_to_quantize=list(op_types) if op_types else None)
             return {"quantize": {"dtype": "int8", "method": "dynamic", "per_channel": options.per_channel,
                                  "weights": "int8", "activations": "uint8, range computed per run",
                                  "tool": "onnxruntime.quantization.quantize_dynamic"}}
-        photos = read_folder(options.calibration, "--calibration", options.max_calibration_images)
-        input_name = parity_session(src).get_inputs()[0].name
+        recorded = feeds is not None
+        if feeds is None:
+            photos = read_folder(options.calibration, "--calibration", options.max_calibration_images)
+            input_name = parity_session(src).get_inputs()[0].name
+            images = len(photos)
+            feeds = [{input_name: image} for _, image in photos]  # preprocessed as read (below)
+        else:
+            images = len(read_folder(options.calibration, "--calibration", options.max_calibration_images))
 
         class Reader(CalibrationDataReader):
-            """One preprocessed image per call, as the runner preprocesses it."""
+            """One recorded or preprocessed input per call, as the runner feeds the graph."""
 
             def __init__(self) -> None:
-                self.items: Iterator[tuple[str, np.ndarray]] = _progress(photos, "calibrating")
+                self.items: Iterator[dict[str, np.ndarray]] = _progress(feeds, f"calibrating {src.stem}")
 
             def get_next(self) -> dict[str, np.ndarray] | None:
                 item = next(self.items, None)
-                return None if item is None else {input_name: preprocess_batch([item[1]], spec.preprocess)}
+                if item is None or recorded:
+                    return item
+                return {name: preprocess_batch([image], spec.preprocess) for name, image in item.items()}
 
         quantize_static(str(prepared), str(dst), Reader(), quant_format=QuantFormat.QDQ,
                         per_channel=options.per_channel, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8)
+                        weight_type=QuantType.QInt8, op_types_to_quantize=list(op_types) if op_types else None)
         return {"quantize": {"dtype": "int8", "method": "static", "format": "QDQ", "per_channel": options.per_channel,
                              "weights": "int8", "activations": "uint8", "calibrate_method": "MinMax",
                              "tool": "onnxruntime.quantization.quantize_static"},
                 "calibration": {"folder": str(Path(options.calibration).expanduser().resolve()),
-                                "images": len(photos)}}
+                                "images": images}}
     except ExportError:
         raise
     except Exception as exc:
@@ -327,22 +381,23 @@ def check_classifier(float_path: Path, variant_path: Path, spec: Any, options: V
                                   f"{MIN_SURE_PHOTOS} are needed: are the weights random?); "
                                   "give more photos (--check-images) or a lower --min-margin.")
     agreement = float(same[sure].mean()) if sure.any() else float("nan")
+    min_agreement = options.agreement("top1")
     changed = [name for (name, _), s, ok in zip(photos, sure, same) if s and not ok]
     figures = {"photos": described, "views": len(photos), "sure_views": int(sure.sum()),
-               "min_margin": options.min_margin, "min_agreement": options.min_agreement,
+               "min_margin": options.min_margin, "min_agreement": min_agreement,
                "top1_agreement": None if np.isnan(agreement) else round(agreement, 4),
                "top1_agreement_all_views": round(float(same.mean()), 4),
                "changed": changed,
                "logits_max_abs_diff": round(float(np.abs(got - ref).max()), 6),
                "prob_max_abs_diff": round(float(np.abs(_softmax(got) - probs).max()), 6), **parity}
     log.info("%s %s check: %s", spec.name, options.variant, figures)
-    if options.quantize and agreement < options.min_agreement:
+    if options.quantize and agreement < min_agreement:
         shown = ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else "")
         hint = (" Calibrate it (--calibration FOLDER: static int8)." if options.quantize and options.calibration is None
                 else "")
         raise QuantizationRefused(f"the {options.variant} export of {spec.name} keeps the float32 top-1 class on "
                                   f"{agreement:.1%} of {int(sure.sum())} sure photo views (needs "
-                                  f"{options.min_agreement:.1%}; changed: {shown}); it is not published.{hint}")
+                                  f"{min_agreement:.1%}; changed: {shown}); it is not published.{hint}")
     return figures
 
 

