@@ -126,22 +126,118 @@ class _PlainSelfAttention:
         return PlainSelfAttention()
 
 
+class _PlainWindowAttention:
+    """Factory of a drop-in for torchvision's Swin (v1) ``ShiftedWindowAttention`` (export only).
+
+    torchvision's ``shifted_window_attention`` traces into a graph that rebuilds the shifted-window
+    mask on every call (ScatterND, Range, Where on shapes), pads by amounts computed from the shape,
+    and takes Q, K and V out of one packed projection by a 5-D Transpose and three Gathers. This
+    computes the same attention from the sizes of the traced input (the classifier's crop is fixed, only
+    the batch is dynamic): the relative-position bias plus the shift mask is one constant
+    ``[windows or 1, heads, S, S]`` (repeated over the batch's images), Q, K and V are three
+    projections of the same packed weights, and the core has the shape pass 1 fuses, with the bias as
+    ``MultiHeadAttention``'s ``attention_bias``.
+    """
+
+    @staticmethod
+    def make(attn: Any) -> Any:
+        import torch
+        import torch.nn.functional as F
+
+        class PlainWindowAttention(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.attn = attn
+
+            def bias(self, pad_h: int, pad_w: int, shift: list[int]) -> Any:
+                """Relative-position bias [1, nH, S, S], plus the shift mask: [nW, nH, S, S]."""
+                a = self.attn
+                wh, ww = a.window_size
+                bias = a.get_relative_position_bias()                      # [1, nH, S, S]
+                if sum(shift) == 0:
+                    return bias
+                # torchvision's mask, built here from plain numbers (a constant of the graph)
+                region = np.zeros((pad_h, pad_w), dtype=np.float32)
+                count = 0
+                for h in ((0, -wh), (-wh, -shift[0]), (-shift[0], None)):
+                    for w in ((0, -ww), (-ww, -shift[1]), (-shift[1], None)):
+                        region[h[0]:h[1], w[0]:w[1]] = count
+                        count += 1
+                region = region.reshape(pad_h // wh, wh, pad_w // ww, ww).transpose(0, 2, 1, 3).reshape(-1, wh * ww)
+                mask = np.where(region[:, None, :] - region[:, :, None] != 0, -100.0, 0.0).astype(np.float32)
+                return bias + torch.from_numpy(mask).to(bias.dtype)[:, None]   # [nW, nH, S, S]
+
+            def forward(self, x: Any) -> Any:
+                a = self.attn
+                _, height, width, channels = (int(d) for d in x.shape)   # the crop is fixed: plain numbers
+                wh, ww = a.window_size
+                heads, head = a.num_heads, channels // a.num_heads
+                pad_r, pad_b = (ww - width % ww) % ww, (wh - height % wh) % wh
+                if pad_r or pad_b:
+                    x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+                pad_h, pad_w = height + pad_b, width + pad_r
+                shift = [0 if wh >= pad_h else a.shift_size[0], 0 if ww >= pad_w else a.shift_size[1]]
+                if sum(shift) > 0:
+                    x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+                windows, size = (pad_h // wh) * (pad_w // ww), wh * ww
+                x = x.reshape(-1, pad_h // wh, wh, pad_w // ww, ww, channels).permute(0, 1, 3, 2, 4, 5)
+                x = x.reshape(-1, size, channels)                             # [B * nW, S, C]
+                w, b = a.qkv.weight, a.qkv.bias
+                c = channels
+                q = F.linear(x, w[:c], None if b is None else b[:c])
+                k = F.linear(x, w[c:2 * c], None if b is None else b[c:2 * c])
+                v = F.linear(x, w[2 * c:], None if b is None else b[2 * c:])
+                q = q.reshape(-1, size, heads, head).permute(0, 2, 1, 3)
+                k = k.reshape(-1, size, heads, head).permute(0, 2, 3, 1)
+                v = v.reshape(-1, size, heads, head).permute(0, 2, 1, 3)
+                bias = self.bias(pad_h, pad_w, shift)
+                if bias.shape[0] > 1:                                          # one bias per window, every image
+                    bias = bias.repeat(x.shape[0] // windows, 1, 1, 1)
+                scores = torch.matmul(q, k) * (float(head) ** -0.5) + bias
+                out = torch.matmul(torch.softmax(scores, dim=-1), v).permute(0, 2, 1, 3).reshape(-1, size, c)
+                out = a.proj(out)
+                out = out.reshape(-1, pad_h // wh, pad_w // ww, wh, ww, c).permute(0, 1, 3, 2, 4, 5)
+                out = out.reshape(-1, pad_h, pad_w, c)
+                if sum(shift) > 0:
+                    out = torch.roll(out, shifts=(shift[0], shift[1]), dims=(1, 2))
+                if pad_r or pad_b:
+                    out = out[:, :height, :width, :]
+                return out
+
+        return PlainWindowAttention()
+
+
+def _plain_replacement(child: Any) -> Any:
+    """The export-only drop-in for ``child`` (see ``plain_attention``), or None."""
+    import torch
+
+    if (isinstance(child, torch.nn.MultiheadAttention) and child.batch_first and child.dropout == 0.0
+            and child._qkv_same_embed_dim and child.bias_k is None and not child.add_zero_attn):
+        return _PlainSelfAttention.make(child)
+    try:
+        from torchvision.models.swin_transformer import ShiftedWindowAttention
+    except ImportError:  # pragma: no cover - torchvision is a runtime dependency
+        return None
+    if type(child) is ShiftedWindowAttention and child.attention_dropout == 0.0 and child.dropout == 0.0:
+        return _PlainWindowAttention.make(child)                # v1 only: V2's cosine attention is another graph
+    return None
+
+
 @contextlib.contextmanager
 def plain_attention(module: Any) -> Iterator[int]:
-    """Swap batch-first ``nn.MultiheadAttention`` children for ``_PlainSelfAttention`` while tracing.
+    """Swap batch-first ``nn.MultiheadAttention`` children for ``_PlainSelfAttention`` and Swin's
+    ``ShiftedWindowAttention`` for ``_PlainWindowAttention`` while tracing.
 
     The weights are shared, nothing is copied; the originals are put back afterwards, so parity
     compares the graph with the module as PyTorch serves it. Yields how many were swapped.
     """
-    import torch
-
     swapped: list[tuple[Any, str, Any]] = []
     if fusion_enabled():
         for parent in list(module.modules()):
             for name, child in list(parent.named_children()):
-                if (isinstance(child, torch.nn.MultiheadAttention) and child.batch_first and child.dropout == 0.0
-                        and child._qkv_same_embed_dim and child.bias_k is None and not child.add_zero_attn):
-                    setattr(parent, name, _PlainSelfAttention.make(child))
+                replacement = _plain_replacement(child)
+                if replacement is not None:
+                    setattr(parent, name, replacement)
                     swapped.append((parent, name, child))
     try:
         yield len(swapped)
@@ -306,6 +402,14 @@ def _match_attention(g: _Graph, softmax: Any) -> dict[str, Any] | None:
     removed += [merge, out]
     scale = 1.0
     node = g.producer.get(softmax.input[0])
+    bias = None
+    if node is not None and node.op_type == "Add":                # (Q K^T) * scale + attention bias
+        found = _attention_bias(g, node)
+        if found is None:
+            return None
+        bias, scores = found
+        removed.append(node)
+        node = g.producer.get(scores)
     if node is not None and node.op_type in ("Mul", "Div"):       # (Q K^T) * scale
         found = _scalar(g, node)
         if found is None:
@@ -350,7 +454,30 @@ def _match_attention(g: _Graph, softmax: Any) -> dict[str, Any] | None:
         log.debug("attention at %s not fused: its intermediates are also read by %s", softmax.name, strangers)
         return None
     return {"q": q[0], "k": k[0], "v": v[0], "out": out.output[0], "num_heads": num_heads, "scale": scale,
-            "head_size": head_size, "removed": removed}
+            "head_size": head_size, "bias": bias, "removed": removed}
+
+
+def _attention_bias(g: _Graph, add: Any) -> tuple[str, str] | None:
+    """(bias, scores) of ``scores + bias`` before a Softmax, where bias is a ``[B or 1, N or 1, S, T]``
+    constant or such a constant repeated over the batch (``Tile``, ``Expand``): MultiHeadAttention's
+    attention_bias (Swin's relative-position bias and shifted-window mask)."""
+    for i in (0, 1):
+        scores = g.producer.get(add.input[i])
+        if scores is None or scores.op_type not in ("Mul", "Div", "MatMul"):
+            continue
+        if scores.op_type != "MatMul" and _scalar(g, scores) is None:
+            continue
+        name = source = add.input[1 - i]
+        value = g.constant(source)
+        for _ in range(2):       # torch's repeat traces as Tile(Expand(constant, ones)) in the batch's size
+            repeat = g.producer.get(source)
+            if value is not None or not (_is(repeat, "Tile") or _is(repeat, "Expand")):
+                break
+            source = repeat.input[0]
+            value = g.constant(source)
+        if value is not None and value.ndim == 4:
+            return name, add.input[i]
+    return None
 
 
 def fuse_attention(model: Any) -> int:
@@ -366,7 +493,8 @@ def fuse_attention(model: Any) -> int:
         if match is None:
             continue
         index = min(list(g.graph.node).index(n) for n in match["removed"])
-        node = helper.make_node("MultiHeadAttention", [match["q"], match["k"], match["v"]], [match["out"]],
+        inputs = [match["q"], match["k"], match["v"]] + (["", "", match["bias"]] if match["bias"] else [])
+        node = helper.make_node("MultiHeadAttention", inputs, [match["out"]],
                                 name=f"{softmax.name or 'attention'}_fused_mha", domain=MS_DOMAIN,
                                 num_heads=match["num_heads"], scale=float(match["scale"]))
         for n in match["removed"]:
