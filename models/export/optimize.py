@@ -177,10 +177,12 @@ class _PlainWindowAttention:
                     x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
                 pad_h, pad_w = height + pad_b, width + pad_r
                 shift = [0 if wh >= pad_h else a.shift_size[0], 0 if ww >= pad_w else a.shift_size[1]]
-                if sum(shift) > 0:
-                    x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
                 windows, size = (pad_h // wh) * (pad_w // ww), wh * ww
-                x = x.reshape(-1, pad_h // wh, wh, pad_w // ww, ww, channels).permute(0, 1, 3, 2, 4, 5)
+                # the cyclic shift and the window partition are one permutation of the tokens: one Gather
+                # (and its inverse one Gather back) instead of Slice/Concat rolls and 6-D Transposes
+                order = np.roll(np.arange(pad_h * pad_w).reshape(pad_h, pad_w), (-shift[0], -shift[1]), (0, 1))
+                order = order.reshape(pad_h // wh, wh, pad_w // ww, ww).transpose(0, 2, 1, 3).reshape(-1)
+                x = x.reshape(-1, pad_h * pad_w, channels).index_select(1, torch.from_numpy(order))
                 x = x.reshape(-1, size, channels)                             # [B * nW, S, C]
                 w, b = a.qkv.weight, a.qkv.bias
                 c = channels
@@ -195,16 +197,40 @@ class _PlainWindowAttention:
                     bias = bias.repeat(x.shape[0] // windows, 1, 1, 1)
                 scores = torch.matmul(q, k) * (float(head) ** -0.5) + bias
                 out = torch.matmul(torch.softmax(scores, dim=-1), v).permute(0, 2, 1, 3).reshape(-1, size, c)
-                out = a.proj(out)
-                out = out.reshape(-1, pad_h // wh, pad_w // ww, wh, ww, c).permute(0, 1, 3, 2, 4, 5)
-                out = out.reshape(-1, pad_h, pad_w, c)
-                if sum(shift) > 0:
-                    out = torch.roll(out, shifts=(shift[0], shift[1]), dims=(1, 2))
+                out = a.proj(out).reshape(-1, pad_h * pad_w, c)
+                out = out.index_select(1, torch.from_numpy(np.argsort(order))).reshape(-1, pad_h, pad_w, c)
                 if pad_r or pad_b:
                     out = out[:, :height, :width, :]
                 return out
 
         return PlainWindowAttention()
+
+
+class _PlainPatchMerging:
+    """Factory of a drop-in for torchvision's Swin (v1) ``PatchMerging`` (export only): the 2x2
+    neighbourhoods go to channels by one Reshape/Transpose (a space-to-depth) instead of four
+    strided Slices and a Concat, in torchvision's channel order (x0 x1 x2 x3 = row, column offsets
+    00 10 01 11)."""
+
+    @staticmethod
+    def make(merging: Any) -> Any:
+        import torch
+        import torch.nn.functional as F
+
+        class PlainPatchMerging(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.merging = merging
+
+            def forward(self, x: Any) -> Any:
+                _, height, width, channels = (int(d) for d in x.shape)   # the crop is fixed: plain numbers
+                if height % 2 or width % 2:
+                    x = F.pad(x, (0, 0, 0, width % 2, 0, height % 2))
+                h, w = (height + height % 2) // 2, (width + width % 2) // 2
+                x = x.reshape(-1, h, 2, w, 2, channels).permute(0, 1, 3, 4, 2, 5).reshape(-1, h, w, 4 * channels)
+                return self.merging.reduction(self.merging.norm(x))
+
+        return PlainPatchMerging()
 
 
 def _plain_replacement(child: Any) -> Any:
@@ -215,9 +241,11 @@ def _plain_replacement(child: Any) -> Any:
             and child._qkv_same_embed_dim and child.bias_k is None and not child.add_zero_attn):
         return _PlainSelfAttention.make(child)
     try:
-        from torchvision.models.swin_transformer import ShiftedWindowAttention
+        from torchvision.models.swin_transformer import PatchMerging, ShiftedWindowAttention
     except ImportError:  # pragma: no cover - torchvision is a runtime dependency
         return None
+    if type(child) is PatchMerging:
+        return _PlainPatchMerging.make(child)
     if type(child) is ShiftedWindowAttention and child.attention_dropout == 0.0 and child.dropout == 0.0:
         return _PlainWindowAttention.make(child)                # v1 only: V2's cosine attention is another graph
     return None
