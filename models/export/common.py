@@ -154,7 +154,8 @@ def export_graph(module: Any, args: tuple, folder: Path, key: str, input_names: 
     import onnx
     import torch
 
-    from .optimize import current_fusion, fuse_transformer, fusion_enabled, is_transformer, plain_attention
+    from .optimize import current_fusion, fuse_transformer, fusion_enabled, is_transformer
+    from .plain import plain_attention
 
     module.eval()
     scratch = folder / f".{key}.scratch"

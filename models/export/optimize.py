@@ -9,9 +9,11 @@ Two passes run on the traced graph before it is saved and parity-checked (so par
    over Q and K for SDPA), DINOv2 puts LayerScale between the projection and the residual, and
    torchvision's ``nn.MultiheadAttention`` traces sequence-first with a packed projection, so it
    matches none of them. The pattern here starts from the Softmax and only needs the three
-   ``[B, S, D]`` projections, the head split (``Reshape -> Transpose``) and the head merge.
-   torchvision's ``nn.MultiheadAttention`` is traced through ``_PlainSelfAttention`` (the same
-   weights, batch-first, per-head matmuls) so that it has that shape too.
+   ``[B, S, D]`` projections, the head split (``Reshape -> Transpose``) and the head merge; an
+   ``Add`` of a 4-D constant (or of one repeated over the batch) between the scale and the Softmax
+   becomes the kernel's ``attention_bias`` (Swin's relative-position bias and shifted-window mask).
+   torchvision's ``nn.MultiheadAttention`` and Swin's window attention are traced through
+   export-only drop-ins (``plain.py``, the same weights) so that they have that shape too.
 2. (``fuse="all"`` only) **LayerNorm / SkipLayerNorm / BiasGelu** (ONNX Runtime's transformer optimizer,
    ``onnxruntime.transformers.optimizer.optimize_by_fusion``), with shape inference off (it
    cannot follow the dynamic reshapes) and without the tanh GELU approximation (it changes numerics).
@@ -91,63 +93,6 @@ SESSION_DEFAULTS: dict[str, Any] = {"graph_optimization_level": "all", "executio
 
 def session_defaults() -> dict[str, Any]:
     return dict(SESSION_DEFAULTS)
-
-
-# ---- pass 0: trace torchvision's nn.MultiheadAttention in a fusable form ---------------------
-
-class _PlainSelfAttention:
-    """Factory of a drop-in for a batch-first self-attention ``nn.MultiheadAttention`` (export only)."""
-
-    @staticmethod
-    def make(mha: Any) -> Any:
-        import torch
-        import torch.nn.functional as F
-
-        class PlainSelfAttention(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.mha = mha
-
-            def forward(self, query: Any, key: Any, value: Any, need_weights: bool = False, **_: Any) -> Any:
-                m = self.mha
-                d, heads = m.embed_dim, m.num_heads
-                w, b = m.in_proj_weight, m.in_proj_bias
-                q = F.linear(query, w[:d], None if b is None else b[:d])
-                k = F.linear(key, w[d:2 * d], None if b is None else b[d:2 * d])
-                v = F.linear(value, w[2 * d:], None if b is None else b[2 * d:])
-                batch, seq = query.shape[0], query.shape[1]
-                q = q.reshape(batch, seq, heads, d // heads).permute(0, 2, 1, 3)
-                k = k.reshape(batch, key.shape[1], heads, d // heads).permute(0, 2, 3, 1)
-                v = v.reshape(batch, key.shape[1], heads, d // heads).permute(0, 2, 1, 3)
-                attn = torch.softmax(torch.matmul(q, k) * (float(d // heads) ** -0.5), dim=-1)
-                out = torch.matmul(attn, v).permute(0, 2, 1, 3).reshape(batch, seq, d)
-                return m.out_proj(out), None
-
-        return PlainSelfAttention()
-
-
-@contextlib.contextmanager
-def plain_attention(module: Any) -> Iterator[int]:
-    """Swap batch-first ``nn.MultiheadAttention`` children for ``_PlainSelfAttention`` while tracing.
-
-    The weights are shared, nothing is copied; the originals are put back afterwards, so parity
-    compares the graph with the module as PyTorch serves it. Yields how many were swapped.
-    """
-    import torch
-
-    swapped: list[tuple[Any, str, Any]] = []
-    if fusion_enabled():
-        for parent in list(module.modules()):
-            for name, child in list(parent.named_children()):
-                if (isinstance(child, torch.nn.MultiheadAttention) and child.batch_first and child.dropout == 0.0
-                        and child._qkv_same_embed_dim and child.bias_k is None and not child.add_zero_attn):
-                    setattr(parent, name, _PlainSelfAttention.make(child))
-                    swapped.append((parent, name, child))
-    try:
-        yield len(swapped)
-    finally:
-        for parent, name, child in swapped:
-            setattr(parent, name, child)
 
 
 # ---- pass 1: attention -> com.microsoft.MultiHeadAttention ------------------------------------
@@ -306,6 +251,14 @@ def _match_attention(g: _Graph, softmax: Any) -> dict[str, Any] | None:
     removed += [merge, out]
     scale = 1.0
     node = g.producer.get(softmax.input[0])
+    bias = None
+    if node is not None and node.op_type == "Add":                # (Q K^T) * scale + attention bias
+        found = _attention_bias(g, node)
+        if found is None:
+            return None
+        bias, scores = found
+        removed.append(node)
+        node = g.producer.get(scores)
     if node is not None and node.op_type in ("Mul", "Div"):       # (Q K^T) * scale
         found = _scalar(g, node)
         if found is None:
@@ -350,7 +303,30 @@ def _match_attention(g: _Graph, softmax: Any) -> dict[str, Any] | None:
         log.debug("attention at %s not fused: its intermediates are also read by %s", softmax.name, strangers)
         return None
     return {"q": q[0], "k": k[0], "v": v[0], "out": out.output[0], "num_heads": num_heads, "scale": scale,
-            "head_size": head_size, "removed": removed}
+            "head_size": head_size, "bias": bias, "removed": removed}
+
+
+def _attention_bias(g: _Graph, add: Any) -> tuple[str, str] | None:
+    """(bias, scores) of ``scores + bias`` before a Softmax, where bias is a ``[B or 1, N or 1, S, T]``
+    constant or such a constant repeated over the batch (``Tile``, ``Expand``): MultiHeadAttention's
+    attention_bias (Swin's relative-position bias and shifted-window mask)."""
+    for i in (0, 1):
+        scores = g.producer.get(add.input[i])
+        if scores is None or scores.op_type not in ("Mul", "Div", "MatMul"):
+            continue
+        if scores.op_type != "MatMul" and _scalar(g, scores) is None:
+            continue
+        name = source = add.input[1 - i]
+        value = g.constant(source)
+        for _ in range(2):       # torch's repeat traces as Tile(Expand(constant, ones)) in the batch's size
+            repeat = g.producer.get(source)
+            if value is not None or not (_is(repeat, "Tile") or _is(repeat, "Expand")):
+                break
+            source = repeat.input[0]
+            value = g.constant(source)
+        if value is not None and value.ndim == 4:
+            return name, add.input[i]
+    return None
 
 
 def fuse_attention(model: Any) -> int:
@@ -366,7 +342,8 @@ def fuse_attention(model: Any) -> int:
         if match is None:
             continue
         index = min(list(g.graph.node).index(n) for n in match["removed"])
-        node = helper.make_node("MultiHeadAttention", [match["q"], match["k"], match["v"]], [match["out"]],
+        inputs = [match["q"], match["k"], match["v"]] + (["", "", match["bias"]] if match["bias"] else [])
+        node = helper.make_node("MultiHeadAttention", inputs, [match["out"]],
                                 name=f"{softmax.name or 'attention'}_fused_mha", domain=MS_DOMAIN,
                                 num_heads=match["num_heads"], scale=float(match["scale"]))
         for n in match["removed"]:

@@ -2,7 +2,8 @@
 GELU) answer as PyTorch does; the session options an export records are the ones its sessions open with.
 
 vit_b_16 is full size with seeded random weights (no download); the fused structures are tiny_vit
-(transformers ViT) and a DINOv2-structured tiny backbone (LayerScale, SDPA attention).
+(transformers ViT), a DINOv2-structured tiny backbone (LayerScale, SDPA attention) and a Swin-structured
+tiny torchvision classifier (shifted windows, relative-position bias, patch merging).
 """
 import dataclasses
 import json
@@ -16,7 +17,7 @@ from vfm.models import load_model
 from vfm.models.backends.onnx import OnnxSession, SessionSettings, session_options
 from vfm.models.export import export_model
 from vfm.models.export.common import parity_images
-from vfm.models.families import vit
+from vfm.models.families import classification, vit
 from vfm.models.registry import get_spec, register, unregister
 
 TINY_DINOV2 = dict(vit.DINOV2_SMALL, hidden_size=48, num_hidden_layers=2, num_attention_heads=3, image_size=56)
@@ -40,6 +41,37 @@ def tiny_dinov2():
     register(spec)
     yield name
     unregister(name)
+
+
+@pytest.fixture(scope="module")
+def tiny_swin():
+    """swin_t's structure (torchvision SwinTransformer v1: 7x7 windows, shifted every other block, patch
+    merging), 24 wide, three stages of two blocks, 10 classes; registered once per crop size used below."""
+    names = []
+
+    def make_spec(crop):
+        name = f"test/tiny-swin-{crop}"
+
+        def build(spec, weights_path, device, **options):
+            def make():
+                from torchvision.models.swin_transformer import SwinTransformer
+
+                return SwinTransformer(patch_size=[4, 4], embed_dim=24, depths=[2, 2, 2], num_heads=[1, 2, 4],
+                                       window_size=[7, 7], num_classes=10)
+
+            return classification.build_classifier(spec, make, "head", weights_path, device, **options)
+
+        base = get_spec("swin_t")
+        spec = dataclasses.replace(base, name=name, builder=build, weights=None, random_weights=True,
+                                   feature_dim=96, labels=[f"class {i}" for i in range(10)],
+                                   preprocess=dataclasses.replace(base.preprocess, size=crop))
+        register(spec)
+        names.append(name)
+        return name
+
+    yield make_spec
+    for name in names:
+        unregister(name)
 
 
 def test_vit_b_16_random_weights_exports_and_matches_pytorch(tmp_path):
@@ -79,6 +111,35 @@ def test_fused_transformer_export_matches_pytorch(model, tiny_dinov2, tmp_path):
         assert np.max(np.abs(got - expected)) <= tol["atol"] + tol["rtol"] * np.max(np.abs(expected))
     # one image at a time answers as the batch does (the fused attention keeps the batch axis dynamic)
     np.testing.assert_allclose(onnx_runner.embed(images[:1]), onnx_runner.embed(images)[:1], atol=1e-5)
+
+
+# 112: 28x28 tokens, shifted windows in stages 1 and 2, none in stage 3 (7x7 is one window); 100: 25x25
+# tokens, padded to whole windows, an odd 13x13 stage padded for patch merging, shifts on padded maps
+@pytest.mark.parametrize("crop", [112, 100])
+def test_fused_swin_export_matches_pytorch(crop, tiny_swin, tmp_path):
+    name = tiny_swin(crop)
+    result = export_model(name, tmp_path)
+    # every window attention, shifted or not, is one MultiHeadAttention with the bias (and mask) as attention_bias
+    assert result.config["graphs"]["model"]["optimization"] == {"level": "attention",
+                                                                 "fusions": {"MultiHeadAttention": 6}}
+    graph = onnx.load(str(result.files[0])).graph
+    ops = [(n.domain, n.op_type) for n in graph.node]
+    assert ("", "Softmax") not in ops and ("", "ScatterND") not in ops
+    assert all(len(n.input) == 6 and n.input[5] for n in graph.node if n.op_type == "MultiHeadAttention")
+
+    torch_runner = load_model(name, device="cpu")
+    onnx_runner = load_model(name, backend="onnx", device="cpu", repository=tmp_path)
+    images = parity_images(seed=11, sizes=[(96, 160), (200, 90), (64, 64), (31, 300)]) + [data.chelsea()]
+    tol = result.config["parity"]["tolerance"]
+    got, expected = onnx_runner.embed(images), torch_runner.embed(images)
+    assert np.max(np.abs(got - expected)) <= tol["atol"] + tol["rtol"] * np.max(np.abs(expected))
+    top_onnx = [r.top[0].label for r in onnx_runner.classify(images, top_k=1)]
+    assert top_onnx == [r.top[0].label for r in torch_runner.classify(images, top_k=1)]
+    # the shift mask is repeated over the batch inside the graph: one image answers as in a batch
+    np.testing.assert_allclose(onnx_runner.embed(images[:1]), got[:1], atol=1e-5)
+    # and the unfused graph (the module as torchvision traces it) still exports and agrees
+    plain = export_model(name, tmp_path / "plain", fuse=False)
+    assert ("", "Softmax") in _ops(plain.files[0])
 
 
 def test_cnn_graphs_are_left_as_traced(tmp_path):
