@@ -213,16 +213,27 @@ class _SGD(_Loop):
         perm = torch.randperm(n, generator=self.shuffle)
         loss_sum = torch.zeros(len(self.runs), dtype=torch.float64)
         correct = torch.zeros(len(self.runs), dtype=torch.float64)
+        # Only the heads still training run: a head stopped early (patience, diverged) costs nothing
+        # more. Their parameters and momentum are gathered for the epoch and put back after it.
+        live = torch.nonzero(self.active).flatten()
+        every = len(live) == len(self.runs)
+        params = self.params if every else [p.detach()[live].requires_grad_(True) for p in self.params]
+        bufs = self.bufs if every else [b[live] for b in self.bufs]
+        lrs, wds = self.lrs[live], self.wds[live]
         for step in range(steps):
             idx = perm[step * bs:(step + 1) * bs]
             xb, yb = x[idx], y[idx]
-            out = self.model(xb, dropout_gen=self.drop)
+            out = self.model(xb, dropout_gen=self.drop, params=None if every else params)
             per_head = self.model.losses(out, yb)
-            grads = torch.autograd.grad(per_head.sum(), self.params)
-            lr = self.lrs * self.factor(epoch, step, steps) * self.active
-            self._step(grads, lr)
-            loss_sum += per_head.detach().double() * len(idx)
-            correct += (self.model.predictions(out.detach()) == yb).double().sum(dim=1)
+            grads = torch.autograd.grad(per_head.sum(), params)
+            self._step(params, bufs, grads, lrs * self.factor(epoch, step, steps), wds)
+            loss_sum[live] += per_head.detach().double() * len(idx)
+            correct[live] += (self.model.predictions(out.detach()) == yb).double().sum(dim=1)
+        if not every:
+            with torch.no_grad():
+                for p, q, b, c in zip(self.params, params, self.bufs, bufs):
+                    p[live] = q
+                    b[live] = c
         val_loss, val_acc = evaluate_stacked(self.model, xv, yv)
         lr_now = self.factor(epoch, steps - 1, steps)
         for h, run in enumerate(self.runs):
@@ -245,16 +256,17 @@ class _SGD(_Loop):
                 if self.s.patience and self.bad_epochs[h] >= self.s.patience:
                     run.stopped, self.active[h] = "patience", False
 
-    def _step(self, grads: tuple[torch.Tensor, ...], lr: torch.Tensor) -> None:
-        # torch.optim.SGD's update, with one learning rate per head (dampening 0).
-        m, decay = self.s.momentum, bool(self.wds.any())
+    def _step(self, params: list[torch.Tensor], bufs: list[torch.Tensor], grads: tuple[torch.Tensor, ...],
+              lr: torch.Tensor, wds: torch.Tensor) -> None:
+        # torch.optim.SGD's update, with one learning rate per head (dampening 0), in place.
+        m, decay = self.s.momentum, bool(wds.any())
         with torch.no_grad():
-            for p, g, buf in zip(self.params, grads, self.bufs):
-                d = g + _per_head(self.wds, p) * p if decay else g
+            for p, g, buf in zip(params, grads, bufs):
+                d = g + _per_head(wds, p) * p if decay else g
                 if m:
                     buf.mul_(m).add_(d)
                     d = d + m * buf if self.s.nesterov else buf
-                p.sub_(_per_head(lr, p) * d)
+                p.addcmul_(_per_head(lr, p), d, value=-1)
 
     def snapshot(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors = {f"param.{i}": p.detach() for i, p in enumerate(self.params)}
