@@ -185,7 +185,7 @@ def test_the_renders_follow_the_config(tmp_path: Path) -> None:
     assert cluster["workerGroupSpecs"][0]["maxReplicas"] == math.ceil(gpu_peak) == 3
     head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert head["resources"]["limits"]["cpu"] == str(math.ceil(3 * 2 + 0.25))   # CPU-only replicas + the ingress
-    assert [e["name"] for e in head["env"]] == [*RAY_ENV, "VFM_MODELS_DIR"]   # Ray's settings for Serve, the models folder; no API key variable
+    assert [e["name"] for e in head["env"]] == [*RAY_ENV, "VFM_MODELS_DIR"]  # no API key variable
     serve = yaml.safe_load(service["spec"]["serveConfigV2"])
     assert serve["http_options"]["port"] == 9000
     assert serve["applications"][0]["args"]["models"]["tiny_vit"]["resources"] == {"a100": 1.0}
