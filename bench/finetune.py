@@ -180,6 +180,8 @@ def main(args: argparse.Namespace) -> int:
     from vfm.finetune.config import DEFAULT_LBFGS_CS
 
     import torch
+    import torch._dynamo  # noqa: F401  torch.optim's first optimiser imports it (1-4 s, once a process):
+    # imported here, outside the timings, as scikit-learn's modules are above
 
     if args.threads:
         torch.set_num_threads(args.threads)
