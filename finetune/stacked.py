@@ -34,11 +34,16 @@ class StackedHeads(nn.Module):
             self.weights.append(nn.Parameter(w.expand(num_heads, -1, -1).clone()))
             self.biases.append(nn.Parameter(b.expand(num_heads, -1).clone()))
 
-    def forward(self, x: torch.Tensor, dropout_gen: torch.Generator | None = None) -> torch.Tensor:
-        """[B, D] standardised features -> [H, B, outputs]. Dropout only when given a generator."""
+    def forward(self, x: torch.Tensor, dropout_gen: torch.Generator | None = None,
+                params: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """[B, D] standardised features -> [H, B, outputs]. Dropout only when given a generator.
+        ``params``: weights then biases of a subset of the heads, stacked as this module's (the heads
+        still training); the dropout masks are the same whichever heads run."""
         h = x
-        last = len(self.weights) - 1
-        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+        weights, biases = (self.weights, self.biases) if params is None else (params[:len(self.weights)],
+                                                                               params[len(self.weights):])
+        last = len(weights) - 1
+        for i, (w, b) in enumerate(zip(weights, biases)):
             h = torch.matmul(h, w) + b[:, None, :]
             if i < last:
                 h = torch.relu(h)

@@ -14,7 +14,8 @@ builder did not create, and the builder leaves out models whose weights cannot b
 ``vfm serve --address auto`` on a Ray head with the config mounted read-only.
 
 What the config decides comes from it: the port, the application name, the API key variable,
-the heads and published models folders (compose), the head's CPUs (what its CPU-only replicas reserve at start) and the most GPU
+the heads and published models folders (compose: bind mounts; kuberay: read-only volume claims
+``<app>-heads`` and ``<app>-models`` that you create, mounted where the config names them), the head's CPUs (what its CPU-only replicas reserve at start) and the most GPU
 workers (what the models can ask for at their most replicas). The rest (images, worker pod
 sizes) are the constants below. Output is deterministic: keys sorted, no timestamps.
 """
@@ -129,11 +130,27 @@ def _env(cfg: ServiceConfig) -> dict[str, Any]:
     return {"env": env}
 
 
-def _pod_spec(container: dict[str, Any], **extra: Any) -> dict[str, Any]:
+def claim_names(cfg: ServiceConfig) -> dict[str, str]:
+    """The PersistentVolumeClaims (you create them) that hold the heads and the published models on
+    KubeRay: volume name -> claim name, named after the application."""
+    return {"heads": f"{dns_name(cfg.app_name)}-heads", "models": f"{dns_name(cfg.app_name)}-models"}
+
+
+def _kuberay_mounts(cfg: ServiceConfig) -> list[dict[str, Any]]:
+    """The model cache, and the heads and published models folders read-only where the config names them
+    (relative paths under WORKDIR), as compose mounts them."""
+    return [{"name": "model-cache", "mountPath": CACHE_DIR},
+            {"name": "heads", "mountPath": _heads_mount(cfg)[1], "readOnly": True},
+            {"name": "models", "mountPath": _models_mount(cfg)[1], "readOnly": True}]
+
+
+def _pod_spec(cfg: ServiceConfig, container: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    claims = [{"name": volume, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+              for volume, claim in claim_names(cfg).items()]
     return {
         "securityContext": {"runAsNonRoot": True, "runAsUser": USER_ID, "runAsGroup": USER_ID, "fsGroup": USER_ID},
         "containers": [container],
-        "volumes": [{"name": "model-cache", "emptyDir": {}}],
+        "volumes": [{"name": "model-cache", "emptyDir": {}}, *claims],
         **extra,
     }
 
@@ -141,11 +158,12 @@ def _pod_spec(container: dict[str, Any], **extra: Any) -> dict[str, Any]:
 def rayservice(cfg: ServiceConfig) -> dict[str, Any]:
     """A RayService: the serve config above on a head group + an autoscaled GPU worker group."""
     image = images()["gpu"]   # one image for every node: Ray wants the same Python on all of them
-    cache = [{"name": "model-cache", "mountPath": CACHE_DIR}]
+    cache = _kuberay_mounts(cfg)
+    models_dir = [{"name": "VFM_MODELS_DIR", "value": _models_mount(cfg)[1]}]  # as compose sets it
     cpus = head_cpus(cfg)
     head_resources = {"cpu": str(cpus), "memory": f"{cpus * HEAD_MEMORY_GIB_PER_CPU}Gi"}
     head = {
-        "name": "ray-head", "image": image, **_env(cfg), "volumeMounts": cache,
+        "name": "ray-head", "image": image, "env": _env(cfg)["env"] + models_dir, "volumeMounts": cache,
         "ports": [{"name": "gcs-server", "containerPort": GCS_PORT},
                   {"name": "dashboard", "containerPort": DASHBOARD_PORT},
                   {"name": "client", "containerPort": CLIENT_PORT},
@@ -153,7 +171,7 @@ def rayservice(cfg: ServiceConfig) -> dict[str, Any]:
         "resources": {"requests": head_resources, "limits": head_resources},
     }
     worker = {
-        "name": "ray-worker", "image": image, **_env(cfg), "volumeMounts": cache,
+        "name": "ray-worker", "image": image, "env": _env(cfg)["env"] + models_dir, "volumeMounts": cache,
         "ports": [{"name": "serve", "containerPort": cfg.port}],
         # The head keeps KubeRay's own probes: KubeRay deploys the application only once the head
         # is ready, so a head waiting for /readyz would never be. Workers serve traffic once ready.
@@ -180,7 +198,7 @@ def rayservice(cfg: ServiceConfig) -> dict[str, Any]:
                 },
                 "headGroupSpec": {
                     "rayStartParams": {"dashboard-host": CLUSTER_HOST, "num-gpus": "0"},
-                    "template": {"spec": _pod_spec(head)},
+                    "template": {"spec": _pod_spec(cfg, head)},
                 },
                 "workerGroupSpecs": [{
                     "groupName": "gpu",
@@ -188,7 +206,7 @@ def rayservice(cfg: ServiceConfig) -> dict[str, Any]:
                     "minReplicas": 0,
                     "maxReplicas": most,
                     "rayStartParams": {},
-                    "template": {"spec": _pod_spec(worker, tolerations=[
+                    "template": {"spec": _pod_spec(cfg, worker, tolerations=[
                         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])},
                 }],
             },

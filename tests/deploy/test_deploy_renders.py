@@ -185,7 +185,7 @@ def test_the_renders_follow_the_config(tmp_path: Path) -> None:
     assert cluster["workerGroupSpecs"][0]["maxReplicas"] == math.ceil(gpu_peak) == 3
     head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert head["resources"]["limits"]["cpu"] == str(math.ceil(3 * 2 + 0.25))   # CPU-only replicas + the ingress
-    assert [e["name"] for e in head["env"]] == list(RAY_ENV)   # Ray's settings for Serve; no API key variable
+    assert [e["name"] for e in head["env"]] == [*RAY_ENV, "VFM_MODELS_DIR"]  # no API key variable
     serve = yaml.safe_load(service["spec"]["serveConfigV2"])
     assert serve["http_options"]["port"] == 9000
     assert serve["applications"][0]["args"]["models"]["tiny_vit"]["resources"] == {"a100": 1.0}
@@ -337,3 +337,25 @@ def test_the_health_check_asks_readyz_on_the_configs_port(tmp_path: Path,
     assert subprocess.run(check, capture_output=True, timeout=60).returncode == 1
     config.write_text(f"port: {port + 1 if port < 65535 else port - 1}\n")   # nothing listens there
     assert subprocess.run(check, capture_output=True, timeout=60).returncode == 1
+
+
+def test_the_kuberay_nodes_mount_the_heads_and_models_claims(tmp_path: Path,
+                                                             rayservice_schema: jsonschema.Draft7Validator) -> None:
+    config = tmp_path / "claims.yaml"
+    config.write_text(yaml.safe_dump({"app_name": "Shop_Vision", "models_dir": "/data/models", "heads_dir": "heads",
+                                      "models": {"tiny_cnn": {}}}))
+    code, out, err = vfm("serve", "--render", "kuberay", "--config", str(config))
+    assert code == 0, err
+    service = yaml.safe_load(out)
+    rayservice_schema.validate(service)
+    cluster = service["spec"]["rayClusterConfig"]
+    for pod in [cluster["headGroupSpec"]["template"]["spec"], cluster["workerGroupSpecs"][0]["template"]["spec"]]:
+        claims = {v["name"]: v["persistentVolumeClaim"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+        assert claims == {"heads": {"claimName": "shop-vision-heads", "readOnly": True},
+                          "models": {"claimName": "shop-vision-models", "readOnly": True}}
+        (container,) = pod["containers"]
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        assert mounts["heads"]["mountPath"] == "/srv/vfm/heads" and mounts["heads"]["readOnly"] is True
+        assert mounts["models"]["mountPath"] == "/data/models" and mounts["models"]["readOnly"] is True
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["VFM_MODELS_DIR"] == "/data/models"

@@ -111,3 +111,40 @@ def test_a_head_without_standardisation_saves_and_loads(tmp_path):
     assert meta["head"]["standardize"] is False and "feature_mean" not in loaded.tensors()
     feats = np.array([[1.0, -2.0, 3.0]], np.float32)
     np.testing.assert_array_equal(loaded.predict_proba(feats), head.predict_proba(feats))
+
+
+def test_the_closed_form_softmax_gradient_is_autograds(fashion):
+    """The linear head's lbfgs objective and gradient in closed form equal autograd's on the same features."""
+    from vfm.finetune.train import _SoftmaxLinear, standardisation
+
+    x, y, _ = fashion
+    xt, yt = torch.from_numpy(x["train"]), torch.from_numpy(y["train"])
+    mean, std = standardisation(xt)
+    xs = (xt - mean) / std
+    gen = torch.Generator().manual_seed(1)
+    w = (torch.randn(10, xs.shape[1], generator=gen) * 0.1).requires_grad_(True)
+    b = (torch.randn(10, generator=gen) * 0.1).requires_grad_(True)
+    wd = 0.01
+    expected = (torch.nn.functional.cross_entropy(xs @ w.T + b, yt)
+                + 0.5 * wd * (w.pow(2).sum() + b.pow(2).sum()))
+    gw, gb = torch.autograd.grad(expected, [w, b])
+    value, cw, cb = _SoftmaxLinear(xs, yt, 10)(w.detach(), b.detach(), wd)
+    assert value.item() == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(cw, gw, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(cb, gb, rtol=1e-4, atol=1e-6)
+    no_grad = _SoftmaxLinear(xs, yt, 10)(w.detach(), b.detach(), wd, grad=False)
+    assert no_grad[1] is None and no_grad[0].item() == value.item()
+
+
+def test_a_single_c_fit_predicts_as_logistic_regression(fashion):
+    """At LogisticRegression's own C = 1 (weight decay 1/N), from zero as scikit-learn starts, the fit
+    lands on scikit-learn's answers (its intercept is unpenalised, ours is: almost every test image alike)."""
+    x, y, classes = fashion
+    n = len(y["train"])
+    result = _fit(TrainSettings(optimizer="lbfgs", weight_decay=1.0 / n), x, y)
+    ours = result.model.unstack(result.best, classes, result.mean, result.std).predict(x["test"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sk = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(x["train"], y["train"])
+    assert np.mean(ours == sk.predict(x["test"])) >= 0.97
+    assert result.runs[0].stopped == "converged" and result.runs[0].history[-1]["iterations"] < 200

@@ -137,3 +137,20 @@ def test_hinge_and_squared_losses_learn(digits, loss):
     result = train_heads(TrainSettings(loss=loss, lrs=(0.01, 0.03), epochs=15), x, y, xv, yv, classes)
     assert result.runs[result.best].best_val_accuracy > (0.95 if loss == "hinge" else 0.9)
     assert result.model.weights[0].shape[-1] == (1 if loss == "hinge" else 10)
+
+
+def test_heads_stopped_early_keep_their_best_while_the_others_train_on(digits):
+    """A head stopped by patience drops out of the stacked pass (it costs nothing more); the heads
+    still training go on as they would alone, and the stopped one keeps its best epoch's weights."""
+    x, y, xv, yv = digits
+    settings = TrainSettings(head="mlp", hidden=(32,), lrs=(0.01, 3.0), epochs=12, patience=2)
+    result = train_heads(settings, x, y, xv, yv, 10)
+    slow, fast = result.runs
+    assert fast.stopped == "patience" and len(fast.history) < len(slow.history) == 12
+    _, acc = evaluate_stacked(result.model, (xv - result.mean) / result.std, yv)
+    assert float(acc[1]) == pytest.approx(fast.best_val_accuracy)
+    alone = train_heads(TrainSettings(head="mlp", hidden=(32,), lrs=(0.01,), epochs=12, patience=2), x, y, xv, yv, 10)
+    np.testing.assert_allclose([e["val_loss"] for e in alone.runs[0].history], [e["val_loss"] for e in slow.history],
+                               rtol=1e-4)
+    for p_one, p_many in zip(alone.model.parameters(), result.model.parameters()):
+        torch.testing.assert_close(p_one[0], p_many[0], rtol=1e-4, atol=1e-5)
