@@ -7,11 +7,18 @@ the head. With ``--augment`` (random flips and shifts) the training images go th
 body every epoch instead; validation and test still use the cached activations.
 
 Training is sgd with momentum on the ce loss, two learning rates (the head's ``--lr``; the
-blocks' ``--backbone-lr``, default a tenth of it), the run's schedule, weight decay and early
-stopping on validation; every rate of ``--lr`` is a run of its own from the same start and the
-best on validation is kept. The blocks train in eval mode: batch-norm statistics stay those of
-the pre-trained network (a few thousand images would only make them noisier), dropout and
-drop-connect are off; their weights, biases and batch-norm scales learn.
+blocks' ``--backbone-lr``, default a tenth of it), the run's schedule, weight decay, label
+smoothing (``--label-smoothing``) and early stopping on validation; every rate of ``--lr`` is a
+run of its own from the same start and the best on validation is kept. By default the blocks
+train in eval mode: batch-norm statistics stay those of the pre-trained network, dropout and
+drop-connect are off; their weights, biases and batch-norm scales learn. ``--batch-norm train``
+normalises with the batches' statistics instead (and updates the running ones the model keeps).
+
+``--views N`` is augmentation that keeps the cache: N fixed augmented versions of each training
+image (``VIEWS``: a flip, then flips and 10% shifts) go through the frozen part once and are
+cached under keys of their own; each epoch takes one of an image's 1 + N versions at random, so
+an epoch still runs only the unfrozen blocks. The cost: N more frozen passes over the training
+images.
 
 The run folder holds ``model.json`` + ``model.safetensors`` (``vfm.models.published``: the base
 network with the trained blocks and head), run.json and the report; ``vfm finetune publish RUN
