@@ -3,6 +3,8 @@ frozen-feature MLP, on the same images, split and test set, in one run.
 
     .venv/bin/python bench/finetune_unfreeze.py [--backbone efficientnet_lite0] [--limit 3500] [--unfreeze 1]
                                                 [--epochs 30] [--unfreeze-epochs 8] [--lr 0.01] [--threads N]
+                                                [--views N | --augment] [--backbone-lr LR] [--weight-decay W]
+                                                [--label-smoothing E] [--batch-norm frozen|train]
 
 Fashion-MNIST (Debian's dataset-fashion-mnist), a stratified subset of --limit images split as
 `vfm finetune train` splits it. The frozen run is `vfm finetune train --head mlp` (the README's
@@ -38,6 +40,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--unfreeze", type=int, default=1, help="blocks to train (default 1)")
     p.add_argument("--unfreeze-epochs", type=int, default=8, help="epochs of the --unfreeze run (default 8)")
     p.add_argument("--lr", default="0.01", help="the --unfreeze run's head rate(s) (default 0.01; blocks: a tenth)")
+    p.add_argument("--backbone-lr", type=float, help="the blocks' rate (default: the head's / 10)")
+    p.add_argument("--weight-decay", default="0", help="the --unfreeze run's weight decay (default 0)")
+    p.add_argument("--views", type=int, default=0, help="cached augmented views of each training image (default 0)")
+    p.add_argument("--augment", action="store_true", help="random flips and shifts every epoch (no cache)")
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--batch-norm", default="frozen", help="frozen | train")
+    p.add_argument("--batch-size", type=int, default=64, help="the --unfreeze run's batch (default 64)")
     p.add_argument("--hidden", default="512,256")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
@@ -93,15 +102,28 @@ def main(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         unfrozen = unfreeze_run(TrainConfig(args.backbone, args.data, out=Path(tmp) / "unfrozen", limit=args.limit,
                                             seed=args.seed, head="mlp", hidden=hidden, unfreeze=args.unfreeze,
-                                            epochs=args.unfreeze_epochs, lrs=args.lr, features=features))
+                                            epochs=args.unfreeze_epochs, lrs=args.lr, features=features,
+                                            backbone_lr=args.backbone_lr, weight_decay=args.weight_decay,
+                                            views=args.views, augment=args.augment,
+                                            label_smoothing=args.label_smoothing, batch_norm=args.batch_norm,
+                                            batch_size=args.batch_size))
         unfrozen_s = time.perf_counter() - t0
         frozen_acc, frozen_s, frozen_name = frozen_mlp(args, cache, hidden)
     counts = unfrozen.counts
+    import os
+
+    load = os.getloadavg()
     print(f"\n{args.data}: {sum(counts.values())} images (train {counts['train']}, val {counts['val']}, "
-          f"test {counts['test']}), {args.backbone} on {args.device}, {torch.get_num_threads()} torch threads")
+          f"test {counts['test']}), {args.backbone} on {args.device}, {torch.get_num_threads()} torch threads, "
+          f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (wall times on a loaded machine "
+          "overstate quiet ones)")
+    extra = (f", {args.views} cached views" if args.views else "") + (", augmented" if args.augment else "") \
+        + (f", label smoothing {args.label_smoothing:g}" if args.label_smoothing else "") \
+        + (", batch norm train" if args.batch_norm == "train" else "") \
+        + (f", wd {args.weight_decay}" if args.weight_decay != "0" else "")
     print(f"{'run':64s} {'test acc':>8s} {'wall s':>8s}")
     print(f"{'frozen features, ' + frozen_name + ' (features from the cache)':64s} {frozen_acc:8.4f} {frozen_s:8.1f}")
-    print(f"{'--unfreeze ' + str(args.unfreeze) + ', ' + unfrozen.chosen:64s} "
+    print(f"{'--unfreeze ' + str(args.unfreeze) + extra + ', ' + unfrozen.chosen:64s} "
           f"{unfrozen.evaluation.accuracy:8.4f} {unfrozen_s:8.1f}")
     gain = unfrozen.evaluation.accuracy - frozen_acc
     ok = gain >= GOAL_POINTS and unfrozen_s <= GOAL_SECONDS

@@ -17,7 +17,7 @@ from typing import Any, Callable, NoReturn
 
 from vfm.models.errors import UsageError
 
-from .config import (BACKENDS, DEFAULT_EPOCHS, DEFAULT_HIDDEN, DEFAULT_LBFGS_CS, DEFAULT_LRS, DEFAULT_WEIGHT_DECAYS,
+from .config import (BACKENDS, BATCH_NORMS, MAX_VIEWS, DEFAULT_EPOCHS, DEFAULT_HIDDEN, DEFAULT_LBFGS_CS, DEFAULT_LRS, DEFAULT_WEIGHT_DECAYS,
                      HEADS, LOSSES, METRICS, OPTIMIZERS, SCHEDULES, SUBSETS, EvalConfig, FeatureOptions, KNNSettings, TrainConfig, TrainSettings, default_of, flag)
 from .values import choice_problem, parse_list, parse_names, parse_number, shown
 
@@ -159,6 +159,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
            "(default: the head's / 10)")
     _field(g, T, "augment", action="store_true", help="--unfreeze: random flips and shifts of the training images "
            "(runs the whole backbone every epoch)")
+    _field(g, T, "views", type=_INT, metavar="N", help=f"--unfreeze: N fixed augmented views of each training image "
+           f"(flip, then flips and 10%% shifts; at most {MAX_VIEWS}) through the frozen part once, cached; each epoch "
+           f"takes one of an image's 1+N versions at random (default {_default(T, 'views')})")
+    _field(g, T, "label_smoothing", type=_FLOAT, metavar="E", help="--unfreeze: label smoothing of the ce loss, "
+           f"0 <= E < 1 (default {_default(T, 'label_smoothing')})")
+    _choice(g, T, "batch_norm", BATCH_NORMS, help="--unfreeze: the blocks' batch norm keeps the pre-trained "
+            f"statistics (frozen) or trains on the batches' (train) (default {_default(T, 'batch_norm')})")
     g = _add_feature_arguments(p)
     _field(g, T, "normalize", action="store_true", help="L2-normalise the backbone's features (recorded in "
            "head.json, so the service does the same)")

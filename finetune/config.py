@@ -29,6 +29,8 @@ from .values import ConfigError, check_choice, check_number, check_numbers, chec
 HEADS = HEAD_TYPES
 OPTIMIZERS = ("sgd", "gd", "lbfgs")
 SCHEDULES = ("cosine", "step", "constant")
+BATCH_NORMS = ("frozen", "train")     # --unfreeze: the unfrozen blocks' batch-norm statistics
+MAX_VIEWS = 7                         # --views: the fixed augmentations there are (finetune.unfreeze.VIEWS)
 SUBSETS = ("auto", "test", "all")
 BACKENDS = ("torch", "onnx")
 DEFAULT_LRS = {"sgd": (0.01, 0.03, 0.1, 0.3), "gd": (0.1, 1.0, 10.0), "lbfgs": (1.0,)}  # lbfgs: a line search
@@ -290,6 +292,9 @@ class TrainConfig:
     unfreeze: int | None = None          # train the backbone's last N blocks with the head (finetune.unfreeze)
     backbone_lr: float | None = None     # --unfreeze: the blocks' learning rate (None: each lr / 10)
     augment: bool = False                # --unfreeze: flips and shifts (then nothing is cached)
+    views: int = 0                       # --unfreeze: fixed augmented views of each training image, cached
+    label_smoothing: float = 0.0         # --unfreeze: the ce loss's label smoothing
+    batch_norm: str = "frozen"           # --unfreeze: frozen (the pre-trained statistics) | train (batch statistics)
     features: FeatureOptions = field(default_factory=FeatureOptions)
     knn: KNNSettings | None = field(init=False, default=None, repr=False, compare=False)
     settings: TrainSettings | None = field(init=False, default=None, repr=False, compare=False)
@@ -325,11 +330,18 @@ class TrainConfig:
         self.unfreeze = check_optional("--unfreeze", self.unfreeze, int, low=1)
         self.backbone_lr = check_optional("--backbone-lr", self.backbone_lr, float, low=0, low_open=True)
         self.augment = bool(self.augment)
+        self.views = check_number("--views", self.views, int, 0, MAX_VIEWS)
+        self.label_smoothing = check_number("--label-smoothing", self.label_smoothing, float, 0, 1, high_open=True)
+        self.batch_norm = check_choice("--batch-norm", self.batch_norm, BATCH_NORMS)
         if self.unfreeze is None:
-            for name in ("backbone_lr", "augment"):
+            for name in ("backbone_lr", "augment", "views", "label_smoothing"):
                 if getattr(self, name):
                     raise ConfigError(f"{flag(name)} needs --unfreeze N")
+            if self.batch_norm != "frozen":
+                raise ConfigError("--batch-norm needs --unfreeze N")
             return
+        if self.augment and self.views:
+            raise ConfigError("--views caches fixed augmented views; --augment draws new ones every epoch: give one")
         if self.head == "knn" or self.settings.optimizer != "sgd" or self.settings.loss != "ce":
             raise ConfigError("--unfreeze trains the blocks with the head by sgd on the ce loss: use --head linear "
                               "or mlp, --optimizer sgd, --loss ce")

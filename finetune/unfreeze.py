@@ -7,11 +7,18 @@ the head. With ``--augment`` (random flips and shifts) the training images go th
 body every epoch instead; validation and test still use the cached activations.
 
 Training is sgd with momentum on the ce loss, two learning rates (the head's ``--lr``; the
-blocks' ``--backbone-lr``, default a tenth of it), the run's schedule, weight decay and early
-stopping on validation; every rate of ``--lr`` is a run of its own from the same start and the
-best on validation is kept. The blocks train in eval mode: batch-norm statistics stay those of
-the pre-trained network (a few thousand images would only make them noisier), dropout and
-drop-connect are off; their weights, biases and batch-norm scales learn.
+blocks' ``--backbone-lr``, default a tenth of it), the run's schedule, weight decay, label
+smoothing (``--label-smoothing``) and early stopping on validation; every rate of ``--lr`` is a
+run of its own from the same start and the best on validation is kept. By default the blocks
+train in eval mode: batch-norm statistics stay those of the pre-trained network, dropout and
+drop-connect are off; their weights, biases and batch-norm scales learn. ``--batch-norm train``
+normalises with the batches' statistics instead (and updates the running ones the model keeps).
+
+``--views N`` is augmentation that keeps the cache: N fixed augmented versions of each training
+image (``VIEWS``: a flip, then flips and 10% shifts) go through the frozen part once and are
+cached under keys of their own; each epoch takes one of an image's 1 + N versions at random, so
+an epoch still runs only the unfrozen blocks. The cost: N more frozen passes over the training
+images.
 
 The run folder holds ``model.json`` + ``model.safetensors`` (``vfm.models.published``: the base
 network with the trained blocks and head), run.json and the report; ``vfm finetune publish RUN
@@ -39,7 +46,7 @@ from vfm.models.errors import UsageError
 from vfm.models.heads import LinearHead, MLPHead, to_jsonable
 from vfm.models.images import preprocess_batch
 
-from .config import TrainConfig
+from .config import MAX_VIEWS, TrainConfig
 from .data import DataError, open_dataset
 from .evaluate import evaluate
 from .extractors import BackboneError, BackboneExtractor, Extractor
@@ -79,8 +86,12 @@ class FrozenPart(Extractor):
         self.frozen.eval()
         size = runner.spec.preprocess.size
         side = (size, size) if isinstance(size, int) else tuple(size)
+        # Channels-last from 64 px up, as the backbone's own extraction (extractors.BackboneExtractor); on a
+        # copy, so the weights the model is saved with keep their layout.
+        self._format = torch.channels_last if min(side) >= 64 else torch.contiguous_format
+        self._frozen = copy.deepcopy(self.frozen).to(memory_format=self._format)
         with torch.inference_mode():
-            probe = self.frozen(torch.zeros(1, 3, *side, device=self.device))
+            probe = self.activations(torch.zeros(1, 3, *side, device=self.device))
         self.shape = tuple(int(s) for s in probe.shape[1:])
         self.feature_dim = int(np.prod(self.shape))
         self.name = f"{backbone}-frozen-but-{unfreeze}"
@@ -92,14 +103,65 @@ class FrozenPart(Extractor):
     def inputs(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         return torch.from_numpy(preprocess_batch(list(images), self.runner.spec.preprocess)).to(self.device)
 
+    def activations(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen part's output on a preprocessed batch, contiguous (as the trainable part takes it)."""
+        return self._frozen(x.contiguous(memory_format=self._format)).contiguous()
+
     def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
         self.images_embedded += len(images)
         with torch.inference_mode():
-            out = self.frozen(self.inputs(images))
+            out = self.activations(self.inputs(images))
         return out.flatten(1).float().cpu().numpy()
 
     def head_meta(self) -> dict[str, Any]:
         return self.base.head_meta()
+
+
+# --views N: the first N of these fixed augmentations of a preprocessed image (horizontal flip; shift by
+# 10% of the side each way, the border reflected), so each view's activations are cached like the image's.
+VIEWS: tuple[tuple[bool, int, int], ...] = (  # (flip, rows, columns) in tenths of the side
+    (True, 0, 0), (False, 1, -1), (True, -1, 1), (False, -1, -1), (True, 1, 1), (False, 1, 1), (True, -1, -1))
+assert len(VIEWS) == MAX_VIEWS
+
+
+def view_of(x: torch.Tensor, view: int) -> torch.Tensor:
+    """View ``view`` (1-based, of ``VIEWS``) of a preprocessed batch [N, C, H, W]."""
+    flip, dy, dx = VIEWS[view - 1]
+    if flip:
+        x = x.flip(-1)
+    if dy or dx:
+        h, w = x.shape[-2:]
+        sy, sx = max(1, h // 10), max(1, w // 10)
+        padded = torch.nn.functional.pad(x, (sx, sx, sy, sy), mode="reflect")
+        oy, ox = sy - dy * sy, sx - dx * sx  # content moves by (dy, dx) tenths
+        x = padded[:, :, oy:oy + h, ox:ox + w]
+    return x
+
+
+def describe_view(view: int) -> str:
+    flip, dy, dx = VIEWS[view - 1]
+    moves = [f"{'down' if dy > 0 else 'up'} 10%"] * bool(dy) + [f"{'right' if dx > 0 else 'left'} 10%"] * bool(dx)
+    return ", ".join((["flipped"] if flip else []) + (["shifted " + " and ".join(moves)] if moves else []))
+
+
+class ViewPart(Extractor):
+    """The frozen part's activations of one fixed augmented view of each image (cached under its own key)."""
+
+    def __init__(self, part: FrozenPart, view: int):
+        self.part, self.view = part, view
+        self.feature_dim, self.name = part.feature_dim, f"{part.name}-view{view}"
+
+    def key(self) -> dict[str, Any]:
+        return {**self.part.key(), "view": describe_view(self.view)}
+
+    def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        self.images_embedded += len(images)
+        with torch.inference_mode():
+            out = self.part.activations(view_of(self.part.inputs(images), self.view))
+        return out.flatten(1).float().cpu().numpy()
+
+    def head_meta(self) -> dict[str, Any]:
+        return self.part.head_meta()
 
 
 def _make_head(cfg: TrainConfig, labels: Sequence[str], dim: int) -> torch.nn.Module:
@@ -125,8 +187,9 @@ class _Trainer:
     """One run of sgd from the pre-trained blocks and a fresh head, at one head learning rate."""
 
     def __init__(self, cfg: TrainConfig, part: FrozenPart, acts: dict[str, torch.Tensor], y: dict[str, torch.Tensor],
-                 train_images: Any, classes: Sequence[str]):
+                 train_images: Any, classes: Sequence[str], views: torch.Tensor | None = None):
         self.cfg, self.s, self.part, self.acts, self.y = cfg, cfg.settings, part, acts, y
+        self.views = views  # [V, N, D]: the cached activations of V augmented views of each training image
         self.train_images, self.classes = train_images, classes
         self.start_blocks = copy.deepcopy(part.trainable.state_dict())
         self.feature_dim = int(part.runner.feature_dim)
@@ -140,10 +203,14 @@ class _Trainer:
 
     def features(self, acts: torch.Tensor, grad: bool) -> torch.Tensor:
         out = []
+        training = self.part.trainable.training
+        if not grad:
+            self.part.trainable.eval()  # --batch-norm train: evaluated with the running statistics
         with nullcontext() if grad else torch.no_grad():
             for i in range(0, len(acts), _EVAL_CHUNK):
                 chunk = acts[i:i + _EVAL_CHUNK].to(self.part.device).view(-1, *self.part.shape)
                 out.append(self.part.trainable(chunk))
+        self.part.trainable.train(training)
         return torch.cat(out).float().cpu()
 
     def evaluate(self, head: torch.nn.Module, split: str) -> tuple[float, float, np.ndarray]:
@@ -155,11 +222,18 @@ class _Trainer:
         return loss, float(np.mean(pred == self.y[split].numpy())), pred
 
     def _batch_acts(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        if not self.cfg.augment:
-            return self.acts["train"][idx].to(self.part.device).view(-1, *self.part.shape)
-        images = [self.train_images.load(int(i)) for i in idx]
-        with torch.no_grad():
-            return self.part.frozen(_augment(self.part.inputs(images), gen))
+        if self.cfg.augment:
+            images = [self.train_images.load(int(i)) for i in idx]
+            with torch.no_grad():
+                return self.part.activations(_augment(self.part.inputs(images), gen))
+        x = self.acts["train"][idx]
+        if self.views is not None:  # each image as one of its 1 + V versions, at random
+            which = torch.randint(0, len(self.views) + 1, (len(idx),), generator=gen)
+            picked = which > 0
+            if bool(picked.any()):
+                x = x.clone()
+                x[picked] = self.views[which[picked] - 1, idx[picked]]
+        return x.to(self.part.device).view(-1, *self.part.shape)
 
     def run(self, lr: float, progress: bool) -> tuple[HeadRun, dict[str, Any], torch.nn.Module]:
         """Train at head rate ``lr``; returns its HeadRun, the blocks' best state and the head at its best."""
@@ -189,7 +263,9 @@ class _Trainer:
         n, bs = len(self.y["train"]), s.batch_size
         steps, bad = math.ceil(n / bs), 0
         bar = tqdm(total=s.epochs, unit="epoch", disable=not progress, desc=f"unfreeze {part.unfreeze} lr {lr:g}")
-        part.trainable.eval()  # frozen batch-norm statistics, no dropout or drop-connect in the blocks
+        # frozen: the pre-trained batch-norm statistics; train: the batches' (running statistics updated).
+        # No dropout or drop-connect either way.
+        part.trainable.train(self.cfg.batch_norm == "train")
         for epoch in range(s.epochs):
             head.train()
             perm = torch.randperm(n, generator=shuffle)
@@ -201,7 +277,7 @@ class _Trainer:
                     g["lr"] = g["base"] * factor
                 logits = head(part.trainable(self._batch_acts(idx, aug)))
                 yb = self.y["train"][idx].to(part.device)
-                loss = torch.nn.functional.cross_entropy(logits, yb)
+                loss = torch.nn.functional.cross_entropy(logits, yb, label_smoothing=self.cfg.label_smoothing)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -228,6 +304,7 @@ class _Trainer:
                     hr.stopped = "patience"
                     break
         bar.close()
+        part.trainable.eval()
         for p in blocks:
             p.requires_grad_(False)
         head.load_state_dict(best_head)
@@ -280,7 +357,14 @@ def unfreeze_run(cfg: TrainConfig) -> RunSummary:
     acts = {name: torch.from_numpy(feats.features[[position[int(i)] for i in idx]]) for name, idx in splits.items()}
     y = {name: torch.from_numpy(data.labels[idx]) for name, idx in splits.items()}
     classes = data.classes
-    trainer = _Trainer(cfg, part, acts, y, data.source.subset(splits.train), classes)
+    views, view_stats = None, []
+    for view in range(1, cfg.views + 1):  # each view: one more pass of the training images through the frozen part
+        got = extract_features(data.source.subset(splits.train), ViewPart(part, view), cfg.features.cache_folder(),
+                               cfg.features.extract_batch_size, cfg.features.progress)
+        view_stats.append(got.stats)
+        views = torch.empty(cfg.views, *got.features.shape) if views is None else views
+        views[view - 1] = torch.from_numpy(got.features)
+    trainer = _Trainer(cfg, part, acts, y, data.source.subset(splits.train), classes, views)
     runs, states = [], []
     for lr in cfg.settings.lrs:
         hr, blocks, head = trainer.run(lr, cfg.features.progress)
@@ -308,7 +392,9 @@ def unfreeze_run(cfg: TrainConfig) -> RunSummary:
     training = {"chosen": summaries[chosen].name, "selected_on": "validation accuracy", "unfreeze": cfg.unfreeze,
                 "blocks": part.chain.count, "block_kind": describe_blocks(cfg.backbone), "lr": runs[chosen].lr,
                 "backbone_lr": backbone_lr, "augment": cfg.augment, "best_epoch": runs[chosen].best_epoch,
-                "batch_norm": "frozen statistics", **s.to_json()}
+                "views": [describe_view(v) for v in range(1, cfg.views + 1)], "label_smoothing": cfg.label_smoothing,
+                "batch_norm": "frozen statistics" if cfg.batch_norm == "frozen" else "batch statistics in training",
+                **s.to_json()}
     metrics = {"val_accuracy": summaries[chosen].val_accuracy, "test_accuracy": ev.accuracy, "test_error": ev.error,
                "test_k": ev.k, "delta": ev.delta, "test_error_bound": ev.bound, "bound": ev.bound_sentence()}
     meta = {"name": cfg.out.name, "base": cfg.backbone, "task": "classify", "labels": list(classes),
@@ -321,9 +407,11 @@ def unfreeze_run(cfg: TrainConfig) -> RunSummary:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "vfm_version": __version__}
     write_model(cfg.out, part.module.state_dict(), to_jsonable(meta))
     run_json = {"config": {"backbone": cfg.backbone, "data": cfg.data, "unfreeze": cfg.unfreeze,
-                           "backbone_lr": cfg.backbone_lr, "augment": cfg.augment, "split": list(cfg.split),
+                           "backbone_lr": cfg.backbone_lr, "augment": cfg.augment, "views": cfg.views,
+                           "label_smoothing": cfg.label_smoothing, "batch_norm": cfg.batch_norm, "split": list(cfg.split),
                            "seed": cfg.seed, "limit": cfg.limit, "training": s.to_json()},
                 "counts": counts, "extraction": feats.stats.to_json(),
+                "view_extraction": [v.to_json() for v in view_stats],
                 "heads": [{"name": x.name, "setting": x.setting, "best_epoch": x.best_epoch,
                            "val_accuracy": x.val_accuracy, "val_loss": x.val_loss, "test_accuracy": x.test_accuracy,
                            "stopped": x.stopped, "history": x.history} for x in summaries],
@@ -340,9 +428,12 @@ def unfreeze_run(cfg: TrainConfig) -> RunSummary:
              ("training", f"sgd, batch {s.batch_size}, momentum {s.momentum:g}, {s.schedule} schedule, {s.epochs} "
                           f"epochs, patience {s.patience or 'off'}, weight decay {s.weight_decay[0]:g}, head lr "
                           f"{', '.join(f'{lr:g}' for lr in s.lrs)}, blocks' lr {cfg.backbone_lr or 'head lr / 10'}"
-                          + (", augmented (flips, shifts)" if cfg.augment else "")),
+                          + (", augmented (flips, shifts)" if cfg.augment else "")
+                          + (f", {cfg.views} cached augmented views" if cfg.views else "")
+                          + (f", label smoothing {cfg.label_smoothing:g}" if cfg.label_smoothing else "")),
              ("chosen", f"`{summaries[chosen].name}`"), ("seed", str(cfg.seed))]
-    notes = ["The blocks train in eval mode: batch-norm statistics stay the pre-trained ones.",
+    notes = ["The blocks train in eval mode: batch-norm statistics stay the pre-trained ones." if cfg.batch_norm ==
+             "frozen" else "The blocks' batch norm trains on batch statistics (and updates the running ones).",
              f"Publish: `vfm finetune publish {cfg.out} --name NAME`; then `vfm predict NAME IMAGE`."]
     write_report(cfg.out, RunReport(f"Fine-tuning run {cfg.out.name} (--unfreeze {cfg.unfreeze})", facts, summaries,
                                     chosen, ev, notes))

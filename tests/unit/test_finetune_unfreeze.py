@@ -155,6 +155,15 @@ def test_a_published_model_is_listed_without_importing_torch(runs, tmp_path: Pat
     (["--unfreeze", "1", "--head", "knn"], "--unfreeze trains the blocks with the head by sgd"),
     (["--unfreeze", "1", "--optimizer", "gd"], "--unfreeze trains the blocks with the head by sgd"),
     (["--unfreeze", "1", "--weight-decay", "0,0.001"], "--unfreeze trains with one --weight-decay"),
+    (["--views", "2"], "--views needs --unfreeze N"),
+    (["--label-smoothing", "0.1"], "--label-smoothing needs --unfreeze N"),
+    (["--batch-norm", "train"], "--batch-norm needs --unfreeze N"),
+    (["--unfreeze", "1", "--views", "8"], "--views must be <= 7, got 8"),
+    (["--unfreeze", "1", "--views", "-1"], "--views must be >= 0, got -1"),
+    (["--unfreeze", "1", "--views", "two"], "--views"),
+    (["--unfreeze", "1", "--views", "2", "--augment"], "--views caches fixed augmented views; --augment draws"),
+    (["--unfreeze", "1", "--label-smoothing", "1"], "--label-smoothing must be < 1, got 1"),
+    (["--unfreeze", "1", "--batch-norm", "running"], "--batch-norm 'running': use one of frozen, train"),
 ])
 def test_bad_unfreeze_flags_are_one_line_usage_errors(argv: list[str], message: str, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
@@ -217,3 +226,70 @@ def test_augment_runs_the_whole_backbone_and_still_writes_a_model(tmp_path: Path
     assert len(summary.heads[0].history) == 2 and (tmp_path / "run" / "model.safetensors").is_file()
     meta = json.loads((tmp_path / "run" / "model.json").read_text())
     assert meta["training"]["augment"] is True and meta["unfreeze"] == 2
+
+
+def test_views_are_flips_and_shifts_of_the_image() -> None:
+    import torch
+
+    from vfm.finetune.unfreeze import VIEWS, describe_view, view_of
+
+    x = torch.arange(2 * 3 * 20 * 20, dtype=torch.float32).view(2, 3, 20, 20)
+    assert torch.equal(view_of(x, 1), x.flip(-1)) and describe_view(1) == "flipped"
+    assert VIEWS[1] == (False, 1, -1) and describe_view(2) == "shifted down 10% and left 10%"
+    moved = view_of(x, 2)  # moved down and left by 2 px (a tenth of 20)
+    assert moved.shape == x.shape and torch.equal(moved[:, :, 2:, :-2], x[:, :, :-2, 2:])
+    assert len({tuple(view_of(x, v).flatten().tolist()) for v in range(1, len(VIEWS) + 1)}) == len(VIEWS)
+
+
+def test_views_are_extracted_once_cached_and_recorded(tmp_path: Path) -> None:
+    from vfm.finetune.unfreeze import unfreeze_run
+
+    def run(name: str, views: int):
+        return unfreeze_run(TrainConfig("tiny_cnn", FASHION, out=tmp_path / name, unfreeze=1, views=views,
+                                        head="linear", lrs="0.01", epochs=2, limit=100, seed=0,
+                                        features=_features(tmp_path / "cache")))
+
+    first = run("a", 2)
+    entries = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "cache").iterdir())
+    assert entries == ["tiny_cnn-frozen-but-1", "tiny_cnn-frozen-but-1-view1", "tiny_cnn-frozen-but-1-view2"]
+    stats = json.loads((tmp_path / "a" / "run.json").read_text())["view_extraction"]
+    assert [v["computed"] for v in stats] == [first.counts["train"]] * 2
+    run("b", 2)  # the same views again: every activation from the cache
+    stats = json.loads((tmp_path / "b" / "run.json").read_text())["view_extraction"]
+    assert [(v["cached"], v["computed"]) for v in stats] == [(first.counts["train"], 0)] * 2
+    meta = json.loads((tmp_path / "a" / "model.json").read_text())
+    assert meta["training"]["views"] == ["flipped", "shifted down 10% and left 10%"]
+    # The views change what the blocks see: the run without them, from the same start, trains differently.
+    plain = run("c", 0)
+    assert plain.heads[0].history[-1]["train_loss"] != first.heads[0].history[-1]["train_loss"]
+
+
+def test_batch_norm_train_moves_the_running_statistics_and_frozen_keeps_them(runs, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from vfm.finetune.unfreeze import unfreeze_run
+    from vfm.models import load_model
+
+    base = load_model("tiny_cnn", device="cpu").state_dict()
+    unfreeze_run(TrainConfig("tiny_cnn", FASHION, out=tmp_path / "bn", unfreeze=1, batch_norm="train",
+                             features=_features(tmp_path / "cache"), **COMMON))
+    trained = load_file(str(tmp_path / "bn" / "model.safetensors"))
+    assert not np.allclose(trained["body.bn2.running_mean"].numpy(), base["bn2.running_mean"].numpy())
+    assert np.array_equal(trained["body.bn1.running_mean"].numpy(), base["bn1.running_mean"].numpy())  # frozen part
+    root, _, _ = runs  # the default, frozen: the trained block keeps the pre-trained statistics
+    frozen = load_file(str(root / "unfrozen" / "model.safetensors"))
+    assert np.array_equal(frozen["body.bn2.running_mean"].numpy(), base["bn2.running_mean"].numpy())
+    meta = json.loads((tmp_path / "bn" / "model.json").read_text())
+    assert meta["training"]["batch_norm"] == "batch statistics in training"
+
+
+def test_label_smoothing_raises_the_training_loss_of_the_same_run(runs, tmp_path: Path) -> None:
+    from vfm.finetune.unfreeze import unfreeze_run
+
+    _, _, plain = runs
+    smoothed = unfreeze_run(TrainConfig("tiny_cnn", FASHION, out=tmp_path / "smooth", unfreeze=1,
+                                        label_smoothing=0.3, features=_features(tmp_path / "cache"), **COMMON))
+    # Smoothed targets keep the ce loss from falling as the plain run's does.
+    assert smoothed.heads[0].history[-1]["train_loss"] > plain.heads[0].history[-1]["train_loss"] + 0.1
+    meta = json.loads((tmp_path / "smooth" / "model.json").read_text())
+    assert meta["training"]["label_smoothing"] == pytest.approx(0.3)
