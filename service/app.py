@@ -14,6 +14,10 @@ import logging
 import math
 import os
 import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,17 +73,24 @@ def _free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def _local_ray_env(cfg: ServiceConfig) -> tuple[dict[str, str], str | None]:
-    """The environment of a Ray started here, and the folder made for HAProxy's files (None without HAProxy)."""
+@contextmanager
+def ray_start_env(cfg: ServiceConfig) -> Iterator[str | None]:
+    """Around ``ray.init`` of a Ray started here: its processes get ``ray_env(cfg)`` (a variable already set wins);
+    with HAProxy, a new folder for HAProxy's files and free ports of its own. Yields that folder (None without
+    HAProxy), which outlives the block: remove it once that Ray has stopped."""
     env = ray_env(cfg)
-    if cfg.http.front != "haproxy":
-        return env, None
-    import tempfile
-
-    folder = tempfile.mkdtemp(prefix="vfm-haproxy-", dir="/tmp")  # short: the admin socket's path must fit 107 bytes
-    env.update({key: str(Path(folder) / name) for key, name in HAPROXY_FILES.items()})
-    env.update({key: str(port) for key, port in zip(HAPROXY_PORTS, _free_ports(len(HAPROXY_PORTS)))})
-    return env, folder
+    folder = None
+    if cfg.http.front == "haproxy":
+        folder = tempfile.mkdtemp(prefix="vfm-haproxy-", dir="/tmp")  # short: a socket's path must fit 107 bytes
+        env.update({key: str(Path(folder) / name) for key, name in HAPROXY_FILES.items()})
+        env.update({key: str(port) for key, port in zip(HAPROXY_PORTS, _free_ports(len(HAPROXY_PORTS)))})
+    added = {key: value for key, value in env.items() if key not in os.environ}
+    os.environ.update(added)  # the raylet started in the block inherits them, and every worker it starts
+    try:
+        yield folder
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 # HAProxy's folder of the Ray this process started (one local Ray per process), removed when that Ray stops.
@@ -281,8 +292,6 @@ class RunningService:
                 ray.shutdown()
             global _haproxy_folder
             if self.started_ray and _haproxy_folder:
-                import shutil
-
                 shutil.rmtree(_haproxy_folder, ignore_errors=True)
                 _haproxy_folder = None
 
@@ -303,14 +312,13 @@ def _init_ray(plan: ServicePlan, address: str | None, ray_options: dict[str, Any
         log.info("models reserve %.2f CPUs on a %d-core machine; the local Ray shares the cores", need["CPU"], cores)
     ray_options = {"include_dashboard": False, **ray_options}
     global _haproxy_folder
-    env, _haproxy_folder = _local_ray_env(plan.cfg)
-    added = {key: value for key, value in env.items() if key not in os.environ}
-    os.environ.update(added)  # the raylet started here inherits them, and every worker it starts
-    try:
-        ray.init(num_cpus=num_cpus, **ray_options)
-    finally:
-        for key in added:
-            os.environ.pop(key, None)
+    with ray_start_env(plan.cfg) as _haproxy_folder:
+        try:
+            ray.init(num_cpus=num_cpus, **ray_options)
+        except BaseException:
+            if _haproxy_folder:
+                shutil.rmtree(_haproxy_folder, ignore_errors=True)
+            raise
     return True
 
 
