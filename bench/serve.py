@@ -616,11 +616,11 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=16, help="max_batch_size of every batching server")
     parser.add_argument("--wait", type=float, default=0.01, help="batch wait (s) of every batching server")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (vfm replica: num_cpus)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=None, help="3 (--quick: 1)")
     parser.add_argument("--port", type=int, default=None, help="vfm's port (default: a free one)")
     parser.add_argument("--sim-latency-ms", type=float, default=20.0, help="sim_gpu: time of one model call")
     parser.add_argument("--quick", action="store_true",
-                        help="1 round of 48 requests, no decode-placement runs, no cold start (~2 minutes)")
+                        help="1 round (unless --rounds) of 48 requests, no decode-placement runs, no cold start (~2 minutes)")
     parser.add_argument("--no-cold-start", action="store_true")
     parser.add_argument("--front", choices=("ray", "haproxy"), default="ray",
                         help="vfm's http.front: Serve's Python proxy or Ray's HAProxy (the cold start uses the default "
@@ -630,7 +630,8 @@ def main() -> int:
     args = parser.parse_args()
     args.port = args.port or free_port()
     if args.quick:
-        args.rounds, args.requests, args.no_cold_start = 1, 48, True
+        args.rounds, args.requests, args.no_cold_start = args.rounds or 1, 48, True
+    args.rounds = args.rounds or 3
     if args.soak is not None and not 0 < args.soak <= 24 * 60:
         parser.error("--soak takes minutes in (0, 1440]")
 
