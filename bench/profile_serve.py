@@ -334,14 +334,15 @@ def main() -> int:
         ray_options = {"_temp_dir": ray_tmp, "log_to_driver": False}
         service = (direct_service(cfg, args.model, ray_options) if args.path == "direct"
                    else start_service(cfg, ray_options=ray_options))
+        asyncio.run(load(service.url, args.model, image, args.concurrency, 2 * args.concurrency, None))  # warm-up
+        time.sleep(1.5)
+        # found after the warm-up: HAProxy is a new process after each reload (the replicas' ports reach it late)
         procs = find_processes(cfg.app_name, ray_tmp)
         nices = {p.pid: niceness(p.pid) for p in procs}
         missing = {"proxy" if cfg.http.front == "ray" else "haproxy", "ingress", "model"} - {p.role for p in procs}
         if missing:
             print(f"note: no process found for {', '.join(sorted(missing))} (a Serve without that hop?)",
                   file=sys.stderr)
-        asyncio.run(load(service.url, args.model, image, args.concurrency, 2 * args.concurrency, None))  # warm-up
-        time.sleep(1.5)
 
         # 1. CPU accounting (no profiler attached)
         print("CPU accounting run ...", file=sys.stderr, flush=True)

@@ -47,9 +47,11 @@ RAY_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROU
 # Python proxy and forwards each request to an ingress replica's own HTTP server (Serve's direct ingress).
 # A stopping ingress replica stays reachable RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S (Serve's default: 30 s, for
 # load balancers outside the cluster) before it refuses connections, which HAProxy retries on another replica; the
-# HAProxy in front of it is the node's own, updated by the controller within a second.
+# HAProxy in front of it is the node's own, updated by the controller within a second. HAProxy answers a request whose
+# line and headers overflow its buffer (16 KiB by default) with its own HTML 400; 64 KiB lets such requests reach the
+# ingress, which answers them in JSON (a 30 KB query string: 422).
 HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
-               "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+               "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2", "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": "65536"}
 # HAProxy's files and the ports it (and the Python proxy Serve keeps as its fallback) binds default to one path and
 # fixed ports per machine (/tmp/haproxy-serve, 9101, 8404, 8500, 9500): a Ray that vfm starts gets its own, so several
 # can run on one machine. The ingress replicas' ports (30000-31000) need none: Serve takes the next on EADDRINUSE.
