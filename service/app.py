@@ -310,6 +310,10 @@ def _init_ray(plan: ServicePlan, address: str | None, ray_options: dict[str, Any
         return False
     need = required_resources(plan)
     if address:
+        if plan.cfg.http.front == "haproxy":
+            log.warning("http.front haproxy is a setting of the cluster's nodes (RAY_SERVE_ENABLE_HA_PROXY=1 and "
+                        "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 in the environment of `ray start`, as `vfm serve --render` "
+                        "writes them); joining %s, its Serve keeps the front it was started with", address)
         ray.init(address=address, **ray_options)
         return False
     cores = os.cpu_count() or 1
