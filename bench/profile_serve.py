@@ -113,6 +113,7 @@ def find_processes(app: str, ray_tmp: str) -> list[Proc]:
     found += [Proc("raylet", pid) for pid in raylets]
     found += [Proc("gcs", pid) for pid, cmd in commands.items() if "gcs_server" in cmd and ray_tmp in cmd]
     roles = [("proxy", re.compile(r"^ray::ProxyActor")),
+             ("haproxy manager", re.compile(r"^ray::HAProxyManager")),
              ("ingress", re.compile(rf"^ray::ServeReplica:{re.escape(app)}:ingress\b")),
              ("model", re.compile(rf"^ray::ServeReplica:{re.escape(app)}:model_")),
              ("metrics hub", re.compile(rf"^ray::ServeReplica:{re.escape(app)}:metrics\b")),
@@ -124,7 +125,10 @@ def find_processes(app: str, ray_tmp: str) -> list[Proc]:
             if pattern.search(cmd):
                 found.append(Proc(role, pid))
                 break
-    order = ["client (this process)"] + [r for r, _ in roles] + ["raylet", "gcs"]
+    managers = {p.pid for p in found if p.role == "haproxy manager"}  # HAProxy runs as its manager actor's child
+    found += [Proc("haproxy", pid) for pid, cmd in commands.items()
+              if _ppid(pid) in managers and re.search(r"haproxy -db -f ", cmd)]
+    order = (["client (this process)", "haproxy"] + [r for r, _ in roles] + ["raylet", "gcs"])
     return sorted(found, key=lambda p: order.index(p.role))
 
 
@@ -287,6 +291,8 @@ def main() -> int:
                         "threads then count as busy)")
     parser.add_argument("--path", choices=("vfm", "direct"), default="vfm",
                         help="vfm: the service as it is; direct: an experiment with no ingress hop (see direct_service)")
+    parser.add_argument("--front", choices=("ray", "haproxy"), default=None,
+                        help="http.front of the config (default: the config's; ray for the one-model config)")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="an environment variable for the Ray this run starts (e.g. RAY_SERVE_... settings)")
     parser.add_argument("--no-py-spy", action="store_true", help="only the CPU accounting")
@@ -306,10 +312,13 @@ def main() -> int:
         cfg = load_config(args.config, port=args.port)
     else:
         cfg = parse_config({"host": "127.0.0.1", "port": args.port, "metrics_flush_s": 1.0,
+                            "http": {"front": args.front or "ray"},
                             "ingress": {"num_cpus": 0.1},
                             "models": {args.model: {"num_cpus": 1, "max_batch_size": args.batch,
                                                     "batch_wait_timeout_s": args.wait, "max_ongoing_requests": 64,
                                                     "max_queued_requests": -1}}}, "profile config")
+    if args.front:
+        cfg = cfg.model_copy(update={"http": cfg.http.model_copy(update={"front": args.front})})
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     use_py_spy = not args.no_py_spy and Path(py_spy).exists()
     if not args.no_py_spy and not use_py_spy:
@@ -325,14 +334,15 @@ def main() -> int:
         ray_options = {"_temp_dir": ray_tmp, "log_to_driver": False}
         service = (direct_service(cfg, args.model, ray_options) if args.path == "direct"
                    else start_service(cfg, ray_options=ray_options))
+        asyncio.run(load(service.url, args.model, image, args.concurrency, 2 * args.concurrency, None))  # warm-up
+        time.sleep(1.5)
+        # found after the warm-up: HAProxy is a new process after each reload (the replicas' ports reach it late)
         procs = find_processes(cfg.app_name, ray_tmp)
         nices = {p.pid: niceness(p.pid) for p in procs}
-        missing = {"proxy", "ingress", "model"} - {p.role for p in procs}
+        missing = {"proxy" if cfg.http.front == "ray" else "haproxy", "ingress", "model"} - {p.role for p in procs}
         if missing:
             print(f"note: no process found for {', '.join(sorted(missing))} (a Serve without that hop?)",
                   file=sys.stderr)
-        asyncio.run(load(service.url, args.model, image, args.concurrency, 2 * args.concurrency, None))  # warm-up
-        time.sleep(1.5)
 
         # 1. CPU accounting (no profiler attached)
         print("CPU accounting run ...", file=sys.stderr, flush=True)
@@ -407,6 +417,7 @@ def main() -> int:
     # ---- tables ----
     if args.env:
         print(f"\nenvironment: {' '.join(args.env)}", end="")
+    print(f"\nhttp.front: {cfg.http.front}", end="")
     if args.path == "direct":
         print("\npath: direct (experiment: the model replica answers HTTP, no ingress)", end="")
     print(f"\n{args.model}, concurrency {args.concurrency}, {n} raw-body predict requests in {wall:.1f} s "

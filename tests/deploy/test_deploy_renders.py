@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 from vfm.service.config import load_config, parse_config
-from vfm.service.app import RAY_ENV
+from vfm.service.app import ray_env
 from vfm.service.render import TARGETS
 from vfm.cli import main
 
@@ -185,7 +185,8 @@ def test_the_renders_follow_the_config(tmp_path: Path) -> None:
     assert cluster["workerGroupSpecs"][0]["maxReplicas"] == math.ceil(gpu_peak) == 3
     head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert head["resources"]["limits"]["cpu"] == str(math.ceil(3 * 2 + 0.25))   # CPU-only replicas + the ingress
-    assert [e["name"] for e in head["env"]] == [*RAY_ENV, "VFM_MODELS_DIR"]  # no API key variable
+    # Ray's settings for Serve, then the published models' folder; no API key variable
+    assert [e["name"] for e in head["env"]] == [*ray_env(load_config(config)), "VFM_MODELS_DIR"]
     serve = yaml.safe_load(service["spec"]["serveConfigV2"])
     assert serve["http_options"]["port"] == 9000
     assert serve["applications"][0]["args"]["models"]["tiny_vit"]["resources"] == {"a100": 1.0}
@@ -359,3 +360,24 @@ def test_the_kuberay_nodes_mount_the_heads_and_models_claims(tmp_path: Path,
         assert mounts["models"]["mountPath"] == "/data/models" and mounts["models"]["readOnly"] is True
         env = {e["name"]: e.get("value") for e in container["env"]}
         assert env["VFM_MODELS_DIR"] == "/data/models"
+
+
+@pytest.mark.parametrize("front", ["ray", "haproxy"])
+def test_every_node_of_the_renders_gets_the_http_front_of_the_config(tmp_path: Path, front: str) -> None:
+    """HAProxy is a setting of each node's Ray (its raylet starts Serve's processes), so the KubeRay pods and the
+    compose services carry it; with the Python proxy none of its variables is set."""
+    config = tmp_path / "front.yaml"
+    config.write_text(yaml.safe_dump({"http": {"front": front}, "models": {"tiny_cnn": {}}}))
+    haproxy = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}
+    code, out, err = vfm("serve", "--render", "kuberay", "--config", str(config))
+    assert code == 0, err
+    groups = yaml.safe_load(out)["spec"]["rayClusterConfig"]
+    pods = [groups["headGroupSpec"]] + groups["workerGroupSpecs"]
+    for pod in pods:
+        env = {e["name"]: e.get("value") for e in pod["template"]["spec"]["containers"][0]["env"]}
+        assert {k: env.get(k) for k in haproxy} == (haproxy if front == "haproxy" else {k: None for k in haproxy})
+    code, out, err = vfm("serve", "--render", "compose", "--config", str(config))
+    assert code == 0, err
+    for name, service in yaml.safe_load(out)["services"].items():
+        env = service["environment"]
+        assert {k: env.get(k) for k in haproxy} == (haproxy if front == "haproxy" else {k: None for k in haproxy}), name
