@@ -196,10 +196,10 @@ def plan_service(cfg: ServiceConfig) -> ServicePlan:
         if reason:
             log.warning("%s is unavailable: %s", served, reason)
         mc = cfg.models[served]
-        if mc.max_ongoing_requests < mc.max_batch_size:
-            log.warning("%s: max_ongoing_requests (%d) is below max_batch_size (%d), so a replica never fills a "
-                        "batch and each request waits batch_wait_timeout_s", served, mc.max_ongoing_requests,
-                        mc.max_batch_size)
+        if mc.max_batch_size > 1 and mc.max_ongoing_requests < 2 * mc.max_batch_size:
+            log.warning("%s: max_ongoing_requests (%d) is below 2 x max_batch_size (%d): a replica batches only what "
+                        "it admits, so the next batch cannot fill while one runs; give it at least %d", served,
+                        mc.max_ongoing_requests, mc.max_batch_size, 2 * mc.max_batch_size)
         entries[served] = ModelEntry(served=served, registry=spec.name, status="unavailable" if reason else "ready",
                                      reason=reason, spec=spec.to_json(), serving=_serving(cfg.models[served]),
                                      labels=list(spec.labels) if spec.labels else None)

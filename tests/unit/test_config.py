@@ -163,3 +163,22 @@ def test_access_log_is_off_unless_the_config_or_the_flag_turns_it_on(tmp_path: P
 def test_images_per_request_has_a_limit() -> None:
     assert parse_config({}).limits.max_images_per_request == 32
     assert "limits.max_images_per_request" in problems({"limits": {"max_images_per_request": 0}})
+
+
+def test_a_replica_that_admits_less_than_two_batches_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    """The batching loop fills the next batch from requests that queued while one ran: a replica admitting fewer
+    than 2 x max_batch_size cannot, and the plan says so; the shipped configs do not trip it."""
+    import logging
+
+    from vfm.service.app import plan_service
+
+    cfg = parse_config({"models": {"tiny_cnn": {"max_batch_size": 16, "max_ongoing_requests": 20},
+                                   "tiny_vit": {"max_batch_size": 8, "max_ongoing_requests": 16}}})
+    with caplog.at_level(logging.WARNING, logger="vfm.service.app"):
+        plan_service(absolutize(cfg))
+    warned = [r.getMessage() for r in caplog.records if "2 x max_batch_size" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("tiny_cnn:") and "at least 32" in warned[0]
+    for path in (DEFAULT_CONFIG, DEFAULT_CONFIG.parent / "gpu.yaml"):
+        cfg = load_config(path)
+        assert all(m.max_batch_size == 1 or m.max_ongoing_requests >= 2 * m.max_batch_size
+                   for m in cfg.models.values()), path
