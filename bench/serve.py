@@ -497,19 +497,20 @@ def soak(args: argparse.Namespace, images: dict[str, bytes], ray_tmp: str) -> di
             for target, kwargs in calls:
                 started = time.perf_counter()
                 response = await http.post(target, **kwargs)
-                out.append((response.status_code, time.perf_counter() - started))
+                out.append((response.status_code, time.perf_counter() - started, target, response.text[:300]))
                 if kind >= 2 and response.status_code == 200:  # a prompt on the embedding just made
                     image_id = response.json()["image_id"]
                     body = request_parts(None, {"image_id": image_id, "points": [[100 + i % 50, 120]],
                                                 "point_labels": [1]}, "json")
                     started = time.perf_counter()
                     response = await http.post(f"{url}/v1/models/sam/segment", **body)
-                    out.append((response.status_code, time.perf_counter() - started))
+                    out.append((response.status_code, time.perf_counter() - started, f"{url}/v1/models/sam/segment",
+                                response.text[:300]))
             return out
 
         async def run() -> None:
             counter = iter(range(10**9))
-            minute: dict[str, Any] = {"latencies": [], "status": {}}
+            minute: dict[str, Any] = {"latencies": [], "status": {}, "failures": []}
             minute_end = time.monotonic() + 60
 
             async def worker(http: httpx.AsyncClient) -> None:
@@ -517,14 +518,16 @@ def soak(args: argparse.Namespace, images: dict[str, bytes], ray_tmp: str) -> di
                 for i in counter:
                     if time.monotonic() >= end:
                         return
-                    for status, latency in await one(http, i):
+                    for status, latency, target, text in await one(http, i):
                         minute["latencies"].append(latency)
                         minute["status"][status] = minute["status"].get(status, 0) + 1
+                        if status >= 500 and len(minute["failures"]) < 5:  # what the client was told, kept
+                            minute["failures"].append(f"{status} {target.removeprefix(url)} {latency:.1f}s {text}")
                     if time.monotonic() >= minute_end:
                         minutes.append(minute)
                         if len(minutes) == 1:
                             rss["after minute 1"] = ray_processes_rss()
-                        minute = {"latencies": [], "status": {}}
+                        minute = {"latencies": [], "status": {}, "failures": []}
                         minute_end += 60
                         print(f"soak: minute {len(minutes)}/{args.soak}", file=sys.stderr, flush=True)
 
@@ -543,7 +546,23 @@ def soak(args: argparse.Namespace, images: dict[str, bytes], ray_tmp: str) -> di
         ray.shutdown()
         if haproxy_folder:
             shutil.rmtree(haproxy_folder, ignore_errors=True)
-    return {"sam": sam, "minutes": minutes, "rss": rss}
+    kept = None
+    if any(status >= 500 for m in minutes for status in m["status"]):  # keep Ray's logs: why the 5xx
+        kept = tempfile.mkdtemp(prefix="vfm-soak-logs-", dir="/tmp")
+        shutil.copytree(Path(ray_tmp) / "session_latest" / "logs", Path(kept) / "logs", dirs_exist_ok=True,
+                        ignore_dangling_symlinks=True, ignore=shutil.ignore_patterns("*.sock"))
+    return {"sam": sam, "minutes": minutes, "rss": rss, "logs": kept, "events": serve_events(ray_tmp)}
+
+
+def serve_events(ray_tmp: str) -> list[str]:
+    """Serve controller log lines about replicas that died, failed health checks or were replaced."""
+    words = ("health check", "died", "unhealthy", "Replica", "exited", "killed", "OOM", "memory")
+    lines = []
+    for log_file in sorted((Path(ray_tmp) / "session_latest" / "logs" / "serve").glob("controller_*.log")):
+        for line in log_file.read_text(errors="replace").splitlines():
+            if any(w in line for w in words) and not any(q in line for q in ("Adding", "Starting", "started")):
+                lines.append(line[:300])
+    return lines[-30:]
 
 
 def report_soak(result: dict[str, Any], minutes: float) -> None:
@@ -557,8 +576,21 @@ def report_soak(result: dict[str, Any], minutes: float) -> None:
         lat = np.asarray(m["latencies"]) * 1000
         print(f"{i:6d} {len(lat):9d} {s5:5d} {other:6d} {np.percentile(lat, 50):8.0f} {np.percentile(lat, 99):8.0f}")
     print(f"5xx answers in all: {total_5xx} (goal 0)")
+    for i, m in enumerate(result["minutes"], 1):
+        for failure in m.get("failures", []):
+            print(f"  minute {i}: {failure}")
+    if result.get("events"):
+        print("Serve controller: replicas that failed or were replaced")
+        for line in result["events"]:
+            print(f"  {line}")
+    if result.get("logs"):
+        print(f"Ray's logs of the run are kept in {result['logs']} (remove it when read)")
     base = result["rss"].get("after minute 1") or result["rss"]["start"]
     end = result["rss"]["end"]
+    for key in sorted(set(base) - set(end)):  # a process replaced mid-run (a new pid) is no like-for-like RSS
+        print(f"  gone by the end (died or replaced): {key}")
+    for key in sorted(set(end) - set(base)):
+        print(f"  new since minute 1: {key}")
     print(f"{'RSS MiB after minute 1':>22s} {'end':>8s} {'growth':>7s}  process")
     for key in sorted(set(base) & set(end), key=lambda k: -end[k]):
         print(f"{base[key]:22.0f} {end[key]:8.0f} {100 * (end[key] / base[key] - 1):6.1f}%  {key}")
