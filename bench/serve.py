@@ -311,7 +311,8 @@ def _children_map() -> dict[int, list[int]]:
 
 def ray_processes_rss() -> dict[str, float]:
     """MiB of resident memory of every process below this one (the Ray this script started: GCS, raylet, Serve's
-    controller, proxy and replicas), by pid and command line."""
+    controller, proxy and replicas), by "pid name". A Ray worker retitles itself with the method it runs
+    (``ray::ServeReplica:vfm:model.handle_request``), so the name is the title up to its first dot or space."""
     children = _children_map()
     stack, out = list(children.get(os.getpid(), [])), {}
     while stack:
@@ -324,7 +325,8 @@ def ray_processes_rss() -> dict[str, float]:
                 rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
         except (OSError, StopIteration):
             continue
-        out[f"{pid} {cmd[:60]}"] = rss / 1024
+        name = cmd.split(".", 1)[0] if cmd.startswith("ray::") else cmd
+        out[f"{pid} {name[:60]}"] = rss / 1024
     return out
 
 
@@ -556,11 +558,10 @@ def soak(args: argparse.Namespace, images: dict[str, bytes], ray_tmp: str) -> di
 
 def serve_events(ray_tmp: str) -> list[str]:
     """Serve controller log lines about replicas that died, failed health checks or were replaced."""
-    words = ("health check", "died", "unhealthy", "Replica", "exited", "killed", "OOM", "memory")
     lines = []
     for log_file in sorted((Path(ray_tmp) / "session_latest" / "logs" / "serve").glob("controller_*.log")):
         for line in log_file.read_text(errors="replace").splitlines():
-            if any(w in line for w in words) and not any(q in line for q in ("Adding", "Starting", "started")):
+            if line.startswith(("WARNING", "ERROR")) and "Replica" in line:
                 lines.append(line[:300])
     return lines[-30:]
 
