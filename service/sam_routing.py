@@ -64,6 +64,23 @@ class ImageIdRouter(RequestRouter):
         self._placed.move_to_end(key)
         return chosen
 
+    def _remove_pending_request_from_indices(self, pending_request: PendingRequest) -> None:
+        """Ray 2.60 indexes every keyed request in ``_pending_requests_by_model_id`` and cleans that index only in
+        ``MultiplexMixin``'s lookup, which a router without the mix-in never calls: every request by image id (its
+        arguments, the image included) stayed referenced for the life of the ingress, about one image's bytes per
+        SAM request. A request leaves that index here, when it leaves the others."""
+        super()._remove_pending_request_from_indices(pending_request)
+        index = getattr(self, "_pending_requests_by_model_id", None)
+        key = pending_request.metadata.multiplexed_model_id
+        queue = index.get(key) if index is not None and key else None
+        if queue is not None:
+            try:
+                queue.remove(pending_request)
+            except ValueError:
+                pass
+            if not queue:
+                index.pop(key, None)
+
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         if not candidate_replicas:

@@ -47,3 +47,37 @@ def test_the_same_replica_in_another_process() -> None:
     done = subprocess.run([sys.executable, "-c", script, *IDS[:50]], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == [owner(i, ABC).name for i in IDS[:50]]
+
+
+def test_a_routed_request_leaves_the_routers_indices() -> None:
+    """Ray's own router code fulfils and cancels requests by image id; nothing of them (their arguments hold
+    the image) may stay referenced afterwards, or the ingress grows by an image per SAM request."""
+    import asyncio
+
+    from ray.serve._private.common import DeploymentHandleSource, DeploymentID, RequestMetadata
+    from ray.serve.request_router import PendingRequest
+
+    from vfm.service.sam_routing import ImageIdRouter
+
+    async def scenario() -> ImageIdRouter:
+        router = ImageIdRouter(DeploymentID(name="sam", app_name="vfm"), DeploymentHandleSource.UNKNOWN)
+        router.initialize_state()
+        routed = []
+        for i in range(50):
+            metadata = RequestMetadata(request_id=f"r{i}", internal_request_id=f"i{i}",
+                                       multiplexed_model_id=IDS[i % 2])
+            request = PendingRequest(args=[b"image bytes" * 1000], kwargs={}, metadata=metadata)
+            router._add_pending_request_to_indices(request)
+            routed.append(request)
+        holder = replica("a1b2c3")
+        for request in routed[:40]:  # Serve's path once a replica is found for a request
+            router._fulfill_next_pending_request(holder, request.metadata)
+            assert request.future.result() is holder
+        for request in routed[40:]:  # a caller that gave up
+            request.future.cancel()
+            router._remove_pending_request_from_indices(request)
+        return router
+
+    router = asyncio.run(scenario())
+    assert not router._pending_requests_by_id
+    assert not router._pending_requests_by_model_id
