@@ -4,6 +4,7 @@ our heads beside scikit-learn on the same cached features, side by side in one r
     .venv/bin/python bench/finetune.py [--backbone efficientnet_lite0] [--limit 1000] [--device cpu]
                                        [--epochs 30] [--threads N] [--workers N] [--no-onnx]
                                        [--repository DIR] [--cache-dir DIR]
+    .venv/bin/python bench/finetune.py --heads-only [--cache-dir DIR]    # the heads part alone, on cached features
 
 Fashion-MNIST (Debian's dataset-fashion-mnist), a stratified subset of --limit images split as
 `vfm finetune train` splits it.
@@ -15,6 +16,9 @@ Extraction, the model loaded and warmed up first in every case, on the same thre
     channels-last forward, the cache written chunk by chunk), with its ratio to bare;
   - the same two on ONNX Runtime (the export found in --repository, else made in a temporary one);
   - the pipeline again from the cache.
+With --heads-only there are no extraction rows: the features come from the feature cache (--cache-dir,
+default the one `vfm finetune train` uses, $VFM_CACHE/features), computed there once if missing, so
+that the heads can be measured again and again in seconds.
 Heads, on the torch features: ours (sgd, the default four rates in one pass; lbfgs along the
 default weight-decay grid, 1/(N*C) for C = 0.01, 0.1, 1, 10, chosen on validation; an MLP with a
 weight-decay grid) against LogisticRegression (lbfgs, C=1), LogisticRegressionCV (the same C grid,
@@ -39,15 +43,23 @@ FASHION = "idx:/usr/share/datasets/fashion-mnist"
 HEAD_THREADS = [1]  # --head-threads
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse's own prints the usage first)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--data", default=FASHION)
     p.add_argument("--limit", type=int, default=1000, help="images in all (default 1000)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--hidden", default="512,256")
-    p.add_argument("--cache-dir", help="feature cache for the pipeline runs (default: a fresh temporary folder)")
+    p.add_argument("--cache-dir", help="feature cache for the pipeline runs (default: a fresh temporary folder);\n"
+                   "with --heads-only, where the features are read (default: $VFM_CACHE/features)")
+    p.add_argument("--heads-only", action="store_true", help="no extraction rows: the heads on features from the "
+                   "feature cache,\ncomputed there once if missing")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="threads for torch and for scikit-learn's BLAS alike "
                    "(default: torch's default)")
@@ -60,6 +72,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=1, help="extraction rounds, bare and pipeline interleaved; each "
                    "row shows its best round (default 1; more on a shared machine)")
     return p
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Refuse bad values and combinations in one line (exit 2) before anything is loaded."""
+    for name, low in (("limit", 3), ("epochs", 1), ("head_threads", 1), ("rounds", 1), ("threads", 1),
+                      ("workers", 0)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            p.error(f"--{name.replace('_', '-')} {value}: give {low} or more")
+    try:
+        args.hidden_sizes = tuple(int(h) for h in args.hidden.split(","))
+    except ValueError:
+        args.hidden_sizes = ()
+    if not args.hidden_sizes or min(args.hidden_sizes) < 1:
+        p.error(f"--hidden {args.hidden!r}: give widths of 1 or more, comma-separated (e.g. 512,256)")
+    if args.heads_only:
+        for name, given in (("--rounds", args.rounds != 1), ("--repository", args.repository is not None),
+                            ("--workers", args.workers is not None), ("--no-onnx", args.no_onnx)):
+            if given:
+                p.error(f"{name} is for the extraction rows, which --heads-only skips")
+    return args
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -141,6 +174,28 @@ def extraction(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, np.ndarra
     return x, y, list(data.classes)
 
 
+def cached_features(args: argparse.Namespace) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[str]]:
+    """--heads-only: the split features from the feature cache (extracted into it first if missing)."""
+    from vfm.finetune.config import FeatureOptions
+    from vfm.finetune.data import open_dataset
+    from vfm.finetune.extractors import make_extractor
+    from vfm.finetune.features import extract_features
+    from vfm.finetune.splits import make_splits
+
+    data = open_dataset(args.data)
+    splits = make_splits(data, (0.8, 0.1, 0.1), args.seed, args.limit)
+    union = splits.union()
+    cache = Path(args.cache_dir).expanduser() if args.cache_dir else FeatureOptions().cache_folder()
+    feats = extract_features(data.source.subset(union), make_extractor(args.backbone, args.device), cache)
+    print(f"{args.data}: {len(union)} images (train {len(splits.train)}, val {len(splits.val)}, test "
+          f"{len(splits.test)}), {args.backbone} features ({feats.features.shape[1]}-d): "
+          f"{feats.stats.cached} from the cache in {cache}, {feats.stats.computed} computed")
+    pos = {int(i): p for p, i in enumerate(union)}
+    x = {name: feats.features[[pos[int(i)] for i in idx]] for name, idx in splits.items()}
+    y = {name: data.labels[idx] for name, idx in splits.items()}
+    return x, y, list(data.classes)
+
+
 def torch_threads() -> int:
     import torch
 
@@ -186,9 +241,12 @@ def main(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     HEAD_THREADS[0] = args.head_threads
-    hidden = tuple(int(h) for h in args.hidden.split(","))
-    with tempfile.TemporaryDirectory(prefix="vfm-bench-") as tmp:
-        x, y, classes = extraction(args, Path(tmp))
+    hidden = args.hidden_sizes
+    if args.heads_only:
+        x, y, classes = cached_features(args)
+    else:
+        with tempfile.TemporaryDirectory(prefix="vfm-bench-") as tmp:
+            x, y, classes = extraction(args, Path(tmp))
     e = args.epochs
     rows = [
         ("ours linear, sgd, 4 lrs in one pass (default)", *ours(x, y, classes, "linear", (), e)),
@@ -232,4 +290,5 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    parser = get_args_parser()
+    sys.exit(main(check_args(parser, parser.parse_args())))
