@@ -17,7 +17,7 @@ from typing import Any, Callable, NoReturn
 
 from vfm.models.errors import UsageError
 
-from .config import (BACKENDS, BATCH_NORMS, MAX_VIEWS, DEFAULT_EPOCHS, DEFAULT_HIDDEN, DEFAULT_LBFGS_CS, DEFAULT_LRS, DEFAULT_WEIGHT_DECAYS,
+from .config import (BACKENDS, BATCH_NORMS, MAX_VIEWS, DEFAULT_EPOCHS, DEFAULT_HIDDEN, DEFAULT_LBFGS_CS, DEFAULT_LRS, DEFAULT_MLP_LRS, DEFAULT_PATIENCE, DEFAULT_WEIGHT_DECAYS,
                      HEADS, LOSSES, METRICS, OPTIMIZERS, SCHEDULES, SUBSETS, EvalConfig, FeatureOptions, KNNSettings, TrainConfig, TrainSettings, default_of, flag)
 from .values import choice_problem, parse_list, parse_names, parse_number, shown
 
@@ -120,9 +120,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     _choice(g, T, "loss", LOSSES, help=f"default {_default(S, 'loss')}; hinge is binary (2 classes)")
     g = p.add_argument_group("optimisation")
     _choice(g, T, "optimizer", OPTIMIZERS, help=f"{_default(S, 'optimizer')} (default); gd: full batch, the step "
-            "halved until the loss falls; lbfgs: full batch L-BFGS along a weight-decay grid, warm-started")
+            "halved until the loss falls; lbfgs: full batch L-BFGS, one fit per weight decay (see --C), warm-started")
     _field(g, T, "lrs", type=_FLOATS, metavar="LR[,LR...]", help="sgd, gd: one head per rate in one pass, the best "
-           f"on validation kept (default sgd {shown(DEFAULT_LRS['sgd'])}, gd {shown(DEFAULT_LRS['gd'])})")
+           f"on validation kept (default sgd {shown(DEFAULT_LRS['sgd'])}, mlp by sgd {shown(DEFAULT_MLP_LRS)}, "
+           f"gd {shown(DEFAULT_LRS['gd'])})")
     _field(g, T, "epochs", type=_INT, metavar="N", help="epochs; gd: iterations; lbfgs: iterations per weight decay "
            f"(default sgd {DEFAULT_EPOCHS['sgd']}, gd {DEFAULT_EPOCHS['gd']}, lbfgs {DEFAULT_EPOCHS['lbfgs']})")
     _field(g, T, "batch_size", type=_INT, metavar="B",
@@ -131,12 +132,14 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     _field(g, T, "nesterov", action="store_true", help="sgd: Nesterov momentum")
     _field(g, T, "weight_decay", type=_FLOATS, metavar="W[,W...]", help="L2 weight decay; a list trains "
            "one head per value (x each --lr) in one pass, the best on validation kept (default sgd, gd "
-           f"{shown(DEFAULT_WEIGHT_DECAYS['sgd'])}; lbfgs 1/(N*C) on N training images for scikit-learn's C "
-           f"{shown(DEFAULT_LBFGS_CS)})")
+           f"{shown(DEFAULT_WEIGHT_DECAYS['sgd'])}; lbfgs 1/(N*C) on N training images, C from --C)")
+    _field(g, T, "cs", type=_FLOATS, metavar="C[,C...]", help="lbfgs: weight decays 1/(N*C) on N training images, "
+           f"scikit-learn's C; a list is one head per C, walked from the strongest as a warm-started path, the best on "
+           f"validation kept (default {shown(DEFAULT_LBFGS_CS)}: LogisticRegression's; e.g. 0.01,0.1,1,10)")
     _choice(g, T, "schedule", SCHEDULES, help=f"sgd learning-rate schedule (default {_default(S, 'schedule')})")
     _field(g, T, "step_epochs", type=_INT, metavar="N", help="step schedule: x0.1 every N epochs (default epochs/3)")
     _field(g, T, "patience", type=_INT, metavar="N", help="sgd: stop a head after N epochs without a better "
-           f"validation score (default {_default(S, 'patience')}; 0: off)")
+           f"validation score (default {DEFAULT_PATIENCE['linear']}, mlp {DEFAULT_PATIENCE['mlp']}; 0: off)")
     _field(g, T, "tol", type=_FLOAT, metavar="T", help="gd: stop when the gradient norm is under T; lbfgs: when its "
            f"largest entry is (default {_default(S, 'tol')})")
     g = p.add_argument_group("data")

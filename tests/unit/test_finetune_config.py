@@ -78,10 +78,12 @@ def test_defaults_follow_the_head_and_optimiser():
 
 def test_the_lbfgs_weight_decays_are_relative_to_the_training_set_as_sklearns_c_is():
     # scikit-learn's C * sum(loss) + |w|^2 / 2 is N*C * (mean loss + wd/2 |w|^2) at wd = 1 / (N*C)
-    s = TrainSettings(optimizer="lbfgs")
-    assert s.relative_decay and s.to_json()["weight_decay"] is None
+    assert TrainSettings(optimizer="lbfgs").resolve(800).weight_decay == pytest.approx((1 / 800,))  # C = 1
+    s = TrainSettings(optimizer="lbfgs", cs="1,0.1,10,0.01")
+    assert s.relative_decay and s.to_json()["weight_decay"] is None and s.to_json()["cs"] == [1, 0.1, 10, 0.01]
     with pytest.raises(ValueError, match="resolve"):
         s.grid()
+    # strongest first, whatever order the C values came in: the path's order
     assert s.resolve(800).weight_decay == pytest.approx((1 / 8, 1 / 80, 1 / 800, 1 / 8000))  # C 0.01, 0.1, 1, 10
     assert s.resolve(50).weight_decay[2] == pytest.approx(1 / 800)  # resolved once, for the run's N
     assert [wd for _, wd in s.grid()] == list(s.weight_decay) and s.to_json()["weight_decay"] == list(s.weight_decay)
@@ -128,3 +130,16 @@ def test_the_finetune_cli_and_its_configs_load_without_torch():
             "build_parser(); heavy = [m for m in ('torch', 'ray', 'onnxruntime') if m in sys.modules]; "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(cs="0"), "--C must be > 0"),
+    (dict(cs="x"), "--C 'x' is not a number"),
+    (dict(cs="1", weight_decay="0.1"), "--C and --weight-decay both set the weight decays: give one"),
+    (dict(cs="1", optimizer="sgd"), r"--C does not apply to --optimizer sgd \(it is for: lbfgs\)"),
+])
+def test_bad_c_values_are_refused_in_one_line(kwargs, message):
+    kwargs.setdefault("optimizer", "lbfgs")
+    with pytest.raises(ConfigError, match=message) as info:
+        TrainConfig("tiny_cnn", "digits/", **kwargs)
+    assert "\n" not in str(info.value)

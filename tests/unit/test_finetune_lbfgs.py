@@ -11,7 +11,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from vfm.finetune.config import DEFAULT_LBFGS_CS
+from vfm.finetune.config import DEFAULT_LBFGS_CS, LBFGS_GRID_CS
 from vfm.finetune.data import open_dataset
 from vfm.finetune.extractors import make_extractor
 from vfm.finetune.features import extract_features
@@ -53,10 +53,19 @@ def test_the_linear_lbfgs_head_is_within_a_point_of_logistic_regression(fashion)
     theirs = float(sk.score(x["test"], y["test"]))
     assert len(y["test"]) > 100 and theirs > 0.6
     assert ours >= theirs - 0.01, (ours, theirs)
-    # every weight decay of the default grid, relative to the training set's size as scikit-learn's C is,
+    # by default one fit, at LogisticRegression's default C = 1 (weight decay 1/N), to convergence
+    n = len(y["train"])
+    assert DEFAULT_LBFGS_CS == (1.0,) and [r.name for r in result.runs] == [f"linear_ce_lbfgs_wd{1 / n:g}"]
+    assert result.runs[0].stopped == "converged"
+
+
+def test_a_c_grid_walks_the_path_and_keeps_the_best_on_validation(fashion):
+    x, y, _ = fashion
+    result = _fit(TrainSettings(optimizer="lbfgs", cs=LBFGS_GRID_CS), x, y)
+    # every weight decay of the grid, relative to the training set's size as scikit-learn's C is,
     # got a head fitted to convergence, and the one kept is the best on validation
     n = len(y["train"])
-    assert [r.weight_decay for r in result.runs] == [pytest.approx(1 / (n * c)) for c in DEFAULT_LBFGS_CS]
+    assert [r.weight_decay for r in result.runs] == [pytest.approx(1 / (n * c)) for c in LBFGS_GRID_CS]
     assert result.runs[2].name == f"linear_ce_lbfgs_wd{1 / n:g}"  # C = 1, LogisticRegression's default
     assert all(r.stopped == "converged" for r in result.runs)
     best = max(r.best_val_accuracy for r in result.runs)
