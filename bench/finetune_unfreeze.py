@@ -46,8 +46,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", action="store_true", help="random flips and shifts every epoch (no cache)")
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--batch-norm", default="frozen", help="frozen | train")
+    p.add_argument("--head-epochs", type=int, default=0, help="the --unfreeze run's head-alone epochs first (default 0)")
     p.add_argument("--batch-size", type=int, default=64, help="the --unfreeze run's batch (default 64)")
     p.add_argument("--hidden", default="512,256")
+    p.add_argument("--dropout", type=float, default=0.0, help="the --unfreeze run's MLP dropout (default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--cache-dir", help="activation cache (default: a fresh temporary folder, so the time includes "
@@ -106,7 +108,8 @@ def main(args: argparse.Namespace) -> int:
                                             backbone_lr=args.backbone_lr, weight_decay=args.weight_decay,
                                             views=args.views, augment=args.augment,
                                             label_smoothing=args.label_smoothing, batch_norm=args.batch_norm,
-                                            batch_size=args.batch_size))
+                                            batch_size=args.batch_size, dropout=args.dropout or None,
+                                            head_epochs=args.head_epochs))
         unfrozen_s = time.perf_counter() - t0
         frozen_acc, frozen_s, frozen_name = frozen_mlp(args, cache, hidden)
     counts = unfrozen.counts
@@ -120,11 +123,16 @@ def main(args: argparse.Namespace) -> int:
     extra = (f", {args.views} cached views" if args.views else "") + (", augmented" if args.augment else "") \
         + (f", label smoothing {args.label_smoothing:g}" if args.label_smoothing else "") \
         + (", batch norm train" if args.batch_norm == "train" else "") \
-        + (f", wd {args.weight_decay}" if args.weight_decay != "0" else "")
+        + (f", wd {args.weight_decay}" if args.weight_decay != "0" else "") \
+        + (f", dropout {args.dropout:g}" if args.dropout else "") \
+        + (f", head alone {args.head_epochs} epochs first" if args.head_epochs else "")
     print(f"{'run':64s} {'test acc':>8s} {'wall s':>8s}")
     print(f"{'frozen features, ' + frozen_name + ' (features from the cache)':64s} {frozen_acc:8.4f} {frozen_s:8.1f}")
     print(f"{'--unfreeze ' + str(args.unfreeze) + extra + ', ' + unfrozen.chosen:64s} "
           f"{unfrozen.evaluation.accuracy:8.4f} {unfrozen_s:8.1f}")
+    chosen = next(h for h in unfrozen.heads if h.name == unfrozen.chosen)
+    print(f"\n{unfrozen.chosen}, by epoch (best {chosen.best_epoch}):")
+    print(" ".join(f"{r['epoch']}: train {r['train_accuracy']:.3f} val {r['val_accuracy']:.3f};" for r in chosen.history))
     gain = unfrozen.evaluation.accuracy - frozen_acc
     ok = gain >= GOAL_POINTS and unfrozen_s <= GOAL_SECONDS
     print(f"\n--unfreeze {args.unfreeze} - frozen mlp: {100 * gain:+.1f} points of test accuracy; the --unfreeze run "

@@ -167,6 +167,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
            f"takes one of an image's 1+N versions at random (default {_default(T, 'views')})")
     _field(g, T, "label_smoothing", type=_FLOAT, metavar="E", help="--unfreeze: label smoothing of the ce loss, "
            f"0 <= E < 1 (default {_default(T, 'label_smoothing')})")
+    _field(g, T, "head_epochs", type=_INT, metavar="N", help="--unfreeze: first train the head alone for N epochs on "
+           "the pre-trained features (computed once), then the blocks with it: linear probing, then fine-tuning "
+           f"(default {_default(T, 'head_epochs')})")
     _choice(g, T, "batch_norm", BATCH_NORMS, help="--unfreeze: the blocks' batch norm keeps the pre-trained "
             f"statistics (frozen) or trains on the batches' (train) (default {_default(T, 'batch_norm')})")
     g = _add_feature_arguments(p)

@@ -319,6 +319,7 @@ class TrainConfig:
     views: int = 0                       # --unfreeze: fixed augmented views of each training image, cached
     label_smoothing: float = 0.0         # --unfreeze: the ce loss's label smoothing
     batch_norm: str = "frozen"           # --unfreeze: frozen (the pre-trained statistics) | train (batch statistics)
+    head_epochs: int = 0                 # --unfreeze: epochs of the head alone on the frozen features first (LP-FT)
     features: FeatureOptions = field(default_factory=FeatureOptions)
     knn: KNNSettings | None = field(init=False, default=None, repr=False, compare=False)
     settings: TrainSettings | None = field(init=False, default=None, repr=False, compare=False)
@@ -357,8 +358,9 @@ class TrainConfig:
         self.views = check_number("--views", self.views, int, 0, MAX_VIEWS)
         self.label_smoothing = check_number("--label-smoothing", self.label_smoothing, float, 0, 1, high_open=True)
         self.batch_norm = check_choice("--batch-norm", self.batch_norm, BATCH_NORMS)
+        self.head_epochs = check_number("--head-epochs", self.head_epochs, int, low=0)
         if self.unfreeze is None:
-            for name in ("backbone_lr", "augment", "views", "label_smoothing"):
+            for name in ("backbone_lr", "augment", "views", "label_smoothing", "head_epochs"):
                 if getattr(self, name):
                     raise ConfigError(f"{flag(name)} needs --unfreeze N")
             if self.batch_norm != "frozen":

@@ -195,6 +195,7 @@ class _Trainer:
         self.feature_dim = int(part.runner.feature_dim)
         with torch.no_grad():  # the head standardises with the pre-trained features' mean and std
             feats = self.features(acts["train"], grad=False)
+        self.train_features = feats  # --head-epochs: the head alone trains on these first
         self.mean = feats.mean(dim=0)
         # Floored at a tenth of the typical std: a nearly constant feature divided by its tiny std would
         # blow up as soon as the blocks under it move.
@@ -235,6 +236,33 @@ class _Trainer:
                 x[picked] = self.views[which[picked] - 1, idx[picked]]
         return x.to(self.part.device).view(-1, *self.part.shape)
 
+    def _warm_up(self, head: torch.nn.Module, lr: float, progress: bool) -> None:
+        """Linear probing before fine-tuning (LP-FT, Kumar et al. 2022): the head alone, ``head_epochs`` epochs of
+        sgd at ``lr`` with the run's schedule on the pre-trained features, so the blocks start training under a head
+        that already fits rather than under a random one, whose large early gradients distort what they learned."""
+        from tqdm.auto import tqdm
+
+        s, epochs = self.s, self.cfg.head_epochs
+        x, y = self.train_features.to(self.part.device), self.y["train"].to(self.part.device)
+        opt = torch.optim.SGD(head.net.parameters(), lr=lr, momentum=s.momentum, nesterov=s.nesterov,
+                              weight_decay=s.weight_decay[0])
+        shuffle = torch.Generator().manual_seed(s.seed + 5)
+        n, bs = len(y), s.batch_size
+        steps = math.ceil(n / bs)
+        warm = copy.copy(s)
+        warm.epochs = epochs
+        head.train()
+        for epoch in tqdm(range(epochs), unit="epoch", disable=not progress, desc=f"head alone lr {lr:g}"):
+            perm = torch.randperm(n, generator=shuffle)
+            for step in range(steps):
+                idx = perm[step * bs:(step + 1) * bs]
+                for g in opt.param_groups:
+                    g["lr"] = lr * _factor(warm, epoch, step, steps)
+                loss = torch.nn.functional.cross_entropy(head(x[idx]), y[idx], label_smoothing=self.cfg.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
     def run(self, lr: float, progress: bool) -> tuple[HeadRun, dict[str, Any], torch.nn.Module]:
         """Train at head rate ``lr``; returns its HeadRun, the blocks' best state and the head at its best."""
         from tqdm.auto import tqdm
@@ -255,6 +283,8 @@ class _Trainer:
                   {"params": blocks, "lr": backbone_lr, "base": backbone_lr}]
         opt = torch.optim.SGD(groups, lr=lr, momentum=s.momentum, nesterov=s.nesterov,
                               weight_decay=s.weight_decay[0])
+        if self.cfg.head_epochs:
+            self._warm_up(head, lr, progress)
         name = f"{s.head_name(lr)}_unfreeze{part.unfreeze}_blr{backbone_lr:g}"
         hr = HeadRun(name, lr)
         best_blocks, best_head = copy.deepcopy(part.trainable.state_dict()), copy.deepcopy(head.state_dict())
@@ -393,6 +423,7 @@ def unfreeze_run(cfg: TrainConfig) -> RunSummary:
                 "blocks": part.chain.count, "block_kind": describe_blocks(cfg.backbone), "lr": runs[chosen].lr,
                 "backbone_lr": backbone_lr, "augment": cfg.augment, "best_epoch": runs[chosen].best_epoch,
                 "views": [describe_view(v) for v in range(1, cfg.views + 1)], "label_smoothing": cfg.label_smoothing,
+                "head_epochs": cfg.head_epochs,
                 "batch_norm": "frozen statistics" if cfg.batch_norm == "frozen" else "batch statistics in training",
                 **s.to_json()}
     metrics = {"val_accuracy": summaries[chosen].val_accuracy, "test_accuracy": ev.accuracy, "test_error": ev.error,
@@ -408,7 +439,8 @@ def unfreeze_run(cfg: TrainConfig) -> RunSummary:
     write_model(cfg.out, part.module.state_dict(), to_jsonable(meta))
     run_json = {"config": {"backbone": cfg.backbone, "data": cfg.data, "unfreeze": cfg.unfreeze,
                            "backbone_lr": cfg.backbone_lr, "augment": cfg.augment, "views": cfg.views,
-                           "label_smoothing": cfg.label_smoothing, "batch_norm": cfg.batch_norm, "split": list(cfg.split),
+                           "label_smoothing": cfg.label_smoothing, "batch_norm": cfg.batch_norm, "head_epochs": cfg.head_epochs,
+                           "split": list(cfg.split),
                            "seed": cfg.seed, "limit": cfg.limit, "training": s.to_json()},
                 "counts": counts, "extraction": feats.stats.to_json(),
                 "view_extraction": [v.to_json() for v in view_stats],
@@ -430,7 +462,8 @@ def unfreeze_run(cfg: TrainConfig) -> RunSummary:
                           f"{', '.join(f'{lr:g}' for lr in s.lrs)}, blocks' lr {cfg.backbone_lr or 'head lr / 10'}"
                           + (", augmented (flips, shifts)" if cfg.augment else "")
                           + (f", {cfg.views} cached augmented views" if cfg.views else "")
-                          + (f", label smoothing {cfg.label_smoothing:g}" if cfg.label_smoothing else "")),
+                          + (f", label smoothing {cfg.label_smoothing:g}" if cfg.label_smoothing else "")
+                          + (f", the head alone {cfg.head_epochs} epochs first" if cfg.head_epochs else "")),
              ("chosen", f"`{summaries[chosen].name}`"), ("seed", str(cfg.seed))]
     notes = ["The blocks train in eval mode: batch-norm statistics stay the pre-trained ones." if cfg.batch_norm ==
              "frozen" else "The blocks' batch norm trains on batch statistics (and updates the running ones).",

@@ -164,6 +164,8 @@ def test_a_published_model_is_listed_without_importing_torch(runs, tmp_path: Pat
     (["--unfreeze", "1", "--views", "2", "--augment"], "--views caches fixed augmented views; --augment draws"),
     (["--unfreeze", "1", "--label-smoothing", "1"], "--label-smoothing must be < 1, got 1"),
     (["--unfreeze", "1", "--batch-norm", "running"], "--batch-norm 'running': use one of frozen, train"),
+    (["--head-epochs", "3"], "--head-epochs needs --unfreeze N"),
+    (["--unfreeze", "1", "--head-epochs", "-1"], "--head-epochs must be >= 0, got -1"),
 ])
 def test_bad_unfreeze_flags_are_one_line_usage_errors(argv: list[str], message: str, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
@@ -293,3 +295,17 @@ def test_label_smoothing_raises_the_training_loss_of_the_same_run(runs, tmp_path
     assert smoothed.heads[0].history[-1]["train_loss"] > plain.heads[0].history[-1]["train_loss"] + 0.1
     meta = json.loads((tmp_path / "smooth" / "model.json").read_text())
     assert meta["training"]["label_smoothing"] == pytest.approx(0.3)
+
+
+def test_head_epochs_start_the_blocks_under_a_fitted_head(runs, tmp_path: Path) -> None:
+    """LP-FT: after the head alone has trained on the pre-trained features, the first epoch with the blocks starts
+    from a head that already fits, so its training loss is far below that of the run whose head starts random."""
+    from vfm.finetune.unfreeze import unfreeze_run
+
+    _, _, plain = runs
+    warmed = unfreeze_run(TrainConfig("tiny_cnn", FASHION, out=tmp_path / "warm", unfreeze=1, head_epochs=10,
+                                      features=_features(tmp_path / "cache"), **COMMON))
+    assert warmed.heads[0].history[0]["train_loss"] < plain.heads[0].history[0]["train_loss"] - 0.1
+    meta = json.loads((tmp_path / "warm" / "model.json").read_text())
+    assert meta["training"]["head_epochs"] == 10
+    assert "the head alone 10 epochs first" in (tmp_path / "warm" / "report.md").read_text()
