@@ -11,8 +11,10 @@ Two passes run on the traced graph before it is saved and parity-checked (so par
    matches none of them. The pattern here starts from the Softmax and only needs the three
    ``[B, S, D]`` projections, the head split (``Reshape -> Transpose``) and the head merge; an
    ``Add`` of a 4-D constant (or of one repeated over the batch) between the scale and the Softmax
-   becomes the kernel's ``attention_bias`` (Swin's relative-position bias and shifted-window mask).
-   torchvision's ``nn.MultiheadAttention`` and Swin's window attention are traced through
+   becomes the kernel's ``attention_bias`` (Swin's relative-position bias and shifted-window mask), and
+   so does a 4-D bias the graph computes apart from the scores (SAM's encoder: the decomposed
+   relative-position bias, computed from the query). torchvision's ``nn.MultiheadAttention``, Swin's
+   window attention and SAM's encoder attention are traced through
    export-only drop-ins (``plain.py``, the same weights) so that they have that shape too.
 2. (``fuse="all"`` only) **LayerNorm / SkipLayerNorm / BiasGelu** (ONNX Runtime's transformer optimizer,
    ``onnxruntime.transformers.optimizer.optimize_by_fusion``), with shape inference off (it
@@ -326,7 +328,31 @@ def _attention_bias(g: _Graph, add: Any) -> tuple[str, str] | None:
             value = g.constant(source)
         if value is not None and value.ndim == 4:
             return name, add.input[i]
+        if value is None and _computed_bias(g, name, add):
+            return name, add.input[i]
     return None
+
+
+def _computed_bias(g: _Graph, name: str, add: Any) -> bool:
+    """Whether ``name`` is an attention bias computed in the graph (SAM's encoder: the decomposed
+    relative-position bias, from the query): a Reshape to ``[-1 or B, N, S, T]`` (a constant shape)
+    that does not read the scores it is added to."""
+    reshape = g.producer.get(name)
+    shape = g.constant(reshape.input[1]) if _is(reshape, "Reshape") else None
+    if shape is None or shape.size != 4 or any(int(d) <= 0 for d in shape.reshape(-1)[1:]):
+        return False
+    scores = {i for i in add.input if i != name}
+    seen, stack = set(), [name]
+    while stack:                       # the bias must come from before the scores, not from them
+        tensor = stack.pop()
+        if tensor in scores:
+            return False
+        node = g.producer.get(tensor)
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        stack.extend(node.input)
+    return True
 
 
 def fuse_attention(model: Any) -> int:
@@ -341,7 +367,8 @@ def fuse_attention(model: Any) -> int:
         match = _match_attention(g, softmax)
         if match is None:
             continue
-        index = min(list(g.graph.node).index(n) for n in match["removed"])
+        # where the last removed node was: every input (a computed attention bias too) is made before it
+        index = max(list(g.graph.node).index(n) for n in match["removed"]) - (len(match["removed"]) - 1)
         inputs = [match["q"], match["k"], match["v"]] + (["", "", match["bias"]] if match["bias"] else [])
         node = helper.make_node("MultiHeadAttention", inputs, [match["out"]],
                                 name=f"{softmax.name or 'attention'}_fused_mha", domain=MS_DOMAIN,

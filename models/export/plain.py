@@ -158,6 +158,60 @@ class _PlainPatchMerging:
         return PlainPatchMerging()
 
 
+class _PlainRelPosAttention:
+    """Factory of a drop-in for segment-anything's image-encoder ``Attention`` (export only).
+
+    SAM's encoder attention adds MViTv2's decomposed relative-position bias to the scores, and that
+    bias is computed *from the query*: ``rel_h[b, n, y, x, kh] = q[b, n, y, x] . Rh[y, kh]`` (and
+    ``rel_w`` likewise over columns), broadcast to ``[B, N, S, S]``. As traced, the 5-D views of the
+    scores and the einsums sit between the scale and the Softmax, so the core matches no fusion. This
+    computes the same numbers with the bias as its own graph tensor (two batched MatMuls and one
+    broadcast Add from the per-head query, ``Rh``/``Rw`` folded into constants for the fixed window or
+    grid) that is then added to ``(Q K^T) * scale``: the shape pass 1 fuses, with the bias as
+    ``MultiHeadAttention``'s ``attention_bias``. The token grid is fixed (the encoder's input is
+    always padded to its square size; windows are padded to whole windows), only the batch is dynamic.
+    """
+
+    @staticmethod
+    def make(attn: Any) -> Any:
+        import torch
+        import torch.nn.functional as F
+        from segment_anything.modeling.image_encoder import get_rel_pos
+
+        class PlainRelPosAttention(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.attn = attn
+
+            def forward(self, x: Any) -> Any:
+                a = self.attn
+                _, height, width, channels = (int(d) for d in x.shape)   # fixed grid: plain numbers
+                heads = a.num_heads
+                head, size = channels // heads, height * width
+                x = x.reshape(-1, size, channels)
+                w, b = a.qkv.weight, a.qkv.bias
+                c = channels
+                q = F.linear(x, w[:c], None if b is None else b[:c])
+                k = F.linear(x, w[c:2 * c], None if b is None else b[c:2 * c])
+                v = F.linear(x, w[2 * c:], None if b is None else b[2 * c:])
+                q = q.reshape(-1, size, heads, head).permute(0, 2, 1, 3)         # [B, N, S, H]
+                k = k.reshape(-1, size, heads, head).permute(0, 2, 3, 1)         # [B, N, H, S]
+                v = v.reshape(-1, size, heads, head).permute(0, 2, 1, 3)
+                scores = torch.matmul(q, k) * a.scale
+                if a.use_rel_pos:
+                    rh = get_rel_pos(height, height, a.rel_pos_h).transpose(1, 2)   # [h, H, kh]
+                    rw = get_rel_pos(width, width, a.rel_pos_w).transpose(1, 2)     # [w, H, kw]
+                    grid = q.reshape(-1, heads, height, width, head)               # [B, N, h, w, H]
+                    rel_h = torch.matmul(grid, rh)                                 # [B, N, h, w, kh]
+                    rel_w = torch.matmul(grid.transpose(2, 3), rw).transpose(2, 3)  # [B, N, h, w, kw]
+                    bias = (rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)).reshape(-1, heads, size, size)
+                    scores = scores + bias
+                out = torch.matmul(torch.softmax(scores, dim=-1), v).permute(0, 2, 1, 3).reshape(-1, size, c)
+                return a.proj(out).reshape(-1, height, width, c)
+
+        return PlainRelPosAttention()
+
+
 def _plain_replacement(child: Any) -> Any:
     """The export-only drop-in for ``child`` (see ``plain_attention``), or None."""
     import torch
@@ -169,6 +223,12 @@ def _plain_replacement(child: Any) -> Any:
         from torchvision.models.swin_transformer import PatchMerging, ShiftedWindowAttention
     except ImportError:  # pragma: no cover - torchvision is a runtime dependency
         return None
+    try:
+        from segment_anything.modeling.image_encoder import Attention as SamEncoderAttention
+    except ImportError:  # pragma: no cover - segment-anything is a runtime dependency
+        SamEncoderAttention = None
+    if SamEncoderAttention is not None and type(child) is SamEncoderAttention:
+        return _PlainRelPosAttention.make(child)
     if type(child) is PatchMerging:
         return _PlainPatchMerging.make(child)
     if type(child) is ShiftedWindowAttention and child.attention_dropout == 0.0 and child.dropout == 0.0:
