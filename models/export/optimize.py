@@ -443,6 +443,11 @@ def fuse_transformer(model: Any, level: str | None = None) -> tuple[Any, dict[st
     options.enable_gelu_approximation = False
     options.enable_embed_layer_norm = False
     options.enable_rotary_embeddings = False
+    # From opset 17 the exporter writes nn.LayerNorm as LayerNormalization already; what is left for
+    # the LayerNorm fusions is hand-written channels-first norms (SAM's LayerNorm2d), which the RMSNorm
+    # fusion turns into a SimplifiedLayerNormalization over C, H and W (wrong, and not a valid ONNX op).
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    options.enable_layer_norm = opset < 17
     with _quiet_optimizer():
         optimized = optimize_by_fusion(model, "vit", 0, 0, options)
     if any(n.domain == MS_DOMAIN for n in optimized.model.graph.node) and \

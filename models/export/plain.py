@@ -5,6 +5,9 @@ the form pass 1 fuses, sharing the weights of the modules they stand in for.
 - torchvision's Swin v1 ``ShiftedWindowAttention``: the relative-position bias and the shifted-window
   mask as one constant, the shift and window partition as one token Gather (``_PlainWindowAttention``);
   ``PatchMerging`` as one space-to-depth (``_PlainPatchMerging``).
+- segment-anything's image encoder: the decomposed relative-position bias as a graph tensor beside
+  the scores (``_PlainRelPosAttention``), the blocks' window partition from plain numbers and their
+  residual stream as ``[B, S, C]`` tokens (``_PlainSamBlock``).
 
 They are swapped in only while tracing (``plain_attention``); parity then compares the graph with
 the modules as PyTorch serves them.
@@ -212,6 +215,48 @@ class _PlainRelPosAttention:
         return PlainRelPosAttention()
 
 
+class _PlainSamBlock:
+    """Factory of a drop-in for segment-anything's image-encoder ``Block`` (export only): the window
+    partition from plain numbers (the grid is fixed) instead of shape arithmetic traced from
+    ``x.shape``, and the residual stream as ``[B, S, C]`` tokens, the layout ONNX Runtime's
+    SkipLayerNormalization takes (``fuse="all"``); the block's input and output stay ``[B, H, W, C]``."""
+
+    @staticmethod
+    def make(block: Any) -> Any:
+        import torch
+        import torch.nn.functional as F
+
+        class PlainSamBlock(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.block = block
+
+            def forward(self, x: Any) -> Any:
+                blk = self.block
+                _, height, width, c = (int(d) for d in x.shape)   # fixed grid: plain numbers
+                x = x.reshape(-1, height * width, c)
+                y = blk.norm1(x).reshape(-1, height, width, c)
+                size = blk.window_size
+                if size > 0:
+                    pad_h, pad_w = (size - height % size) % size, (size - width % size) % size
+                    if pad_h or pad_w:
+                        y = F.pad(y, (0, 0, 0, pad_w, 0, pad_h))
+                    rows, cols = (height + pad_h) // size, (width + pad_w) // size
+                    y = y.reshape(-1, rows, size, cols, size, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, size, size, c)
+                    y = blk.attn(y)
+                    y = y.reshape(-1, rows, cols, size, size, c).permute(0, 1, 3, 2, 4, 5)
+                    y = y.reshape(-1, rows * size, cols * size, c)
+                    if pad_h or pad_w:
+                        y = y[:, :height, :width, :]
+                else:
+                    y = blk.attn(y)
+                x = x + y.reshape(-1, height * width, c)
+                x = x + blk.mlp(blk.norm2(x))
+                return x.reshape(-1, height, width, c)
+
+        return PlainSamBlock()
+
+
 def _plain_replacement(child: Any) -> Any:
     """The export-only drop-in for ``child`` (see ``plain_attention``), or None."""
     import torch
@@ -224,11 +269,13 @@ def _plain_replacement(child: Any) -> Any:
     except ImportError:  # pragma: no cover - torchvision is a runtime dependency
         return None
     try:
-        from segment_anything.modeling.image_encoder import Attention as SamEncoderAttention
+        from segment_anything.modeling import image_encoder as sam_encoder
     except ImportError:  # pragma: no cover - segment-anything is a runtime dependency
-        SamEncoderAttention = None
-    if SamEncoderAttention is not None and type(child) is SamEncoderAttention:
+        sam_encoder = None
+    if sam_encoder is not None and type(child) is sam_encoder.Attention:
         return _PlainRelPosAttention.make(child)
+    if sam_encoder is not None and type(child) is sam_encoder.Block and type(child.attn) is sam_encoder.Attention:
+        return _PlainSamBlock.make(child)
     if type(child) is PatchMerging:
         return _PlainPatchMerging.make(child)
     if type(child) is ShiftedWindowAttention and child.attention_dropout == 0.0 and child.dropout == 0.0:
@@ -238,8 +285,9 @@ def _plain_replacement(child: Any) -> Any:
 
 @contextlib.contextmanager
 def plain_attention(module: Any) -> Iterator[int]:
-    """Swap batch-first ``nn.MultiheadAttention`` children for ``_PlainSelfAttention`` and Swin's
-    ``ShiftedWindowAttention`` for ``_PlainWindowAttention`` while tracing.
+    """Swap batch-first ``nn.MultiheadAttention`` children for ``_PlainSelfAttention``, Swin's
+    ``ShiftedWindowAttention`` for ``_PlainWindowAttention`` (and its ``PatchMerging``), SAM's encoder
+    ``Attention`` and ``Block`` for ``_PlainRelPosAttention`` and ``_PlainSamBlock`` while tracing.
 
     The weights are shared, nothing is copied; the originals are put back afterwards, so parity
     compares the graph with the module as PyTorch serves it. Yields how many were swapped.
