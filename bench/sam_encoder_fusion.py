@@ -2,7 +2,7 @@
 traced, and against PyTorch: node counts, latency side by side, and what each export cost.
 
     .venv/bin/python bench/sam_encoder_fusion.py [--model tiny_sam] [--weights random] [--threads 2]
-                                                 [--rounds 5] [--levels none,attention,all]
+                                                 [--rounds 5] [--levels none,attention,all] [--clock wall]
 
 Every level is exported in a fresh Python process (``export_model(..., fuse=LEVEL)``, parity checked
 as ``vfm export`` does), timed wall clock with that process's peak resident memory (``ru_maxrss``:
@@ -53,6 +53,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--levels", default="none,attention", help="fusion levels to export and time")
     parser.add_argument("--repository", default=None, help="keep the exports here (default: a temporary folder)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: this process's CPU time (steadier on a loaded machine; with one thread)")
     args = parser.parse_args()
 
     import json
@@ -91,18 +93,18 @@ def main() -> None:
                               config.get("session"))
         calls[f"ort {level}"] = lambda s=session.session: s.run(None, {"image": image})
     samples: dict[str, list[float]] = {k: [] for k in calls}
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     with torch.inference_mode():
         for call in calls.values():
             call()                                        # warm-up
         for i in tqdm(range(args.rounds), desc="rounds"):
             keys = list(calls) if i % 2 == 0 else list(reversed(calls))
             for key in keys:
-                start = time.perf_counter()
-                call = calls[key]
-                call()
-                samples[key].append(time.perf_counter() - start)
+                start = clock()
+                calls[key]()
+                samples[key].append(clock() - start)
     torch_s = statistics.median(samples["pytorch"])
-    print(f"\n{args.model} encoder, 1 image {size}x{size}, {args.threads} threads, median of {args.rounds} "
+    print(f"\n{args.model} encoder, 1 image {size}x{size}, {args.threads} threads, {args.clock} clock, median of {args.rounds} "
           f"(load average after: {os.getloadavg()})")
     for key, values in samples.items():
         median = statistics.median(values)
