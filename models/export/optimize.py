@@ -297,6 +297,10 @@ def _match_attention(g: _Graph, softmax: Any) -> dict[str, Any] | None:
     if len(heads) != 1 or None in heads:
         return None
     num_heads, head_size = heads.pop()
+    if bias is not None and g.constant(bias) is None:      # a computed bias: one per head, or one for all
+        bias_heads = int(g.constant(g.producer[bias].input[1]).reshape(-1)[1])
+        if bias_heads not in (1, num_heads):
+            return None
     # every intermediate must feed only this attention (a Shape may read it: checked after pruning)
     inner = {o for n in removed for o in n.output} - {out.output[0]}
     strangers = [u.op_type for name in inner for u in g.consumers.get(name, [])
@@ -339,7 +343,10 @@ def _computed_bias(g: _Graph, name: str, add: Any) -> bool:
     that does not read the scores it is added to."""
     reshape = g.producer.get(name)
     shape = g.constant(reshape.input[1]) if _is(reshape, "Reshape") else None
-    if shape is None or shape.size != 4 or any(int(d) <= 0 for d in shape.reshape(-1)[1:]):
+    # [., N, S, T] with S, T > 1: not a padding mask broadcast over the queries ([B, 1, 1, T]), which
+    # attention_bias does not take; N is checked against the heads once they are known
+    if shape is None or shape.size != 4 or any(int(d) <= 1 for d in shape.reshape(-1)[2:]) or \
+            int(shape.reshape(-1)[1]) <= 0:
         return False
     scores = {i for i in add.input if i != name}
     seen, stack = set(), [name]
