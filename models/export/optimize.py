@@ -11,8 +11,10 @@ Two passes run on the traced graph before it is saved and parity-checked (so par
    matches none of them. The pattern here starts from the Softmax and only needs the three
    ``[B, S, D]`` projections, the head split (``Reshape -> Transpose``) and the head merge; an
    ``Add`` of a 4-D constant (or of one repeated over the batch) between the scale and the Softmax
-   becomes the kernel's ``attention_bias`` (Swin's relative-position bias and shifted-window mask).
-   torchvision's ``nn.MultiheadAttention`` and Swin's window attention are traced through
+   becomes the kernel's ``attention_bias`` (Swin's relative-position bias and shifted-window mask), and
+   so does a 4-D bias the graph computes apart from the scores (SAM's encoder: the decomposed
+   relative-position bias, computed from the query). torchvision's ``nn.MultiheadAttention``, Swin's
+   window attention and SAM's encoder attention are traced through
    export-only drop-ins (``plain.py``, the same weights) so that they have that shape too.
 2. (``fuse="all"`` only) **LayerNorm / SkipLayerNorm / BiasGelu** (ONNX Runtime's transformer optimizer,
    ``onnxruntime.transformers.optimizer.optimize_by_fusion``), with shape inference off (it
@@ -295,6 +297,10 @@ def _match_attention(g: _Graph, softmax: Any) -> dict[str, Any] | None:
     if len(heads) != 1 or None in heads:
         return None
     num_heads, head_size = heads.pop()
+    if bias is not None and g.constant(bias) is None:      # a computed bias: one per head, or one for all
+        bias_heads = int(g.constant(g.producer[bias].input[1]).reshape(-1)[1])
+        if bias_heads not in (1, num_heads):
+            return None
     # every intermediate must feed only this attention (a Shape may read it: checked after pruning)
     inner = {o for n in removed for o in n.output} - {out.output[0]}
     strangers = [u.op_type for name in inner for u in g.consumers.get(name, [])
@@ -326,7 +332,34 @@ def _attention_bias(g: _Graph, add: Any) -> tuple[str, str] | None:
             value = g.constant(source)
         if value is not None and value.ndim == 4:
             return name, add.input[i]
+        if value is None and _computed_bias(g, name, add):
+            return name, add.input[i]
     return None
+
+
+def _computed_bias(g: _Graph, name: str, add: Any) -> bool:
+    """Whether ``name`` is an attention bias computed in the graph (SAM's encoder: the decomposed
+    relative-position bias, from the query): a Reshape to ``[-1 or B, N, S, T]`` (a constant shape)
+    that does not read the scores it is added to."""
+    reshape = g.producer.get(name)
+    shape = g.constant(reshape.input[1]) if _is(reshape, "Reshape") else None
+    # [., N, S, T] with S, T > 1: not a padding mask broadcast over the queries ([B, 1, 1, T]), which
+    # attention_bias does not take; N is checked against the heads once they are known
+    if shape is None or shape.size != 4 or any(int(d) <= 1 for d in shape.reshape(-1)[2:]) or \
+            int(shape.reshape(-1)[1]) <= 0:
+        return False
+    scores = {i for i in add.input if i != name}
+    seen, stack = set(), [name]
+    while stack:                       # the bias must come from before the scores, not from them
+        tensor = stack.pop()
+        if tensor in scores:
+            return False
+        node = g.producer.get(tensor)
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        stack.extend(node.input)
+    return True
 
 
 def fuse_attention(model: Any) -> int:
@@ -341,7 +374,8 @@ def fuse_attention(model: Any) -> int:
         match = _match_attention(g, softmax)
         if match is None:
             continue
-        index = min(list(g.graph.node).index(n) for n in match["removed"])
+        # where the last removed node was: every input (a computed attention bias too) is made before it
+        index = max(list(g.graph.node).index(n) for n in match["removed"]) - (len(match["removed"]) - 1)
         inputs = [match["q"], match["k"], match["v"]] + (["", "", match["bias"]] if match["bias"] else [])
         node = helper.make_node("MultiHeadAttention", inputs, [match["out"]],
                                 name=f"{softmax.name or 'attention'}_fused_mha", domain=MS_DOMAIN,
@@ -416,6 +450,11 @@ def fuse_transformer(model: Any, level: str | None = None) -> tuple[Any, dict[st
     options.enable_gelu_approximation = False
     options.enable_embed_layer_norm = False
     options.enable_rotary_embeddings = False
+    # From opset 17 the exporter writes nn.LayerNorm as LayerNormalization already; what is left for
+    # the LayerNorm fusions is hand-written channels-first norms (SAM's LayerNorm2d), which the RMSNorm
+    # fusion turns into a SimplifiedLayerNormalization over C, H and W (wrong, and not a valid ONNX op).
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    options.enable_layer_norm = opset < 17
     with _quiet_optimizer():
         optimized = optimize_by_fusion(model, "vit", 0, 0, options)
     if any(n.domain == MS_DOMAIN for n in optimized.model.graph.node) and \

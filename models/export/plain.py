@@ -5,6 +5,9 @@ the form pass 1 fuses, sharing the weights of the modules they stand in for.
 - torchvision's Swin v1 ``ShiftedWindowAttention``: the relative-position bias and the shifted-window
   mask as one constant, the shift and window partition as one token Gather (``_PlainWindowAttention``);
   ``PatchMerging`` as one space-to-depth (``_PlainPatchMerging``).
+- segment-anything's image encoder: the decomposed relative-position bias as a graph tensor beside
+  the scores (``_PlainRelPosAttention``), the blocks' window partition from plain numbers and their
+  residual stream as ``[B, S, C]`` tokens (``_PlainSamBlock``).
 
 They are swapped in only while tracing (``plain_attention``); parity then compares the graph with
 the modules as PyTorch serves them.
@@ -158,6 +161,102 @@ class _PlainPatchMerging:
         return PlainPatchMerging()
 
 
+class _PlainRelPosAttention:
+    """Factory of a drop-in for segment-anything's image-encoder ``Attention`` (export only).
+
+    SAM's encoder attention adds MViTv2's decomposed relative-position bias to the scores, and that
+    bias is computed *from the query*: ``rel_h[b, n, y, x, kh] = q[b, n, y, x] . Rh[y, kh]`` (and
+    ``rel_w`` likewise over columns), broadcast to ``[B, N, S, S]``. As traced, the 5-D views of the
+    scores and the einsums sit between the scale and the Softmax, so the core matches no fusion. This
+    computes the same numbers with the bias as its own graph tensor (two batched MatMuls and one
+    broadcast Add from the per-head query, ``Rh``/``Rw`` folded into constants for the fixed window or
+    grid) that is then added to ``(Q K^T) * scale``: the shape pass 1 fuses, with the bias as
+    ``MultiHeadAttention``'s ``attention_bias``. The token grid is fixed (the encoder's input is
+    always padded to its square size; windows are padded to whole windows), only the batch is dynamic.
+    """
+
+    @staticmethod
+    def make(attn: Any) -> Any:
+        import torch
+        import torch.nn.functional as F
+        from segment_anything.modeling.image_encoder import get_rel_pos
+
+        class PlainRelPosAttention(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.attn = attn
+
+            def forward(self, x: Any) -> Any:
+                a = self.attn
+                _, height, width, channels = (int(d) for d in x.shape)   # fixed grid: plain numbers
+                heads = a.num_heads
+                head, size = channels // heads, height * width
+                x = x.reshape(-1, size, channels)
+                w, b = a.qkv.weight, a.qkv.bias
+                c = channels
+                q = F.linear(x, w[:c], None if b is None else b[:c])
+                k = F.linear(x, w[c:2 * c], None if b is None else b[c:2 * c])
+                v = F.linear(x, w[2 * c:], None if b is None else b[2 * c:])
+                q = q.reshape(-1, size, heads, head).permute(0, 2, 1, 3)         # [B, N, S, H]
+                k = k.reshape(-1, size, heads, head).permute(0, 2, 3, 1)         # [B, N, H, S]
+                v = v.reshape(-1, size, heads, head).permute(0, 2, 1, 3)
+                scores = torch.matmul(q, k) * a.scale
+                if a.use_rel_pos:
+                    rh = get_rel_pos(height, height, a.rel_pos_h).transpose(1, 2)   # [h, H, kh]
+                    rw = get_rel_pos(width, width, a.rel_pos_w).transpose(1, 2)     # [w, H, kw]
+                    grid = q.reshape(-1, heads, height, width, head)               # [B, N, h, w, H]
+                    rel_h = torch.matmul(grid, rh)                                 # [B, N, h, w, kh]
+                    rel_w = torch.matmul(grid.transpose(2, 3), rw).transpose(2, 3)  # [B, N, h, w, kw]
+                    bias = (rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)).reshape(-1, heads, size, size)
+                    scores = scores + bias
+                out = torch.matmul(torch.softmax(scores, dim=-1), v).permute(0, 2, 1, 3).reshape(-1, size, c)
+                return a.proj(out).reshape(-1, height, width, c)
+
+        return PlainRelPosAttention()
+
+
+class _PlainSamBlock:
+    """Factory of a drop-in for segment-anything's image-encoder ``Block`` (export only): the window
+    partition from plain numbers (the grid is fixed) instead of shape arithmetic traced from
+    ``x.shape``, and the residual stream as ``[B, S, C]`` tokens, the layout ONNX Runtime's
+    SkipLayerNormalization takes (``fuse="all"``); the block's input and output stay ``[B, H, W, C]``."""
+
+    @staticmethod
+    def make(block: Any) -> Any:
+        import torch
+        import torch.nn.functional as F
+
+        class PlainSamBlock(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.block = block
+
+            def forward(self, x: Any) -> Any:
+                blk = self.block
+                _, height, width, c = (int(d) for d in x.shape)   # fixed grid: plain numbers
+                x = x.reshape(-1, height * width, c)
+                y = blk.norm1(x).reshape(-1, height, width, c)
+                size = blk.window_size
+                if size > 0:
+                    pad_h, pad_w = (size - height % size) % size, (size - width % size) % size
+                    if pad_h or pad_w:
+                        y = F.pad(y, (0, 0, 0, pad_w, 0, pad_h))
+                    rows, cols = (height + pad_h) // size, (width + pad_w) // size
+                    y = y.reshape(-1, rows, size, cols, size, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, size, size, c)
+                    y = blk.attn(y)
+                    y = y.reshape(-1, rows, cols, size, size, c).permute(0, 1, 3, 2, 4, 5)
+                    y = y.reshape(-1, rows * size, cols * size, c)
+                    if pad_h or pad_w:
+                        y = y[:, :height, :width, :]
+                else:
+                    y = blk.attn(y)
+                x = x + y.reshape(-1, height * width, c)
+                x = x + blk.mlp(blk.norm2(x))
+                return x.reshape(-1, height, width, c)
+
+        return PlainSamBlock()
+
+
 def _plain_replacement(child: Any) -> Any:
     """The export-only drop-in for ``child`` (see ``plain_attention``), or None."""
     import torch
@@ -169,6 +268,14 @@ def _plain_replacement(child: Any) -> Any:
         from torchvision.models.swin_transformer import PatchMerging, ShiftedWindowAttention
     except ImportError:  # pragma: no cover - torchvision is a runtime dependency
         return None
+    try:
+        from segment_anything.modeling import image_encoder as sam_encoder
+    except ImportError:  # pragma: no cover - segment-anything is a runtime dependency
+        sam_encoder = None
+    if sam_encoder is not None and type(child) is sam_encoder.Attention:
+        return _PlainRelPosAttention.make(child)
+    if sam_encoder is not None and type(child) is sam_encoder.Block and type(child.attn) is sam_encoder.Attention:
+        return _PlainSamBlock.make(child)
     if type(child) is PatchMerging:
         return _PlainPatchMerging.make(child)
     if type(child) is ShiftedWindowAttention and child.attention_dropout == 0.0 and child.dropout == 0.0:
@@ -178,8 +285,9 @@ def _plain_replacement(child: Any) -> Any:
 
 @contextlib.contextmanager
 def plain_attention(module: Any) -> Iterator[int]:
-    """Swap batch-first ``nn.MultiheadAttention`` children for ``_PlainSelfAttention`` and Swin's
-    ``ShiftedWindowAttention`` for ``_PlainWindowAttention`` while tracing.
+    """Swap batch-first ``nn.MultiheadAttention`` children for ``_PlainSelfAttention``, Swin's
+    ``ShiftedWindowAttention`` for ``_PlainWindowAttention`` (and its ``PatchMerging``), SAM's encoder
+    ``Attention`` and ``Block`` for ``_PlainRelPosAttention`` and ``_PlainSamBlock`` while tracing.
 
     The weights are shared, nothing is copied; the originals are put back afterwards, so parity
     compares the graph with the module as PyTorch serves it. Yields how many were swapped.

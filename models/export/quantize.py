@@ -246,6 +246,7 @@ def quantize_graph(src: Path, dst: Path, spec: Any, options: VariantOptions,
     """int8 ``src`` -> ``dst``: static QDQ when ``options.calibration`` is given (calibrated on ``feeds``, the
     graph's recorded inputs, else on the calibration images preprocessed as ``spec`` does), else dynamic.
     ``op_types``: the op types to quantize (default: all that onnxruntime.quantization knows)."""
+    import onnx
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
                                           quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -253,12 +254,17 @@ def quantize_graph(src: Path, dst: Path, spec: Any, options: VariantOptions,
     from ..images import preprocess_batch
 
     prepared = dst.with_name(f".{dst.stem}.prepared.onnx")
+    # ONNX shape inference does not type what com.microsoft kernels (the fused attention) output, nor
+    # the MatMul after them (SAM's encoder); every float graph exported here is float32
+    untyped = {"DefaultTensorType": onnx.TensorProto.FLOAT}
     try:
         # shape inference and ONNX Runtime's own fusions first, as onnxruntime.quantization advises
         quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+        batched = _batched_constant_matmuls(prepared)
         if options.calibration is None:
             quantize_dynamic(str(prepared), str(dst), weight_type=QuantType.QInt8, per_channel=options.per_channel,
-                             op_types_to_quantize=list(op_types) if op_types else None)
+                             op_types_to_quantize=list(op_types) if op_types else None, extra_options=untyped,
+                             nodes_to_exclude=batched)
             return {"quantize": {"dtype": "int8", "method": "dynamic", "per_channel": options.per_channel,
                                  "weights": "int8", "activations": "uint8, range computed per run",
                                  "tool": "onnxruntime.quantization.quantize_dynamic"}}
@@ -285,7 +291,8 @@ def quantize_graph(src: Path, dst: Path, spec: Any, options: VariantOptions,
 
         quantize_static(str(prepared), str(dst), Reader(), quant_format=QuantFormat.QDQ,
                         per_channel=options.per_channel, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, op_types_to_quantize=list(op_types) if op_types else None)
+                        weight_type=QuantType.QInt8, op_types_to_quantize=list(op_types) if op_types else None,
+                        extra_options=untyped, nodes_to_exclude=batched)
         return {"quantize": {"dtype": "int8", "method": "static", "format": "QDQ", "per_channel": options.per_channel,
                              "weights": "int8", "activations": "uint8", "calibrate_method": "MinMax",
                              "tool": "onnxruntime.quantization.quantize_static"},
@@ -298,6 +305,17 @@ def quantize_graph(src: Path, dst: Path, spec: Any, options: VariantOptions,
                           ) from exc
     finally:
         prepared.unlink(missing_ok=True)
+
+
+def _batched_constant_matmuls(path: Path) -> list[str]:
+    """MatMuls whose constant input is not a 2-D weight (SAM's relative-position tables, ``[h, H, k]``):
+    ONNX Runtime's integer MatMul takes no zero point for those, and they are no layer's weights."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    shapes = {t.name: len(t.dims) for t in model.graph.initializer}
+    return [n.name for n in model.graph.node
+            if n.op_type == "MatMul" and any(shapes.get(i, 2) != 2 for i in n.input)]
 
 
 def float16_graph(src: Path, dst: Path, options: VariantOptions) -> dict[str, Any]:
