@@ -253,12 +253,12 @@ def _match_attention(g: _Graph, softmax: Any) -> dict[str, Any] | None:
     removed += [merge, out]
     scale = 1.0
     node = g.producer.get(softmax.input[0])
-    bias = None
+    bias = bias_heads = None
     if node is not None and node.op_type == "Add":                # (Q K^T) * scale + attention bias
         found = _attention_bias(g, node)
         if found is None:
             return None
-        bias, scores = found
+        bias, scores, bias_heads = found
         removed.append(node)
         node = g.producer.get(scores)
     if node is not None and node.op_type in ("Mul", "Div"):       # (Q K^T) * scale
@@ -297,10 +297,8 @@ def _match_attention(g: _Graph, softmax: Any) -> dict[str, Any] | None:
     if len(heads) != 1 or None in heads:
         return None
     num_heads, head_size = heads.pop()
-    if bias is not None and g.constant(bias) is None:      # a computed bias: one per head, or one for all
-        bias_heads = int(g.constant(g.producer[bias].input[1]).reshape(-1)[1])
-        if bias_heads not in (1, num_heads):
-            return None
+    if bias_heads is not None and bias_heads not in (1, num_heads):  # a computed bias: per head or for all
+        return None
     # every intermediate must feed only this attention (a Shape may read it: checked after pruning)
     inner = {o for n in removed for o in n.output} - {out.output[0]}
     strangers = [u.op_type for name in inner for u in g.consumers.get(name, [])
@@ -312,10 +310,11 @@ def _match_attention(g: _Graph, softmax: Any) -> dict[str, Any] | None:
             "head_size": head_size, "bias": bias, "removed": removed}
 
 
-def _attention_bias(g: _Graph, add: Any) -> tuple[str, str] | None:
-    """(bias, scores) of ``scores + bias`` before a Softmax, where bias is a ``[B or 1, N or 1, S, T]``
-    constant or such a constant repeated over the batch (``Tile``, ``Expand``): MultiHeadAttention's
-    attention_bias (Swin's relative-position bias and shifted-window mask)."""
+def _attention_bias(g: _Graph, add: Any) -> tuple[str, str, int | None] | None:
+    """(bias, scores, heads) of ``scores + bias`` before a Softmax, where bias is a ``[B or 1, N or 1,
+    S, T]`` constant or such a constant repeated over the batch (``Tile``, ``Expand``; heads None), or a
+    bias computed apart from the scores (heads: its N): MultiHeadAttention's attention_bias (Swin's
+    relative-position bias and shifted-window mask, SAM's decomposed relative-position bias)."""
     for i in (0, 1):
         scores = g.producer.get(add.input[i])
         if scores is None or scores.op_type not in ("Mul", "Div", "MatMul"):
@@ -331,35 +330,36 @@ def _attention_bias(g: _Graph, add: Any) -> tuple[str, str] | None:
             source = repeat.input[0]
             value = g.constant(source)
         if value is not None and value.ndim == 4:
-            return name, add.input[i]
-        if value is None and _computed_bias(g, name, add):
-            return name, add.input[i]
+            return name, add.input[i], None
+        heads = _computed_bias(g, name, add) if value is None else None
+        if heads is not None:
+            return name, add.input[i], heads
     return None
 
 
-def _computed_bias(g: _Graph, name: str, add: Any) -> bool:
-    """Whether ``name`` is an attention bias computed in the graph (SAM's encoder: the decomposed
-    relative-position bias, from the query): a Reshape to ``[-1 or B, N, S, T]`` (a constant shape)
-    that does not read the scores it is added to."""
+def _computed_bias(g: _Graph, name: str, add: Any) -> int | None:
+    """The head count N when ``name`` is an attention bias computed in the graph (SAM's encoder: the
+    decomposed relative-position bias, from the query): a Reshape to ``[-1 or B, N, S, T]`` (a constant
+    shape) that does not read the scores it is added to; None when it is not."""
     reshape = g.producer.get(name)
     shape = g.constant(reshape.input[1]) if _is(reshape, "Reshape") else None
     # [., N, S, T] with S, T > 1: not a padding mask broadcast over the queries ([B, 1, 1, T]), which
     # attention_bias does not take; N is checked against the heads once they are known
     if shape is None or shape.size != 4 or any(int(d) <= 1 for d in shape.reshape(-1)[2:]) or \
             int(shape.reshape(-1)[1]) <= 0:
-        return False
+        return None
     scores = {i for i in add.input if i != name}
     seen, stack = set(), [name]
     while stack:                       # the bias must come from before the scores, not from them
         tensor = stack.pop()
         if tensor in scores:
-            return False
+            return None
         node = g.producer.get(tensor)
         if node is None or id(node) in seen:
             continue
         seen.add(id(node))
         stack.extend(node.input)
-    return True
+    return int(shape.reshape(-1)[1])
 
 
 def fuse_attention(model: Any) -> int:
