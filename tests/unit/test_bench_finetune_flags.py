@@ -1,4 +1,4 @@
-"""bench/finetune.py refuses bad flags in one line (exit 2) before it loads anything."""
+"""bench/finetune.py and bench/finetune_unfreeze.py refuse bad flags in one line (exit 2) before it loads anything."""
 import subprocess
 import sys
 from pathlib import Path
@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "finetune.py"
+UNFREEZE_BENCH = BENCH.with_name("finetune_unfreeze.py")
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -21,6 +22,20 @@ BENCH = Path(__file__).resolve().parents[2] / "bench" / "finetune.py"
 ])
 def test_bad_bench_flags_are_one_line_errors(flags, message):
     out = subprocess.run([sys.executable, str(BENCH), *flags], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stdout == ""
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], out.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seeds", "0,x"], "--seeds '0,x': give comma-separated integers"),
+    (["--seeds", "1,1"], "--seeds '1,1': give one or more distinct integers"),
+    (["--seeds", ","], "--seeds ',': give one or more distinct integers"),
+    (["--seeds", "0,1", "--cache-dir", "x"], "--cache-dir holds one seed's activations: leave it out with --seeds"),
+    (["--seed", "x"], "argument --seed: invalid int value: 'x'"),
+])
+def test_bad_unfreeze_bench_flags_are_one_line_errors(flags, message):
+    out = subprocess.run([sys.executable, str(UNFREEZE_BENCH), *flags], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and out.stdout == ""
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], out.stderr
