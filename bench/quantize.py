@@ -2,7 +2,7 @@
 top-1 agreement each variant keeps on real photos, side by side in one run.
 
     .venv/bin/python bench/quantize.py [--models efficientnet_lite0,resnet50,convnext_tiny]
-        [--weights random] [--threads 2] [--rounds 5] [--methods static,static-per-tensor,dynamic,float16]
+        [--weights random] [--threads 2] [--rounds 5] [--reps 5] [--methods static,static-per-tensor,dynamic,float16]
         [--calibration FOLDER]
 
 For every model: export float32 (parity-checked against PyTorch) into a temporary repository,
@@ -11,7 +11,11 @@ make each variant from that graph (``vfm.models.export.quantize``; static int8 c
 photos), check it against float32 on scikit-image's photos (57 views of 19 photos), then time
 the graph alone (``session.run`` on a preprocessed batch) and the runner's ``classify`` (640x480
 photos, preprocessing included, as the service calls it) at batch 1 and 8. Rounds alternate the
-variants so that a change in machine load hits all alike; each figure is the median. Agreement
+variants so that a change in machine load hits all alike; in a round each variant has the process to
+itself (its session made, three untimed calls, then the median of --reps timed ones, then closed: a
+second live session's idle pool threads spin for a while and took a core from the one being timed,
+which made float32 efficientnet_lite0 read 7 ms at batch 1 instead of 2.8). Each figure is the median
+over the rounds. Agreement
 of random weights is printed but means nothing (a random network is sure of no photo).
 """
 from __future__ import annotations
@@ -32,7 +36,7 @@ METHODS = {"static": ("int8", True, True), "static-per-tensor": ("int8", True, F
            "dynamic": ("int8", False, True), "float16": ("float16", False, False)}
 
 
-def median_ms(call: Callable[[], Any]) -> float:
+def ms_of(call: Callable[[], Any]) -> float:
     t0 = time.perf_counter()
     call()
     return (time.perf_counter() - t0) * 1000
@@ -45,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
                                                         "(efficientnet_lite0 always uses its real ones)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=5, help="timed calls per round after an untimed one (median)")
     parser.add_argument("--methods", default="static,static-per-tensor,dynamic")
     parser.add_argument("--calibration", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -100,19 +105,26 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name}: {method} made in {made_s:.0f} s, agreement {checks[method]['top1_agreement']} "
                       f"(all views {checks[method]['top1_agreement_all_views']})", file=sys.stderr, flush=True)
             settings = SessionSettings(device="cpu", num_threads=args.threads)
-            sessions = {k: OnnxSession(p, settings) for k, p in graphs.items()}
             runner = load_model(name, backend="onnx", device="cpu", repository=work / "repo", weights=weights,
                                 num_threads=args.threads)
             batches = {b: preprocess_batch(photos[:b], spec.preprocess) for b in (1, 8)}
             times: dict[tuple[str, int, str], list[float]] = {}
             for _ in range(args.rounds + 1):  # the first round warms up and is dropped
-                for key, session in sessions.items():
+                for key, path in graphs.items():
+                    # One session alive at a time, as in a replica: a second session's pool threads spin for a
+                    # while after its last run and take a core from the one being timed (2 cores here).
+                    session = OnnxSession(path, settings)
+                    runner.network = runner.networks["model"] = session  # one runner over each graph
                     for b, batch in batches.items():
-                        times.setdefault((key, b, "graph"), []).append(
-                            median_ms(lambda: session.run({"input": batch}, ["logits"])))
-                        runner.network = runner.networks["model"] = session  # one runner over each graph
-                        times.setdefault((key, b, "classify"), []).append(
-                            median_ms(lambda: runner.classify(photos[:b], top_k=5)))
+                        calls = {"graph": lambda: session.run({"input": batch}, ["logits"]),
+                                 "classify": lambda: runner.classify(photos[:b], top_k=5)}
+                        for what, call in calls.items():
+                            for _ in range(3):  # untimed: the first calls of a shape set up its buffers
+                                call()
+                            times.setdefault((key, b, what), []).append(
+                                statistics.median(ms_of(call) for _ in range(args.reps)))
+                    runner.network = runner.networks["model"] = None
+                    del session
             load = os.getloadavg()
             for key in graphs:
                 row = {"model": name, "weights": "real" if real else "random", "graph": key,

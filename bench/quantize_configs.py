@@ -55,15 +55,18 @@ batches = {b: preprocess_batch(photos[:b], spec.preprocess) for b in (1, 8)}
 rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
 for threads in (1, 2):
     so = ort.SessionOptions(); so.intra_op_num_threads = threads; so.log_severity_level = 3
-    sess = {k: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for k, p in paths.items()}
     t = {}
     for r in range(rounds + 1):
-        for k, s in sess.items():
+        for k, p in paths.items():
+            # one session alive at a time: another session's pool threads spin after its last run and take a core
+            s = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
             for b, x in batches.items():
-                reps = 5 if b == 1 else 1
+                for _ in range(3): s.run(["logits"], {"input": x})
+                reps = 5 if b == 1 else 3
                 t0 = time.perf_counter()
                 for _ in range(reps): s.run(["logits"], {"input": x})
                 if r: t.setdefault((k, b), []).append((time.perf_counter() - t0) / reps * 1000)
+            del s
     print(f"threads {threads}, uptime load {os.getloadavg()}; ratio = variant / float32")
     for k in paths:
         print(f"  {k:28s}" + "  ".join(f"b{b} {statistics.median(t[(k,b)]):7.1f} ms ({statistics.median(t[(k,b)]) / statistics.median(t[('float32',b)]):.2f})" for b in (1, 8)), flush=True)

@@ -44,7 +44,6 @@ VARIANT_GRAPHS: dict[str, tuple[str, ...]] = {"mtcnn": ("pnet", "rnet", "onet"),
                                                "sam": ("encoder",)}
 KEPT_FLOAT32 = {"sam": {"decoder": "the prompt decoder: small, runs per prompt, its logits are thresholded at 0"}}
 DETECTOR_KINDS = ("mtcnn", "torchvision_detector")
-WEIGHT_OPS = ("Conv", "MatMul", "Gemm")
 SCORE_THRESHOLD, NMS_IOU = 0.5, 0.5     # the runners' detect() defaults: what a caller gets
 MAX_SCORE_DIFF = 0.05                   # mean |score change| of matched boxes
 MIN_CLEAR = 3                           # fewer clear boxes / masks than this prove nothing
@@ -76,7 +75,7 @@ def make_task_variant(kind: str, version: Path, files: Mapping[str, str], make_r
     (``wrap``: {key: callable} applied to a graph's session first, for recording). Returns what
     config.json records; raises ``QuantizationRefused`` when the answers change past the limits.
     """
-    from .quantize import CpuCannotRun, float16_graph, quantize_graph
+    from .quantize import WEIGHT_OPS, CpuCannotRun, float16_graph, quantize_graph
 
     keys = VARIANT_GRAPHS[kind]
     reference_dir = version / ".float32"
