@@ -52,9 +52,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", action="store_true", help="random flips and shifts every epoch (no cache)")
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--batch-norm", default="frozen", help="frozen | train")
+    p.add_argument("--patience", type=int, help="the --unfreeze run's patience in epochs (default: the mlp's, 5; "
+                   "0: off)")
+    p.add_argument("--mixup", type=float, default=0.0, help="the --unfreeze run's manifold mixup alpha (default 0)")
     p.add_argument("--head-epochs", type=int, default=0, help="the --unfreeze run's head-alone epochs first (default 0)")
     p.add_argument("--batch-size", type=int, default=64, help="the --unfreeze run's batch (default 64)")
     p.add_argument("--hidden", default="512,256")
+    p.add_argument("--head", default="mlp", choices=("mlp", "linear"),
+                   help="the --unfreeze run's head (default mlp; the frozen run's is always the mlp)")
     p.add_argument("--dropout", type=float, default=0.0, help="the --unfreeze run's MLP dropout (default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", help="several seeds, comma-separated (e.g. 0,1,2): each a whole run (its own split, "
@@ -144,13 +149,15 @@ def run_one(args: argparse.Namespace) -> tuple[float, float]:
         features = FeatureOptions(device=args.device, cache_dir=cache, threads=args.threads)
         t0 = time.perf_counter()
         unfrozen = unfreeze_run(TrainConfig(args.backbone, args.data, out=Path(tmp) / "unfrozen", limit=args.limit,
-                                            seed=args.seed, head="mlp", hidden=hidden, unfreeze=args.unfreeze,
+                                            seed=args.seed, head=args.head, hidden=hidden if args.head == "mlp" else None,
+                                            unfreeze=args.unfreeze,
                                             epochs=args.unfreeze_epochs, lrs=args.lr, features=features,
                                             backbone_lr=args.backbone_lr, weight_decay=args.weight_decay,
                                             views=args.views, augment=args.augment,
                                             label_smoothing=args.label_smoothing, batch_norm=args.batch_norm,
                                             batch_size=args.batch_size, dropout=args.dropout or None,
-                                            head_epochs=args.head_epochs))
+                                            head_epochs=args.head_epochs, mixup=args.mixup,
+                                            patience=args.patience))
         unfrozen_s = time.perf_counter() - t0
         frozen_acc, frozen_s, frozen_name = frozen_mlp(args, cache, hidden)
     counts = unfrozen.counts
@@ -166,13 +173,16 @@ def run_one(args: argparse.Namespace) -> tuple[float, float]:
         + (", batch norm train" if args.batch_norm == "train" else "") \
         + (f", wd {args.weight_decay}" if args.weight_decay != "0" else "") \
         + (f", dropout {args.dropout:g}" if args.dropout else "") \
-        + (f", head alone {args.head_epochs} epochs first" if args.head_epochs else "")
+        + (f", head alone {args.head_epochs} epochs first" if args.head_epochs else "") \
+        + (f", mixup {args.mixup:g}" if args.mixup else "") \
+        + (f", patience {args.patience}" if args.patience is not None else "") \
+        + (f", {args.head} head" if args.head != "mlp" else "")
     print(f"{'run':64s} {'test acc':>8s} {'wall s':>8s}")
     print(f"{'frozen features, ' + frozen_name + ' (features from the cache)':64s} {frozen_acc:8.4f} {frozen_s:8.1f}")
     print(f"{'--unfreeze ' + str(args.unfreeze) + extra + ', ' + unfrozen.chosen:64s} "
           f"{unfrozen.evaluation.accuracy:8.4f} {unfrozen_s:8.1f}")
     chosen = next(h for h in unfrozen.heads if h.name == unfrozen.chosen)
-    print(f"\n{unfrozen.chosen}, by epoch (best {chosen.best_epoch}):")
+    print(f"\n{unfrozen.chosen} ({chosen.setting}), by epoch (best {chosen.best_epoch}):")
     print(" ".join(f"{r['epoch']}: train {r['train_accuracy']:.3f} val {r['val_accuracy']:.3f};" for r in chosen.history))
     gain = unfrozen.evaluation.accuracy - frozen_acc
     ok = gain >= GOAL_POINTS and unfrozen_s <= GOAL_SECONDS

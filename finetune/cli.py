@@ -170,6 +170,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     _field(g, T, "head_epochs", type=_INT, metavar="N", help="--unfreeze: first train the head alone for N epochs on "
            "the pre-trained features (computed once), then the blocks with it: linear probing, then fine-tuning "
            f"(default {_default(T, 'head_epochs')})")
+    _field(g, T, "mixup", type=_FLOAT, metavar="A", help="--unfreeze: mixup of what the blocks take in (manifold "
+           "mixup on the cached activations): each batch is mixed with a shuffled copy of itself, weights from "
+           f"Beta(A, A), and so are its labels; 0 turns it off, 0.2-0.4 is usual (default {_default(T, 'mixup')})")
     _choice(g, T, "batch_norm", BATCH_NORMS, help="--unfreeze: the blocks' batch norm keeps the pre-trained "
             f"statistics (frozen) or trains on the batches' (train) (default {_default(T, 'batch_norm')})")
     g = _add_feature_arguments(p)

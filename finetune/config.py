@@ -320,6 +320,7 @@ class TrainConfig:
     label_smoothing: float = 0.0         # --unfreeze: the ce loss's label smoothing
     batch_norm: str = "frozen"           # --unfreeze: frozen (the pre-trained statistics) | train (batch statistics)
     head_epochs: int = 0                 # --unfreeze: epochs of the head alone on the frozen features first (LP-FT)
+    mixup: float = 0.0                   # --unfreeze: mixup of the blocks' inputs, Beta(a, a) weights (0: off)
     features: FeatureOptions = field(default_factory=FeatureOptions)
     knn: KNNSettings | None = field(init=False, default=None, repr=False, compare=False)
     settings: TrainSettings | None = field(init=False, default=None, repr=False, compare=False)
@@ -359,8 +360,9 @@ class TrainConfig:
         self.label_smoothing = check_number("--label-smoothing", self.label_smoothing, float, 0, 1, high_open=True)
         self.batch_norm = check_choice("--batch-norm", self.batch_norm, BATCH_NORMS)
         self.head_epochs = check_number("--head-epochs", self.head_epochs, int, low=0)
+        self.mixup = check_number("--mixup", self.mixup, float, 0, 10)
         if self.unfreeze is None:
-            for name in ("backbone_lr", "augment", "views", "label_smoothing", "head_epochs"):
+            for name in ("backbone_lr", "augment", "views", "label_smoothing", "head_epochs", "mixup"):
                 if getattr(self, name):
                     raise ConfigError(f"{flag(name)} needs --unfreeze N")
             if self.batch_norm != "frozen":

@@ -14,6 +14,10 @@ train in eval mode: batch-norm statistics stay those of the pre-trained network,
 drop-connect are off; their weights, biases and batch-norm scales learn. ``--batch-norm train``
 normalises with the batches' statistics instead (and updates the running ones the model keeps).
 
+``--mixup A`` is regularisation that keeps the cache (manifold mixup, Verma et al. 2019): each batch of
+cached activations is mixed with a shuffled copy of itself, the weight drawn from Beta(A, A), and the
+loss mixes the two labels' losses alike.
+
 ``--views N`` is augmentation that keeps the cache: N fixed augmented versions of each training
 image (``VIEWS``: a flip, then flips and 10% shifts) go through the frozen part once and are
 cached under keys of their own; each epoch takes one of an image's 1 + N versions at random, so
@@ -290,6 +294,7 @@ class _Trainer:
         best_blocks, best_head = copy.deepcopy(part.trainable.state_dict()), copy.deepcopy(head.state_dict())
         shuffle = torch.Generator().manual_seed(s.seed + 1)
         aug = torch.Generator().manual_seed(s.seed + 3)
+        mix = np.random.default_rng(s.seed + 7)
         n, bs = len(self.y["train"]), s.batch_size
         steps, bad = math.ceil(n / bs), 0
         bar = tqdm(total=s.epochs, unit="epoch", disable=not progress, desc=f"unfreeze {part.unfreeze} lr {lr:g}")
@@ -305,9 +310,19 @@ class _Trainer:
                 factor = _factor(s, epoch, step, steps)
                 for g in opt.param_groups:
                     g["lr"] = g["base"] * factor
-                logits = head(part.trainable(self._batch_acts(idx, aug)))
+                x = self._batch_acts(idx, aug)
                 yb = self.y["train"][idx].to(part.device)
-                loss = torch.nn.functional.cross_entropy(logits, yb, label_smoothing=self.cfg.label_smoothing)
+                if self.cfg.mixup:  # manifold mixup: the blocks' inputs and the labels, mixed alike
+                    lam = float(mix.beta(self.cfg.mixup, self.cfg.mixup))
+                    other = torch.randperm(len(idx), generator=aug).to(part.device)
+                    logits = head(part.trainable(lam * x + (1 - lam) * x[other]))
+                    loss = lam * torch.nn.functional.cross_entropy(logits, yb, label_smoothing=self.cfg.label_smoothing) \
+                        + (1 - lam) * torch.nn.functional.cross_entropy(logits, yb[other],
+                                                                        label_smoothing=self.cfg.label_smoothing)
+                    yb = yb if lam >= 0.5 else yb[other]  # training accuracy: against the larger part of each mix
+                else:
+                    logits = head(part.trainable(x))
+                    loss = torch.nn.functional.cross_entropy(logits, yb, label_smoothing=self.cfg.label_smoothing)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -423,7 +438,7 @@ def unfreeze_run(cfg: TrainConfig) -> RunSummary:
                 "blocks": part.chain.count, "block_kind": describe_blocks(cfg.backbone), "lr": runs[chosen].lr,
                 "backbone_lr": backbone_lr, "augment": cfg.augment, "best_epoch": runs[chosen].best_epoch,
                 "views": [describe_view(v) for v in range(1, cfg.views + 1)], "label_smoothing": cfg.label_smoothing,
-                "head_epochs": cfg.head_epochs,
+                "head_epochs": cfg.head_epochs, "mixup": cfg.mixup,
                 "batch_norm": "frozen statistics" if cfg.batch_norm == "frozen" else "batch statistics in training",
                 **s.to_json()}
     metrics = {"val_accuracy": summaries[chosen].val_accuracy, "test_accuracy": ev.accuracy, "test_error": ev.error,
@@ -440,7 +455,7 @@ def unfreeze_run(cfg: TrainConfig) -> RunSummary:
     run_json = {"config": {"backbone": cfg.backbone, "data": cfg.data, "unfreeze": cfg.unfreeze,
                            "backbone_lr": cfg.backbone_lr, "augment": cfg.augment, "views": cfg.views,
                            "label_smoothing": cfg.label_smoothing, "batch_norm": cfg.batch_norm, "head_epochs": cfg.head_epochs,
-                           "split": list(cfg.split),
+                           "mixup": cfg.mixup, "split": list(cfg.split),
                            "seed": cfg.seed, "limit": cfg.limit, "training": s.to_json()},
                 "counts": counts, "extraction": feats.stats.to_json(),
                 "view_extraction": [v.to_json() for v in view_stats],
@@ -463,7 +478,8 @@ def unfreeze_run(cfg: TrainConfig) -> RunSummary:
                           + (", augmented (flips, shifts)" if cfg.augment else "")
                           + (f", {cfg.views} cached augmented views" if cfg.views else "")
                           + (f", label smoothing {cfg.label_smoothing:g}" if cfg.label_smoothing else "")
-                          + (f", the head alone {cfg.head_epochs} epochs first" if cfg.head_epochs else "")),
+                          + (f", the head alone {cfg.head_epochs} epochs first" if cfg.head_epochs else "")
+                          + (f", mixup of the blocks' inputs, Beta({cfg.mixup:g}, {cfg.mixup:g})" if cfg.mixup else "")),
              ("chosen", f"`{summaries[chosen].name}`"), ("seed", str(cfg.seed))]
     notes = ["The blocks train in eval mode: batch-norm statistics stay the pre-trained ones." if cfg.batch_norm ==
              "frozen" else "The blocks' batch norm trains on batch statistics (and updates the running ones).",

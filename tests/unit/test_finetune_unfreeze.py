@@ -166,6 +166,9 @@ def test_a_published_model_is_listed_without_importing_torch(runs, tmp_path: Pat
     (["--unfreeze", "1", "--batch-norm", "running"], "--batch-norm 'running': use one of frozen, train"),
     (["--head-epochs", "3"], "--head-epochs needs --unfreeze N"),
     (["--unfreeze", "1", "--head-epochs", "-1"], "--head-epochs must be >= 0, got -1"),
+    (["--mixup", "0.2"], "--mixup needs --unfreeze N"),
+    (["--unfreeze", "1", "--mixup", "-1"], "--mixup must be >= 0, got -1"),
+    (["--unfreeze", "1", "--mixup", "nan"], "--mixup"),
 ])
 def test_bad_unfreeze_flags_are_one_line_usage_errors(argv: list[str], message: str, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
@@ -295,6 +298,20 @@ def test_label_smoothing_raises_the_training_loss_of_the_same_run(runs, tmp_path
     assert smoothed.heads[0].history[-1]["train_loss"] > plain.heads[0].history[-1]["train_loss"] + 0.1
     meta = json.loads((tmp_path / "smooth" / "model.json").read_text())
     assert meta["training"]["label_smoothing"] == pytest.approx(0.3)
+
+
+def test_mixup_mixes_the_blocks_inputs_and_labels_and_is_recorded(runs, tmp_path: Path) -> None:
+    """Manifold mixup: targets that are mixes of two classes cannot be fitted as the plain ones are, so the same run
+    with --mixup ends at a higher training loss; the model and the report say it was used."""
+    from vfm.finetune.unfreeze import unfreeze_run
+
+    _, _, plain = runs
+    mixed = unfreeze_run(TrainConfig("tiny_cnn", FASHION, out=tmp_path / "mix", unfreeze=1, mixup=0.4,
+                                     features=_features(tmp_path / "cache"), **COMMON))
+    assert mixed.heads[0].history[-1]["train_loss"] > plain.heads[0].history[-1]["train_loss"] + 0.1
+    meta = json.loads((tmp_path / "mix" / "model.json").read_text())
+    assert meta["training"]["mixup"] == pytest.approx(0.4)
+    assert "mixup of the blocks' inputs, Beta(0.4, 0.4)" in (tmp_path / "mix" / "report.md").read_text()
 
 
 def test_head_epochs_start_the_blocks_under_a_fitted_head(runs, tmp_path: Path) -> None:
