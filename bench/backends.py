@@ -85,6 +85,9 @@ def export_in_child(name: str, repository: str, weights: str | None) -> tuple[fl
     return seconds, usage.ru_maxrss / 2**20
 
 
+SETTLE_S = 0.3
+
+
 def time_pair(make: Callable[[Any], Callable[[], Any]], torch_runner: Any, onnx_runner: Any, rounds: int,
               clock: Callable[[], float] = time.perf_counter) -> tuple[float, float]:
     calls = {"torch": make(torch_runner), "onnx": make(onnx_runner)}
@@ -94,6 +97,10 @@ def time_pair(make: Callable[[Any], Callable[[], Any]], torch_runner: Any, onnx_
     for i in range(rounds):
         order = ("torch", "onnx") if i % 2 == 0 else ("onnx", "torch")
         for key in order:
+            # The other backend's pool threads spin for a while after its call (ONNX Runtime's, and libgomp's
+            # under torch) and take a core from this one on a 2-core machine: let them go idle first. Without
+            # this pause resnet50's torch batch 1 read 67.7 ms here against 44-45 ms in a process of its own.
+            time.sleep(SETTLE_S)
             start = clock()
             calls[key]()
             samples[key].append(clock() - start)
