@@ -278,11 +278,13 @@ def quantize_graph(src: Path, dst: Path, spec: Any, options: VariantOptions,
     try:
         # shape inference and ONNX Runtime's own fusions first, as onnxruntime.quantization advises
         quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
-        _unshare_small_initializers(prepared)
-        _fold_channel_scales(prepared)
-        batched = _batched_constant_matmuls(prepared)
-        if op_types is None and _float_only_ops(prepared):
+        model = onnx.load(str(prepared))  # written by quant_pre_process as one file, no external data
+        if _unshare_small_initializers(model.graph) + _fold_channel_scales(model.graph):
+            onnx.save(model, str(prepared))
+        batched = _batched_constant_matmuls(model.graph)
+        if op_types is None and {n.op_type for n in model.graph.node} & FLOAT_ONLY_OPS:
             op_types = WEIGHT_OPS
+        del model
         if options.calibration is None:
             quantize_dynamic(str(prepared), str(dst), weight_type=QuantType.QInt8, per_channel=options.per_channel,
                              op_types_to_quantize=list(op_types) if op_types else None, extra_options=untyped,
@@ -335,16 +337,14 @@ def quantize_graph(src: Path, dst: Path, spec: Any, options: VariantOptions,
 SHARED_COPY_LIMIT = 1 << 16  # elements
 
 
-def _unshare_small_initializers(path: Path) -> int:
-    """Give every node its own copy of a small constant it shares with other nodes (rewrites ``path``); returns
-    how many copies were made. The exporter merges equal initializers: random-init networks' all-zero biases
-    become one tensor read by convolutions, MatMuls and LayerNorms alike, which the quantizer then stores as
-    one int32 bias dequantized at run time for the float ops (convnext_tiny: 41 DequantizeLinear nodes a run,
-    ~8% of its int8 time at batch 1). Large shared tensors (tied weights) stay shared."""
+def _unshare_small_initializers(graph: Any) -> int:
+    """Give every node its own copy of a small constant it shares with other nodes (in place); returns how many
+    copies were made. The exporter merges equal initializers: random-init networks' all-zero biases become one
+    tensor read by convolutions, MatMuls and LayerNorms alike, which the quantizer then stores as one int32 bias
+    dequantized at run time for the float ops (convnext_tiny: 41 DequantizeLinear nodes a run, ~8% of its int8
+    time at batch 1). Large shared tensors (tied weights) stay shared."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
-    graph = model.graph
     small = {t.name: t for t in graph.initializer if 0 < int(np.prod(t.dims)) <= SHARED_COPY_LIMIT}
     seen: set[str] = set()
     copies = 0
@@ -360,20 +360,15 @@ def _unshare_small_initializers(path: Path) -> int:
                 node.input[k] = copy.name
                 copies += 1
             seen.add(name)
-    if copies:
-        onnx.save(model, str(path))
     return copies
 
 
-def _fold_channel_scales(path: Path) -> int:
+def _fold_channel_scales(graph: Any) -> int:
     """Fold a constant per-channel scale after a linear layer (``MatMul(x, W) + b`` then ``* g``: convnext's and
-    DINOv2's layer scale) into the layer, ``W * g`` and ``b * g``, and drop the multiply (rewrites ``path``); the
+    DINOv2's layer scale) into the layer, ``W * g`` and ``b * g``, and drop the multiply (in place); the
     per-channel int8 weights take the scale exactly. Returns how many were folded."""
-    import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(path))
-    graph = model.graph
     constants = {t.name: t for t in graph.initializer}
     made_by = {out: node for node in graph.node for out in node.output}
     readers: dict[str, int] = {}
@@ -383,7 +378,7 @@ def _fold_channel_scales(path: Path) -> int:
     outputs = {o.name for o in graph.output}
     dropped, renamed = set(), {}
     for mul in graph.node:
-        if mul.op_type != "Mul" or len(mul.input) != 2:
+        if mul.op_type != "Mul" or len(mul.input) != 2 or mul.output[0] in outputs:
             continue
         scale_name = next((i for i in mul.input if i in constants), None)
         data = next((i for i in mul.input if i not in constants), None)
@@ -400,9 +395,11 @@ def _fold_channel_scales(path: Path) -> int:
             continue
         scale, bias = numpy_helper.to_array(constants[scale_name]), numpy_helper.to_array(constants[bias_name])
         weight = numpy_helper.to_array(constants[weight_name])
-        channels = weight.shape[-1] if weight.ndim == 2 else -1
-        if weight.ndim != 2 or bias.shape != (channels,) or scale.size != channels \
-                or any(d != 1 for d in scale.shape[:-1]) or scale.shape[-1:] != (channels,):
+        if weight.ndim != 2:
+            continue
+        channels = weight.shape[1]
+        # the scale's last axis is the channels and every other axis 1: [C], [1, 1, 1, C]
+        if bias.shape != (channels,) or scale.shape[-1:] != (channels,) or scale.size != channels:
             continue
         g = scale.reshape(channels).astype(weight.dtype)
         constants[weight_name].CopyFrom(numpy_helper.from_array(weight * g, weight_name))
@@ -416,36 +413,19 @@ def _fold_channel_scales(path: Path) -> int:
         for k, name in enumerate(node.input):
             if name in renamed:
                 node.input[k] = renamed[name]
-    for out in graph.output:
-        if out.name in renamed:  # a folded multiply wrote a graph output: keep its name on the add
-            return 0
     del graph.node[:]
     graph.node.extend(kept)
     used = {name for node in kept for name in node.input}
-    unused = [t for t in graph.initializer if t.name not in used]  # the scales folded away
-    for t in unused:
+    for t in [t for t in graph.initializer if t.name not in used]:  # the scales folded away
         graph.initializer.remove(t)
-    onnx.save(model, str(path))
     return len(dropped)
 
 
-def _float_only_ops(path: Path) -> list[str]:
-    """The op types of ``FLOAT_ONLY_OPS`` the graph at ``path`` holds."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    return sorted({n.op_type for n in model.graph.node} & FLOAT_ONLY_OPS)
-
-
-def _batched_constant_matmuls(path: Path) -> list[str]:
+def _batched_constant_matmuls(graph: Any) -> list[str]:
     """MatMuls whose constant input is not a 2-D weight (SAM's relative-position tables, ``[h, H, k]``):
     ONNX Runtime's integer MatMul takes no zero point for those, and they are no layer's weights."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    shapes = {t.name: len(t.dims) for t in model.graph.initializer}
-    return [n.name for n in model.graph.node
-            if n.op_type == "MatMul" and any(shapes.get(i, 2) != 2 for i in n.input)]
+    shapes = {t.name: len(t.dims) for t in graph.initializer}
+    return [n.name for n in graph.node if n.op_type == "MatMul" and any(shapes.get(i, 2) != 2 for i in n.input)]
 
 
 def float16_graph(src: Path, dst: Path, options: VariantOptions) -> dict[str, Any]:
