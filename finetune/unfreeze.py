@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import logging
 import math
@@ -295,6 +296,7 @@ class _Trainer:
         shuffle = torch.Generator().manual_seed(s.seed + 1)
         aug = torch.Generator().manual_seed(s.seed + 3)
         mix = np.random.default_rng(s.seed + 7)
+        ce = functools.partial(torch.nn.functional.cross_entropy, label_smoothing=self.cfg.label_smoothing)
         n, bs = len(self.y["train"]), s.batch_size
         steps, bad = math.ceil(n / bs), 0
         bar = tqdm(total=s.epochs, unit="epoch", disable=not progress, desc=f"unfreeze {part.unfreeze} lr {lr:g}")
@@ -316,13 +318,11 @@ class _Trainer:
                     lam = float(mix.beta(self.cfg.mixup, self.cfg.mixup))
                     other = torch.randperm(len(idx), generator=aug).to(part.device)
                     logits = head(part.trainable(lam * x + (1 - lam) * x[other]))
-                    loss = lam * torch.nn.functional.cross_entropy(logits, yb, label_smoothing=self.cfg.label_smoothing) \
-                        + (1 - lam) * torch.nn.functional.cross_entropy(logits, yb[other],
-                                                                        label_smoothing=self.cfg.label_smoothing)
+                    loss = lam * ce(logits, yb) + (1 - lam) * ce(logits, yb[other])
                     yb = yb if lam >= 0.5 else yb[other]  # training accuracy: against the larger part of each mix
                 else:
                     logits = head(part.trainable(x))
-                    loss = torch.nn.functional.cross_entropy(logits, yb, label_smoothing=self.cfg.label_smoothing)
+                    loss = ce(logits, yb)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
