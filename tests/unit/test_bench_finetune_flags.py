@@ -25,6 +25,9 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
     ("finetune_unfreeze.py", ["--seeds", "0,1", "--cache-dir", "x"],
      "--cache-dir holds one seed's activations: leave it out with --seeds"),
     ("finetune_unfreeze.py", ["--seed", "x"], "argument --seed: invalid int value: 'x'"),
+    ("finetune_unfreeze.py", ["--test", "x"], "argument --test: invalid choice: 'x'"),
+    ("finetune_unfreeze.py", ["--test", "split", "--test-cache", "x"],
+     "--test-cache holds the whole test split's activations: it goes with --test all"),
 ])
 def test_bad_bench_flags_are_one_line_errors(script, flags, message):
     out = subprocess.run([sys.executable, str(BENCH / script), *flags], capture_output=True, text=True, timeout=60)
