@@ -56,13 +56,14 @@ class SessionSettings:
     """How sessions run. ``num_threads``/``inter_op_threads``: ONNX Runtime's intra/inter-op pools
     (None: its default, one thread per physical core). ``spinning``: pool threads busy-wait for
     the next run (ONNX Runtime's default: lower latency, but they take CPU from the Python and
-    torch code between runs, e.g. several replicas on one node). ``tensorrt``: put TensorRT
+    torch code between runs, e.g. several replicas on one node); None: what the export recorded
+    (``allow_spinning`` in config.json "session"), else on. ``tensorrt``: put TensorRT
     first when it is available (engines go to the local cache). ``io_binding``: None means on CUDA."""
 
     device: str = "cpu"
     num_threads: int | None = None
     inter_op_threads: int | None = None
-    spinning: bool = True
+    spinning: bool | None = None
     tensorrt: bool = True
     trt_fp16: bool = False
     io_binding: bool | None = None
@@ -73,9 +74,11 @@ class SessionSettings:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a whole number >= 1, got {value!r}.")
-        for name in ("spinning", "tensorrt", "trt_fp16"):
+        for name in ("tensorrt", "trt_fp16"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}.")
+        if self.spinning is not None and not isinstance(self.spinning, bool):
+            raise ValueError(f"spinning must be true, false or unset, got {self.spinning!r}.")
         if self.io_binding is not None and not isinstance(self.io_binding, bool):
             raise ValueError(f"io_binding must be true, false or unset, got {self.io_binding!r}.")
 
@@ -106,7 +109,8 @@ def providers_for(settings: SessionSettings) -> list[tuple[str, dict[str, Any]]]
 
 # What an export's config.json "session" may say (export.optimize.SESSION_DEFAULTS writes it):
 # ONNX Runtime's graph optimisation level, execution mode, memory arena and memory pattern, and
-# the intra-op threads (null: one per core) when the replica asks for no ``num_threads`` itself.
+# the intra-op threads (null: one per core) when the replica asks for no ``num_threads`` itself,
+# and whether pool threads spin (``allow_spinning``) when the replica does not say.
 OPTIMIZATION_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
                        "layout": "ORT_ENABLE_LAYOUT", "all": "ORT_ENABLE_ALL"}
 EXECUTION_MODES = {"sequential": "ORT_SEQUENTIAL", "parallel": "ORT_PARALLEL"}
@@ -138,7 +142,13 @@ def session_options(settings: SessionSettings, recorded: Mapping[str, Any] | Non
         options.intra_op_num_threads = threads
     if settings.inter_op_threads:
         options.inter_op_num_threads = settings.inter_op_threads
-    if not settings.spinning:
+    spinning = settings.spinning
+    if spinning is None:
+        spinning = recorded.get("allow_spinning", True)
+        if not isinstance(spinning, bool):
+            log.warning("ignoring the export's allow_spinning %r (not true or false)", spinning)
+            spinning = True
+    if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 

@@ -92,6 +92,7 @@ class FamilyExport:
     parity: dict[str, Any]
     runtime: dict[str, Any] = field(default_factory=dict)   # family settings the ONNX runner needs
     labels: list[str] | None = None
+    session: dict[str, Any] = field(default_factory=dict)   # session options measured for the family (config.json)
 
 
 @dataclass

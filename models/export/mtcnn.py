@@ -18,6 +18,15 @@ import numpy as np
 from ..families.mtcnn import NET_OUTPUTS
 from .common import FamilyExport, Parity, Tolerance, export_graph, parity_session
 
+# The cascade calls the three small graphs about eleven times an image with torch and numpy work
+# (NMS, box arithmetic, crops) in between, so ONNX Runtime's pool threads, spinning after each run
+# as they do by default, take the cores that work needs. Without spinning (bench/backends.py-like
+# timing, 2 threads, 640x480 photo, real weights, each backend in a process of its own): batch 1
+# 28.1 ms back to back (61.0 spinning; PyTorch 27.4), 38.0 with a 0.3 s pause before each call
+# (40.1; PyTorch 37.7); batch 8 206 ms either way (334 / 283 spinning; PyTorch 346 / 302). A
+# replica's own ``spinning`` option still wins.
+SESSION = {"allow_spinning": False}
+
 log = logging.getLogger(__name__)
 
 # Input crop side of each network, None for any size (PNet is fully convolutional)
@@ -67,4 +76,4 @@ def export_mtcnn(runner: Any, folder: Path, opset: int, tolerance: Tolerance, ex
         graphs.append(graph)
     return FamilyExport(kind="mtcnn", graphs=graphs, parity=parity.to_json(),
                         runtime={"outputs": {k: list(v) for k, v in NET_OUTPUTS.items()}},
-                        labels=list(runner.labels))
+                        labels=list(runner.labels), session=dict(SESSION))

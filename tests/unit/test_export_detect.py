@@ -140,8 +140,12 @@ def test_mtcnn_real_weights_find_the_same_face_and_landmarks(repo):
     config = json.loads((repo / "mtcnn_faces" / "config.json").read_text())
     assert sorted(config["graphs"]) == ["onet", "pnet", "rnet"]
     assert config["graphs"]["pnet"]["inputs"][0]["shape"] == ["batch", 3, "height", "width"]
+    assert config["session"]["allow_spinning"] is False  # the cascade's torch work needs the cores between runs
     torch_runner = load_model("mtcnn_faces", device="cpu")
     onnx_runner = load_model("mtcnn_faces", backend="onnx", device="cpu", repository=repo)
+    for net in ("pnet", "rnet", "onet"):  # the replica leaves it to the export
+        options = onnx_runner.networks[net].session.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     images = [data.astronaut(), data.astronaut()[40:300, 100:400], parity_images(seed=11, sizes=[(120, 90)])[0]]
     expected, got = torch_runner.detect(images, score_threshold=0.9), onnx_runner.detect(images, score_threshold=0.9)
     assert len(expected[0].detections) >= 1 and len(expected[1].detections) >= 1

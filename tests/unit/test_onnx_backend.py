@@ -139,7 +139,7 @@ def test_session_settings_and_io_binding_give_the_same_answers(repo, images):
 def test_bad_options_are_clear_errors(repo):
     with pytest.raises(ValueError, match="num_threads"):
         load_model("tiny_cnn", backend="onnx", device="cpu", repository=repo, num_threads=0)
-    with pytest.raises(ValueError, match="spinning must be true or false"):
+    with pytest.raises(ValueError, match="spinning must be true, false or unset"):
         load_model("tiny_cnn", backend="onnx", device="cpu", repository=repo, spinning="no")
     with pytest.raises(ValueError, match="does not take option.*pooling"):
         load_model("tiny_cnn", backend="onnx", device="cpu", repository=repo, pooling="mean")
@@ -149,6 +149,22 @@ def test_bad_options_are_clear_errors(repo):
         load_model("tiny_cnn", backend="onnx", device="cpu", repository=repo, dtype="float16")
     with pytest.raises(DeviceUnavailable, match="Unknown device"):
         load_model("tiny_cnn", backend="onnx", device="tpu", repository=repo)
+
+
+def test_spinning_is_the_replicas_choice_else_the_exports_else_on():
+    from vfm.models.backends.onnx import session_options
+
+    def spins(settings: SessionSettings, recorded: dict) -> bool:
+        try:
+            return session_options(settings, recorded).get_session_config_entry("session.intra_op.allow_spinning") != "0"
+        except RuntimeError:  # no entry: ONNX Runtime's default, spinning
+            return True
+
+    assert spins(SessionSettings(), {}) and spins(SessionSettings(), {"allow_spinning": True})
+    assert not spins(SessionSettings(), {"allow_spinning": False})
+    assert spins(SessionSettings(spinning=True), {"allow_spinning": False})
+    assert not spins(SessionSettings(spinning=False), {})
+    assert spins(SessionSettings(), {"allow_spinning": "no"})  # malformed: ignored with a warning
 
 
 def test_providers_follow_the_device_and_this_build():
