@@ -240,7 +240,8 @@ def export_model(name: str, repository: str | Path | None = None, *, opset: int 
             "kind": result.kind, "version": VERSION, "opset": opset, "exporter": EXPORTER,
             "graphs": {g.key: g.to_json() for g in result.graphs},
             "preprocess": spec.preprocess.to_json() if spec.preprocess else None,
-            "labels": result.labels, "runtime": result.runtime, "session": {**session_defaults(), **result.session}, "parity": result.parity,
+            "labels": result.labels, "runtime": result.runtime, "session": {**session_defaults(), **result.session},
+            "parity": result.parity,
             "weights": weights_label(spec, weights), "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
             "versions": _versions(), **made,
         }
