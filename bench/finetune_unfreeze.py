@@ -83,6 +83,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def through_blocks(part: Any, acts: Any) -> Any:
+    """``part``'s trainable blocks (as they are now) on flattened cached activations, 256 at a time: the features."""
+    import torch
+
+    with torch.no_grad():
+        return torch.cat([part.trainable(acts[i:i + 256].view(-1, *part.shape)) for i in range(0, len(acts), 256)])
+
+
 def frozen_mlp(args: argparse.Namespace, cache: Path, hidden: tuple[int, ...]) -> tuple[float, float, str, Any, Any]:
     """The frozen-feature MLP on the same split: (test accuracy, seconds, chosen head's name, the head, the
     FrozenPart it was trained through)."""
@@ -103,9 +111,7 @@ def frozen_mlp(args: argparse.Namespace, cache: Path, hidden: tuple[int, ...]) -
     part = FrozenPart(args.backbone, args.unfreeze, args.device)
     acts = extract_features(data.source.subset(union), part, cache, progress=False)
     assert acts.stats.cached == len(union), "the --unfreeze run should have cached every activation"
-    with torch.no_grad():
-        feats = torch.cat([part.trainable(torch.from_numpy(acts.features[i:i + 256]).view(-1, *part.shape))
-                           for i in range(0, len(union), 256)]).numpy()
+    feats = through_blocks(part, torch.from_numpy(acts.features)).numpy()
     pos = {int(i): p for p, i in enumerate(union)}
     x = {name: torch.from_numpy(feats[[pos[int(i)] for i in idx]]) for name, idx in splits.items()}
     y = {name: torch.from_numpy(data.labels[idx]) for name, idx in splits.items()}
@@ -137,18 +143,13 @@ def whole_test_split(args: argparse.Namespace, cache: Path, part: Any, frozen_he
     acts = extract_features(data.source.subset(idx), part, cache, progress=True)
     x = torch.from_numpy(acts.features[acts.valid])
     y = data.labels[idx][acts.valid]
-
-    def blocks_out() -> torch.Tensor:
-        with torch.no_grad():
-            return torch.cat([part.trainable(x[i:i + 256].view(-1, *part.shape)) for i in range(0, len(x), 256)])
-
-    frozen_acc = float(np.mean(frozen_head.predict(blocks_out().numpy()) == y))
+    frozen_acc = float(np.mean(frozen_head.predict(through_blocks(part, x).numpy()) == y))
     head = head_module(read_meta(run))
     part.module.head = head
     load_into(part.module, run / TENSORS_NAME, run.name)  # the trained blocks (part.trainable's modules) and head
     head.eval()
     with torch.no_grad():
-        unfrozen_acc = float(np.mean(head(blocks_out()).argmax(dim=1).numpy() == y))
+        unfrozen_acc = float(np.mean(head(through_blocks(part, x)).argmax(dim=1).numpy() == y))
     return frozen_acc, unfrozen_acc, len(y)
 
 
