@@ -175,6 +175,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
            f"Beta(A, A), and so are its labels; 0 turns it off, 0.2-0.4 is usual (default {_default(T, 'mixup')})")
     _choice(g, T, "batch_norm", BATCH_NORMS, help="--unfreeze: the blocks' batch norm keeps the pre-trained "
             f"statistics (frozen) or trains on the batches' (train) (default {_default(T, 'batch_norm')})")
+    _field(g, T, "unpooled", type=_INT, metavar="N", help="train the head (linear or mlp) on the activations that "
+           "enter the backbone's last N blocks, unpooled and flattened; the model is the backbone cut there plus the "
+           "head. Where the classes differ in where things are, this beats pooled features, trained blocks or not "
+           "(Fashion-MNIST: README)")
     g = _add_feature_arguments(p)
     _field(g, T, "normalize", action="store_true", help="L2-normalise the backbone's features (recorded in "
            "head.json, so the service does the same)")
@@ -295,7 +299,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"chosen on validation: {summary.chosen}; test accuracy {ev.accuracy:.4f}")
     print(ev.bound_sentence())
     print(f"report: {summary.out / 'report.md'}")
-    if cfg.unfreeze:
+    if cfg.unfreeze or cfg.unpooled:
         print(f"a model: `vfm finetune publish {summary.out} --name NAME`, then `vfm predict NAME IMAGE`")
     return 0
 
@@ -303,7 +307,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def head_outcome(h: Any) -> str:
     """A head's line of the train summary: its scores, or how it diverged."""
     if h.val_accuracy is None:  # diverged before any finite epoch: no scores to show
-        return f"diverged at epoch {len(h.history)} (its loss became infinite; try a smaller --lr)"
+        remedy = "a larger weight decay (a smaller --C)" if "_lbfgs" in h.name else "a smaller --lr"
+        return f"diverged at epoch {len(h.history)} (its loss became infinite; try {remedy})"
     text = f"val {h.val_accuracy:.4f}  test {h.test_accuracy:.4f}"
     if h.stopped == "diverged":
         return f"{text}  (diverged at epoch {len(h.history)}; its best epoch, {h.best_epoch}, is kept)"

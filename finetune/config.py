@@ -321,6 +321,7 @@ class TrainConfig:
     batch_norm: str = "frozen"           # --unfreeze: frozen (the pre-trained statistics) | train (batch statistics)
     head_epochs: int = 0                 # --unfreeze: epochs of the head alone on the frozen features first (LP-FT)
     mixup: float = 0.0                   # --unfreeze: mixup of the blocks' inputs, Beta(a, a) weights (0: off)
+    unpooled: int | None = None          # the head on the activations entering the last N blocks, unpooled; a model
     features: FeatureOptions = field(default_factory=FeatureOptions)
     knn: KNNSettings | None = field(init=False, default=None, repr=False, compare=False)
     settings: TrainSettings | None = field(init=False, default=None, repr=False, compare=False)
@@ -354,6 +355,7 @@ class TrainConfig:
 
     def _check_unfreeze(self) -> None:
         self.unfreeze = check_optional("--unfreeze", self.unfreeze, int, low=1)
+        self._check_unpooled()
         self.backbone_lr = check_optional("--backbone-lr", self.backbone_lr, float, low=0, low_open=True)
         self.augment = bool(self.augment)
         self.views = check_number("--views", self.views, int, 0, MAX_VIEWS)
@@ -379,6 +381,20 @@ class TrainConfig:
                 raise ConfigError(f"{flag(name)} does not apply with --unfreeze")
         if self.settings.weight_decay is not None and len(self.settings.weight_decay) > 1:
             raise ConfigError("--unfreeze trains with one --weight-decay; give a single value")
+
+    def _check_unpooled(self) -> None:
+        self.unpooled = check_optional("--unpooled", self.unpooled, int, low=1)
+        if self.unpooled is None:
+            return
+        if self.unfreeze is not None:
+            raise ConfigError("--unpooled trains a head on frozen activations, --unfreeze trains blocks: give one")
+        if self.head == "knn":
+            raise ConfigError("--unpooled writes a model with a trained head: use --head linear or mlp")
+        for name, given in (("resume", self.resume), ("normalize", self.normalize),
+                            ("ray_address", self.features.ray_address), ("backend", self.features.backend != "torch")):
+            if given:
+                raise ConfigError(f"{flag(name)} does not apply with --unpooled (its activations come from PyTorch)"
+                                  if name == "backend" else f"{flag(name)} does not apply with --unpooled")
 
     def _refuse_what_does_not_apply(self, optimizer: str | None) -> None:
         for name, (heads, optimizers) in _APPLIES.items():

@@ -3,6 +3,10 @@
 The run folder holds head.safetensors + head.json (the chosen head, loadable by the service),
 run.json (every head's scores and the settings), checkpoint.safetensors, report.md, curves.png
 and confusion.png.
+
+With ``--unpooled N`` the features are the activations that enter the backbone's last N blocks, unpooled and
+flattened (``unfreeze.FrozenPart``, cached under their own key), and the run is a model instead of a head:
+model.json + model.safetensors (``vfm.models.published``), the backbone cut before those blocks, then the head.
 """
 from __future__ import annotations
 
@@ -17,8 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from vfm.models.heads import KNNHead, save_head, to_jsonable
+from vfm.models.blocks import describe_blocks
 from vfm.models.checkpoints import atomic_write_bytes
+from vfm.models.heads import KNNHead, save_head, to_jsonable
+from vfm.models.published import JSON_NAME as MODEL_JSON, TENSORS_NAME as MODEL_TENSORS
 
 from .checkpoint import NAME as CHECKPOINT_NAME
 from .config import TrainConfig
@@ -79,8 +85,13 @@ def prepare(cfg: TrainConfig) -> Prepared:
                         "squared, or keep two classes with --classes A,B.")
     splits = make_splits(data, cfg.split, cfg.seed, cfg.limit)
     feat = cfg.features
-    extractor = make_extractor(cfg.backbone, feat.device, cfg.normalize, backend=feat.backend,
-                               repository=feat.repository)
+    if cfg.unpooled:  # the activations entering the last N blocks, flattened (cached under their own key)
+        from .unfreeze import FrozenPart
+
+        extractor: Extractor = FrozenPart(cfg.backbone, cfg.unpooled, feat.device, "--unpooled")
+    else:
+        extractor = make_extractor(cfg.backbone, feat.device, cfg.normalize, backend=feat.backend,
+                                   repository=feat.repository)
     union = splits.union()
     feats = extract_features(data.source.subset(union), extractor, feat.cache_folder(), feat.extract_batch_size,
                              feat.progress, ray=feat.ray, workers=feat.workers)
@@ -101,12 +112,12 @@ def prepare(cfg: TrainConfig) -> Prepared:
 
 
 def _check_out(cfg: TrainConfig) -> None:
-    has_run = (cfg.out / "head.json").exists() or (cfg.out / CHECKPOINT_NAME).exists()
+    has_run = any((cfg.out / name).exists() for name in ("head.json", CHECKPOINT_NAME, MODEL_JSON))
     if has_run and not (cfg.resume or cfg.overwrite):
         raise RunExists(f"{cfg.out} already holds a run; pass --resume to continue it, --overwrite to replace "
                         "it, or choose another --out.")
     if cfg.overwrite:
-        for name in (CHECKPOINT_NAME, "head.json", "head.safetensors", "run.json"):
+        for name in (CHECKPOINT_NAME, "head.json", "head.safetensors", "run.json", MODEL_JSON, MODEL_TENSORS):
             (cfg.out / name).unlink(missing_ok=True)
 
 
@@ -144,7 +155,10 @@ def train_run(cfg: TrainConfig) -> RunSummary:
     ev = evaluate(prep.y["test"], pred, classes, cfg.delta)
     counts = prep.splits.counts()
     meta = _head_meta(cfg, prep, summaries, chosen_idx, ev, None if cfg.head == "knn" else result.runs[chosen_idx])
-    save_head(head, cfg.out, meta)
+    if cfg.unpooled:
+        _write_unpooled_model(cfg, prep, head, meta)
+    else:
+        save_head(head, cfg.out, meta)
     run_json = {"config": _config_json(cfg), "counts": counts, "extraction": prep.stats.to_json(),
                 "heads": [_summary_json(s) for s in summaries], "chosen": summaries[chosen_idx].name,
                 "test": ev.to_json(), "data_fingerprint": prep.fingerprint, "seconds": time.perf_counter() - t0}
@@ -156,6 +170,25 @@ def train_run(cfg: TrainConfig) -> RunSummary:
                      + "; ".join(prep.stats.skipped_examples[:3]))
     write_report(cfg.out, RunReport(f"Fine-tuning run {cfg.out.name}", facts, summaries, chosen_idx, ev, notes))
     return RunSummary(cfg.out, summaries[chosen_idx].name, ev, summaries, prep.stats, counts, resumed)
+
+
+def _write_unpooled_model(cfg: TrainConfig, prep: Prepared, head: Any, head_meta: dict[str, Any]) -> None:
+    """--unpooled N: model.json + model.safetensors (``vfm.models.published``), the backbone cut before its last N
+    blocks, its output flattened, then the head; `vfm finetune publish` puts it where the service finds it."""
+    from vfm.models.blocks import unpooled_body
+    from vfm.models.published import write_model
+
+    part = prep.extractor
+    module = part.module  # the run's own copy of the backbone: nothing else uses it after the extraction
+    module.body = unpooled_body(cfg.backbone, module.body, cfg.unpooled)
+    module.head = head
+    meta = {"name": cfg.out.name, "base": cfg.backbone, "task": "classify", "labels": list(head.labels),
+            "preprocess": part.runner.spec.preprocess.to_json(), "feature_dim": part.feature_dim,
+            "head": head.config(), "unpooled": cfg.unpooled, "activations_shape": list(part.shape),
+            "base_weights_sha256": part.base.key()["weights_sha256"], "training": head_meta["training"],
+            "metrics": head_meta["metrics"], "data": head_meta["data"], "created": head_meta["created"],
+            "vfm_version": head_meta["vfm_version"]}
+    write_model(cfg.out, module.state_dict(), to_jsonable(meta))
 
 
 _HISTORY_NOTES = {
@@ -208,6 +241,8 @@ def _config_json(cfg: TrainConfig, for_digest: bool = False) -> dict[str, Any]:
     out = {"backbone": cfg.backbone, "data": cfg.data, "head": cfg.head, "split": list(cfg.split), "seed": cfg.seed,
            "limit": cfg.limit, "classes": list(cfg.classes) if cfg.classes else None, "normalize": cfg.normalize,
            "delta": cfg.delta}
+    if cfg.unpooled:
+        out["unpooled"] = cfg.unpooled
     if cfg.head == "knn":
         out.update(k=list(cfg.knn.ks), metric=cfg.knn.metric)
     else:
@@ -249,7 +284,11 @@ def _head_meta(cfg: TrainConfig, prep: Prepared, summaries: list[HeadSummary], c
 def _facts(cfg: TrainConfig, prep: Prepared, counts: dict[str, int], chosen: str) -> list[tuple[str, str]]:
     st = prep.stats
     speed = f"{st.computed / st.compute_seconds:.1f} images/s" if st.computed and st.compute_seconds else "all cached"
-    facts = [("backbone", f"`{cfg.backbone}`" + (" (L2-normalised embed)" if cfg.normalize else "")),
+    cut = prep.extractor
+    facts = [("backbone", f"`{cfg.backbone}`" + (" (L2-normalised embed)" if cfg.normalize else "")
+              + (f", cut before its last {cfg.unpooled} of {cut.chain.count} {describe_blocks(cfg.backbone)}: the "
+                 f"head takes their input unpooled ({'x'.join(map(str, cut.shape))}); the run is a model "
+                 "(model.json + model.safetensors)" if cfg.unpooled else "")),
              ("data", f"`{cfg.data}` ({len(prep.data.classes)} classes; data fingerprint `{prep.fingerprint[:16]}`)"),
              ("examples", f"train {counts['train']}, val {counts['val']}, test {counts['test']}"
                           + (f"; {st.skipped} unreadable skipped" if st.skipped else "")),

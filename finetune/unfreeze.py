@@ -71,11 +71,11 @@ RUN_FILES = ("model.json", "model.safetensors", "run.json")
 class FrozenPart(Extractor):
     """The backbone up to its last N blocks: its activations, flattened, are the cached "features"."""
 
-    def __init__(self, backbone: str, unfreeze: int, device: str = "auto"):
+    def __init__(self, backbone: str, unfreeze: int, device: str = "auto", flag: str = "--unfreeze"):
         self.base = BackboneExtractor(backbone, device=device)
         runner = self.base.runner
         if not hasattr(runner.network, "module") or not hasattr(runner.network.module, "body"):
-            raise BackboneError(f"--unfreeze needs a classifier backbone on PyTorch; {backbone!r} is not one.")
+            raise BackboneError(f"{flag} needs a classifier backbone on PyTorch; {backbone!r} is not one.")
         self.runner = runner
         self.module = runner.network.module          # FeaturesAndLogits: body + the zoo's own head
         self.device = runner.device
@@ -84,7 +84,7 @@ class FrozenPart(Extractor):
         except NoBlocks as exc:
             raise BackboneError(str(exc)) from None
         if unfreeze > self.chain.count:
-            raise BackboneError(f"--unfreeze {unfreeze}: {backbone} has {self.chain.count} "
+            raise BackboneError(f"{flag} {unfreeze}: {backbone} has {self.chain.count} "
                                 f"{describe_blocks(backbone)}; give at most {self.chain.count}.")
         self.unfreeze = unfreeze
         self.frozen, self.trainable = self.chain.split(unfreeze)

@@ -135,9 +135,18 @@ class NoBlocks(ValueError):
 def chain_of(model: str, body: Any) -> Chain:
     """The chain of ``model``'s body (the zoo name of the model it was built from)."""
     if model not in BLOCKS:
-        raise NoBlocks(f"--unfreeze is not available for {model!r}: vfm knows the blocks of "
+        raise NoBlocks(f"--unfreeze and --unpooled are not available for {model!r}: vfm knows the blocks of "
                        f"{', '.join(sorted(BLOCKS))}.")
     return BLOCKS[model][1](body)
+
+
+def unpooled_body(model: str, body: Any, n: int) -> Any:
+    """``model``'s body cut before its last ``n`` blocks, its output flattened: the module of a model made by
+    ``vfm finetune train --unpooled N`` (the same chain of stages, so the state dict's keys match)."""
+    from torch import nn
+
+    frozen, _ = chain_of(model, body).split(n)
+    return nn.Sequential(frozen, nn.Flatten(1))
 
 
 def describe_blocks(model: str) -> str:

@@ -1,4 +1,6 @@
-"""Published models: classifiers fine-tuned by ``vfm finetune train --unfreeze N``, in a models folder.
+"""Published models: classifiers made by ``vfm finetune train --unfreeze N`` (the base's last N blocks trained with
+a head) or ``--unpooled N`` (the base cut before its last N blocks, a head on its unpooled activations), in a models
+folder.
 
 A published model is a folder ``<models dir>/<name>/`` holding two files::
 
@@ -9,7 +11,8 @@ A published model is a folder ``<models dir>/<name>/`` holding two files::
 The registry registers each such folder under its name as it imports the families (reading the
 small JSON files only: no torch), so ``load_model(name)``, ``vfm predict NAME``, ``vfm export NAME``
 and the service's ``model: NAME`` take it like any zoo model. Its network is the base's, built
-with a random init and the head swapped for the fine-tuned one, then loaded from the safetensors:
+with a random init, cut where model.json's ``unpooled`` says (when it does), the head swapped for the trained one,
+then loaded from the safetensors:
 the same ``Classifier`` runner, ONNX export and HTTP routes as its base.
 
 Where the folders are looked for, in order: folders added with ``use_models_dir`` (the service's
@@ -137,8 +140,10 @@ def published_spec(folder: str | Path) -> ModelSpec:
     meta = read_meta(folder)
     metrics = meta.get("metrics") or {}
     acc = metrics.get("test_accuracy")
-    description = (f"{meta['base']} fine-tuned (last {meta.get('unfreeze', '?')} block(s) + {meta['head'].get('type')} "
-                   f"head) on {(meta.get('data') or {}).get('spec', '?')}"
+    what = (f"cut before its last {meta['unpooled']} block(s), a {meta['head'].get('type')} head on the unpooled "
+            "activations" if meta.get("unpooled") else
+            f"fine-tuned (last {meta.get('unfreeze', '?')} block(s) + {meta['head'].get('type')} head)")
+    description = (f"{meta['base']} {what} on {(meta.get('data') or {}).get('spec', '?')}"
                    + (f", test accuracy {acc:.4f}" if isinstance(acc, (int, float)) else "") + f"; published in {folder}")
     return ModelSpec(name=folder.name, task="classify", family="classification", builder=build_published,
                      weights=LocalWeights(folder), preprocess=_preprocess(meta, folder / JSON_NAME),
@@ -168,6 +173,16 @@ def network_module(meta: dict[str, Any]) -> Any:
         raise InvalidModel(f"model.json: base {meta['base']!r} is not a model of this vfm's zoo.")
     runner = build_torch_runner(base, "cpu", "random")
     module = runner.network.module
+    if meta.get("unpooled") is not None:  # `vfm finetune train --unpooled N`: the body stops before its last N blocks
+        from .blocks import NoBlocks, unpooled_body
+
+        n = meta["unpooled"]
+        try:
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                raise ValueError(f"give a whole number of blocks, at least 1, not {n!r}")
+            module.body = unpooled_body(meta["base"], module.body, n)
+        except (NoBlocks, ValueError) as exc:
+            raise InvalidModel(f"model.json: unpooled: {exc}") from None
     module.head = head_module(meta)
     return module
 

@@ -35,6 +35,7 @@ def test_a_diverged_learning_rate_is_reported_as_diverged(digits, tmp_path, caps
     out = capsys.readouterr().out
     line = next(text for text in out.splitlines() if "lr1e+38" in text)
     assert "diverged at epoch 1" in line and "-1.0000" not in line and "val" not in line.split("lr1e+38")[1]
+    assert "try a smaller --lr" in line
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     diverged = next(h for h in run["heads"] if h["name"].endswith("lr1e+38_wd0"))
     assert diverged["val_accuracy"] is None and diverged["test_accuracy"] is None and diverged["stopped"] == "diverged"
@@ -42,6 +43,17 @@ def test_a_diverged_learning_rate_is_reported_as_diverged(digits, tmp_path, caps
     report = (tmp_path / "run" / "report.md").read_text()
     row = next(text for text in report.splitlines() if "lr1e+38" in text)
     assert "-1.0000" not in row and "| - | - | - | - | diverged |" in row
+
+
+def test_a_diverged_lbfgs_fit_names_its_own_remedy() -> None:
+    """lbfgs has no --lr: a fit whose loss became infinite (a weak weight decay on separable features) is told to
+    use a larger weight decay."""
+    from vfm.finetune.cli import head_outcome
+    from vfm.finetune.report import HeadSummary
+
+    line = head_outcome(HeadSummary("linear_ce_lbfgs_wd3.7e-05", "wd 3.7e-05", None, None, None, None, "diverged",
+                                    [{}]))
+    assert line == "diverged at epoch 1 (its loss became infinite; try a larger weight decay (a smaller --C))"
 
 
 def test_eval_update_records_the_new_metrics_where_the_service_reads_them(digits, tmp_path, capsys):

@@ -19,25 +19,13 @@ from vfm.finetune.config import ConfigError, TrainConfig
 FASHION = "idx:/usr/share/datasets/fashion-mnist"
 COMMON = dict(head="linear", lrs="0.01", epochs=10, limit=300, seed=0)
 
-
-@pytest.fixture(autouse=True)
-def forget_published_models():
-    """Models a test publishes are registered in this process; unregister them after it."""
-    from vfm.models import list_models, published
-    from vfm.models.registry import unregister
-
-    before = set(list_models())
-    yield
-    for name in set(list_models()) - before:
-        unregister(name)
-        published._published.pop(name, None)
+pytestmark = pytest.mark.usefixtures("forget_published_models")
 
 
 def _features(cache: Path):
     from vfm.finetune.config import FeatureOptions
 
     return FeatureOptions(device="cpu", cache_dir=cache, progress=False)
-
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory):
