@@ -130,22 +130,20 @@ def deployment_title(served: str, app: str = "vfm") -> str:
     return f"ray::ServeReplica:{app}:model_" + re.sub(r"[^A-Za-z0-9_-]", "_", served)
 
 
+def _is_actor(title: str, actor: str) -> bool:
+    """Whether a process title is ``actor``'s: Ray titles an actor's process with its name while it is idle and with
+    ``name.method`` while a call runs (a replica answering, or running its health check), so both count."""
+    return title == actor or title.startswith(actor + ".")
+
+
 def replica_pids(served: str) -> list[int]:
     """The live replica processes of a served model, among this test session's processes."""
     title = deployment_title(served)
-    pids = []
-    for pid in descendants(os.getpid()):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace").strip()
-        except OSError:
-            continue
-        if cmdline == title:
-            pids.append(pid)
-    return pids
+    return [pid for pid in descendants(os.getpid()) if _is_actor(_title(pid), title)]
 
 
 def ingress_pid() -> int:
-    pids = [pid for pid in descendants(os.getpid()) if _title(pid) == "ray::ServeReplica:vfm:ingress"]
+    pids = [pid for pid in descendants(os.getpid()) if _is_actor(_title(pid), "ray::ServeReplica:vfm:ingress")]
     assert len(pids) == 1, pids
     return pids[0]
 
