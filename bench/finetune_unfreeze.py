@@ -58,6 +58,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--epochs", type=int, default=30, help="the frozen MLP's epochs (default 30)")
     p.add_argument("--unfreeze", type=int, default=1, help="blocks to train (default 1)")
+    p.add_argument("--unpooled", type=int, help="the --unfreeze run's head takes the trained blocks' output unpooled, "
+                   "the body cut before its last K blocks (`--unfreeze N --unpooled K`; default: pooled features)")
     p.add_argument("--unfreeze-epochs", type=int, default=8, help="epochs of the --unfreeze run (default 8)")
     p.add_argument("--lr", default="0.01", help="the --unfreeze run's head rate(s) (default 0.01; blocks: a tenth)")
     p.add_argument("--backbone-lr", type=float, help="the blocks' rate (default: the head's / 10)")
@@ -90,6 +92,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def frozen_blocks(args: argparse.Namespace) -> int:
+    """How many of the last blocks the --unfreeze run's cached activations leave out (--unfreeze N --unpooled K: N+K)."""
+    return args.unfreeze + (args.unpooled or 0)
+
+
+def run_flags(args: argparse.Namespace) -> str:
+    return f"--unfreeze {args.unfreeze}" + ("" if args.unpooled is None else f" --unpooled {args.unpooled}")
+
+
 def through_blocks(part: Any, acts: Any) -> Any:
     """``part``'s trainable blocks (as they are now) on flattened cached activations, 256 at a time: the features."""
     import torch
@@ -115,7 +126,7 @@ def frozen_mlp(args: argparse.Namespace, cache: Path, hidden: tuple[int, ...]) -
     data = open_dataset(args.data)
     splits = make_splits(data, (0.8, 0.1, 0.1), args.seed, args.limit)
     union = splits.union()
-    part = FrozenPart(args.backbone, args.unfreeze, args.device)
+    part = FrozenPart(args.backbone, frozen_blocks(args), args.device)
     acts = extract_features(data.source.subset(union), part, cache, progress=False)
     assert acts.stats.cached == len(union), "the --unfreeze run should have cached every activation"
     feats = through_blocks(part, torch.from_numpy(acts.features)).numpy()
@@ -141,7 +152,7 @@ def unpooled_run(args: argparse.Namespace, cache: Path, out: Path) -> tuple[floa
     t0 = time.perf_counter()
     features = FeatureOptions(device=args.device, cache_dir=cache, threads=args.threads, progress=False)
     run = train_run(TrainConfig(args.backbone, args.data, out=out, limit=args.limit, seed=args.seed, head="linear",
-                                optimizer="lbfgs", cs=LBFGS_GRID_CS, unpooled=args.unfreeze, features=features))
+                                optimizer="lbfgs", cs=LBFGS_GRID_CS, unpooled=frozen_blocks(args), features=features))
     assert run.stats.cached == run.stats.total, "the --unfreeze run should have cached every activation"
     module = network_module(read_meta(out))
     load_into(module, out / TENSORS_NAME, out.name)
@@ -160,6 +171,7 @@ def whole_test_split(args: argparse.Namespace, cache: Path, part: Any, frozen_he
 
     from vfm.finetune.data import open_dataset
     from vfm.finetune.features import extract_features
+    from vfm.finetune.unfreeze import FrozenPart
     from vfm.models.checkpoints import load_into
     from vfm.models.published import TENSORS_NAME, head_module, read_meta
 
@@ -174,6 +186,8 @@ def whole_test_split(args: argparse.Namespace, cache: Path, part: Any, frozen_he
     frozen_acc = float(np.mean(frozen_head.predict(through_blocks(part, x).numpy()) == y))
     with torch.no_grad():
         map_acc = float(np.mean(map_head(x).argmax(dim=1).numpy() == y))
+    if args.unpooled is not None:  # the model's body is cut (its frozen part's activations are the same ones)
+        part = FrozenPart(args.backbone, args.unfreeze, args.device, unpooled=args.unpooled)
     head = head_module(read_meta(run))
     part.module.head = head
     load_into(part.module, run / TENSORS_NAME, run.name)  # the trained blocks (part.trainable's modules) and head
@@ -218,7 +232,7 @@ def main(args: argparse.Namespace, seeds: list[int]) -> int:
               f"run {slowest / 60:.1f} min (goal: mean >= +{100 * GOAL_POINTS:.0f} points, every run within "
               f"{GOAL_SECONDS // 60} min): {'met' if ok else 'NOT met'}")
         unpooled = [g for _, _, g in results]
-        print(f"reference, --unpooled {args.unfreeze} - frozen mlp: " + ", ".join(f"{100 * g:+.1f}" for g in unpooled)
+        print(f"reference, --unpooled {frozen_blocks(args)} - frozen mlp: " + ", ".join(f"{100 * g:+.1f}" for g in unpooled)
               + f" points; mean {100 * statistics.fmean(unpooled):+.1f}")
     return 0
 
@@ -241,7 +255,7 @@ def run_one(args: argparse.Namespace, test_cache: Path) -> tuple[float, float, f
         t0 = time.perf_counter()
         unfrozen = unfreeze_run(TrainConfig(args.backbone, args.data, out=Path(tmp) / "unfrozen", limit=args.limit,
                                             seed=args.seed, head=args.head, hidden=hidden if args.head == "mlp" else None,
-                                            unfreeze=args.unfreeze,
+                                            unfreeze=args.unfreeze, unpooled=args.unpooled,
                                             epochs=args.unfreeze_epochs, lrs=args.lr, features=features,
                                             backbone_lr=args.backbone_lr, weight_decay=args.weight_decay,
                                             views=args.views, augment=args.augment,
@@ -273,9 +287,9 @@ def run_one(args: argparse.Namespace, test_cache: Path) -> tuple[float, float, f
         + (f", {args.head} head" if args.head != "mlp" else "")
     print(f"{'run':64s} {'test acc':>8s} {'wall s':>8s}")
     print(f"{'frozen features, ' + frozen_name + ' (features from the cache)':64s} {frozen_acc:8.4f} {frozen_s:8.1f}")
-    print(f"{'--unfreeze ' + str(args.unfreeze) + extra + ', ' + unfrozen.chosen:64s} "
+    print(f"{run_flags(args) + extra + ', ' + unfrozen.chosen:64s} "
           f"{unfrozen.evaluation.accuracy:8.4f} {unfrozen_s:8.1f}")
-    print(f"{'reference, no block trained: --unpooled ' + str(args.unfreeze) + ', ' + map_name:64s} {map_acc:8.4f} "
+    print(f"{'reference, no block trained: --unpooled ' + str(frozen_blocks(args)) + ', ' + map_name:64s} {map_acc:8.4f} "
           f"{map_s:8.1f}")
     chosen = next(h for h in unfrozen.heads if h.name == unfrozen.chosen)
     print(f"\n{unfrozen.chosen} ({chosen.setting}), by epoch (best {chosen.best_epoch}):")
@@ -286,11 +300,11 @@ def run_one(args: argparse.Namespace, test_cache: Path) -> tuple[float, float, f
         print(f"\n{on}: {100 * gain:+.1f} points")
         frozen_whole, unfrozen_whole, map_whole, n = whole
         on = f"all {n} images of the data's test split"
-        print(f"{on}: frozen mlp {frozen_whole:.4f}, --unfreeze {args.unfreeze} {unfrozen_whole:.4f}; reference, the "
-              f"--unpooled {args.unfreeze} linear head {map_whole:.4f}")
+        print(f"{on}: frozen mlp {frozen_whole:.4f}, {run_flags(args)} {unfrozen_whole:.4f}; reference, the "
+              f"--unpooled {frozen_blocks(args)} linear head {map_whole:.4f}")
         gain, unpooled_gain = unfrozen_whole - frozen_whole, map_whole - frozen_whole
     ok = gain >= GOAL_POINTS and unfrozen_s <= GOAL_SECONDS
-    print(f"\n--unfreeze {args.unfreeze} - frozen mlp: {100 * gain:+.1f} points of test accuracy ({on}); the --unfreeze run "
+    print(f"\n{run_flags(args)} - frozen mlp: {100 * gain:+.1f} points of test accuracy ({on}); the --unfreeze run "
           f"took {unfrozen_s / 60:.1f} min with its extraction (goal: >= +{100 * GOAL_POINTS:.0f} points within "
           f"{GOAL_SECONDS // 60} min): {'met' if ok else 'NOT met'}")
     return gain, unfrozen_s, unpooled_gain

@@ -176,8 +176,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     _choice(g, T, "batch_norm", BATCH_NORMS, help="--unfreeze: the blocks' batch norm keeps the pre-trained "
             f"statistics (frozen) or trains on the batches' (train) (default {_default(T, 'batch_norm')})")
     _field(g, T, "unpooled", type=_INT, metavar="N", help="train the head (linear or mlp) on the activations that "
-           "enter the backbone's last N blocks, unpooled and flattened; the model is the backbone cut there plus the "
-           "head. Where the classes differ in where things are, this beats pooled features, trained blocks or not "
+           "enter the backbone's last N blocks (0: its last block's output), unpooled and flattened; the model is the "
+           "backbone cut there plus the head. With --unfreeze M the M blocks before the cut train with the head. Where the classes differ in where things are, this beats pooled features, trained blocks or not "
            "(Fashion-MNIST: README)")
     g = _add_feature_arguments(p)
     _field(g, T, "normalize", action="store_true", help="L2-normalise the backbone's features (recorded in "
@@ -214,7 +214,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_eval)
     E = EvalConfig
     p.add_argument("run", nargs="?", metavar="RUN", help="a run folder, or any folder with head.json and "
-                   "head.safetensors")
+                   "head.safetensors, or a model run's (--unfreeze / --unpooled: model.json and model.safetensors)")
     _field(p, E, "data", metavar="SPEC", help="data spec, as for train (required)")
     _choice(p, E, "subset", SUBSETS, help="test: the data's own test split; all; auto (default): test when the "
             "data has one, else all")
@@ -223,7 +223,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     _field(p, E, "delta", type=_FLOAT, metavar="D", help="the bound holds with probability 1 - D "
            f"(default {_default(E, 'delta')})")
     _field(p, E, "out", type=Path, metavar="DIR", help="report folder (default RUN/eval-<data>)")
-    _field(p, E, "update", action="store_true", help="record the new metrics in RUN/head.json, which the service lists "
+    _field(p, E, "update", action="store_true", help="record the new metrics in RUN/head.json (a model run's: model.json), which the service lists "
            "(GET /v1/heads) once published or reloaded; the training's metrics are kept as training_metrics")
     _add_feature_arguments(p)
 
@@ -299,7 +299,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"chosen on validation: {summary.chosen}; test accuracy {ev.accuracy:.4f}")
     print(ev.bound_sentence())
     print(f"report: {summary.out / 'report.md'}")
-    if cfg.unfreeze or cfg.unpooled:
+    if cfg.unfreeze or cfg.unpooled is not None:
         print(f"a model: `vfm finetune publish {summary.out} --name NAME`, then `vfm predict NAME IMAGE`")
     return 0
 
@@ -312,6 +312,8 @@ def head_outcome(h: Any) -> str:
     text = f"val {h.val_accuracy:.4f}  test {h.test_accuracy:.4f}"
     if h.stopped == "diverged":
         return f"{text}  (diverged at epoch {len(h.history)}; its best epoch, {h.best_epoch}, is kept)"
+    if h.stopped == "collapsed":
+        return f"{text}  (collapsed: it answers one class for every validation image; try a smaller --lr or --backbone-lr)"
     return text + (f"  ({h.stopped})" if h.stopped else "")
 
 

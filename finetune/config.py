@@ -383,11 +383,9 @@ class TrainConfig:
             raise ConfigError("--unfreeze trains with one --weight-decay; give a single value")
 
     def _check_unpooled(self) -> None:
-        self.unpooled = check_optional("--unpooled", self.unpooled, int, low=1)
+        self.unpooled = check_optional("--unpooled", self.unpooled, int, low=0)
         if self.unpooled is None:
             return
-        if self.unfreeze is not None:
-            raise ConfigError("--unpooled trains a head on frozen activations, --unfreeze trains blocks: give one")
         if self.head == "knn":
             raise ConfigError("--unpooled writes a model with a trained head: use --head linear or mlp")
         for name, given in (("resume", self.resume), ("normalize", self.normalize),

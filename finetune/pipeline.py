@@ -85,7 +85,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
                         "squared, or keep two classes with --classes A,B.")
     splits = make_splits(data, cfg.split, cfg.seed, cfg.limit)
     feat = cfg.features
-    if cfg.unpooled:  # the activations entering the last N blocks, flattened (cached under their own key)
+    if cfg.unpooled is not None:  # the activations entering the last N blocks, flattened (cached under their own key)
         from .unfreeze import FrozenPart
 
         extractor: Extractor = FrozenPart(cfg.backbone, cfg.unpooled, feat.device, "--unpooled")
@@ -155,7 +155,7 @@ def train_run(cfg: TrainConfig) -> RunSummary:
     ev = evaluate(prep.y["test"], pred, classes, cfg.delta)
     counts = prep.splits.counts()
     meta = _head_meta(cfg, prep, summaries, chosen_idx, ev, None if cfg.head == "knn" else result.runs[chosen_idx])
-    if cfg.unpooled:
+    if cfg.unpooled is not None:
         _write_unpooled_model(cfg, prep, head, meta)
     else:
         save_head(head, cfg.out, meta)
@@ -178,16 +178,15 @@ def _write_unpooled_model(cfg: TrainConfig, prep: Prepared, head: Any, head_meta
     from vfm.models.blocks import unpooled_body
     from vfm.models.published import write_model
 
+    from .unfreeze import model_identity
+
     part = prep.extractor
+    identity = model_identity(cfg.out, part, head, part.feature_dim, unpooled=cfg.unpooled,
+                              activations_shape=list(part.shape))  # its weights' digest: before the cut
     module = part.module  # the run's own copy of the backbone: nothing else uses it after the extraction
     module.body = unpooled_body(cfg.backbone, module.body, cfg.unpooled)
     module.head = head
-    meta = {"name": cfg.out.name, "base": cfg.backbone, "task": "classify", "labels": list(head.labels),
-            "preprocess": part.runner.spec.preprocess.to_json(), "feature_dim": part.feature_dim,
-            "head": head.config(), "unpooled": cfg.unpooled, "activations_shape": list(part.shape),
-            "base_weights_sha256": part.base.key()["weights_sha256"], "training": head_meta["training"],
-            "metrics": head_meta["metrics"], "data": head_meta["data"], "created": head_meta["created"],
-            "vfm_version": head_meta["vfm_version"]}
+    meta = {**identity, "training": head_meta["training"], "metrics": head_meta["metrics"], "data": head_meta["data"]}
     write_model(cfg.out, module.state_dict(), to_jsonable(meta))
 
 
@@ -241,7 +240,7 @@ def _config_json(cfg: TrainConfig, for_digest: bool = False) -> dict[str, Any]:
     out = {"backbone": cfg.backbone, "data": cfg.data, "head": cfg.head, "split": list(cfg.split), "seed": cfg.seed,
            "limit": cfg.limit, "classes": list(cfg.classes) if cfg.classes else None, "normalize": cfg.normalize,
            "delta": cfg.delta}
-    if cfg.unpooled:
+    if cfg.unpooled is not None:
         out["unpooled"] = cfg.unpooled
     if cfg.head == "knn":
         out.update(k=list(cfg.knn.ks), metric=cfg.knn.metric)
@@ -288,7 +287,7 @@ def _facts(cfg: TrainConfig, prep: Prepared, counts: dict[str, int], chosen: str
     facts = [("backbone", f"`{cfg.backbone}`" + (" (L2-normalised embed)" if cfg.normalize else "")
               + (f", cut before its last {cfg.unpooled} of {cut.chain.count} {describe_blocks(cfg.backbone)}: the "
                  f"head takes their input unpooled ({'x'.join(map(str, cut.shape))}); the run is a model "
-                 "(model.json + model.safetensors)" if cfg.unpooled else "")),
+                 "(model.json + model.safetensors)" if cfg.unpooled is not None else "")),
              ("data", f"`{cfg.data}` ({len(prep.data.classes)} classes; data fingerprint `{prep.fingerprint[:16]}`)"),
              ("examples", f"train {counts['train']}, val {counts['val']}, test {counts['test']}"
                           + (f"; {st.skipped} unreadable skipped" if st.skipped else "")),

@@ -45,7 +45,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from vfm.models.blocks import NoBlocks, chain_of, describe_blocks
+from vfm.models.blocks import NoBlocks, chain_of, describe_blocks, unpooled_chain
 from vfm.models.checkpoints import atomic_write_bytes
 from vfm.models.errors import UsageError
 from vfm.models.heads import LinearHead, MLPHead, to_jsonable
@@ -69,9 +69,14 @@ RUN_FILES = ("model.json", "model.safetensors", "run.json")
 
 
 class FrozenPart(Extractor):
-    """The backbone up to its last N blocks: its activations, flattened, are the cached "features"."""
+    """The backbone up to its last N blocks: its activations, flattened, are the cached "features".
 
-    def __init__(self, backbone: str, unfreeze: int, device: str = "auto", flag: str = "--unfreeze"):
+    With ``unpooled=K`` the body is first cut before its last K blocks, its output flattened
+    (``vfm.models.blocks.unpooled_body``, as ``--unpooled K`` cuts it): the trainable part is then the N blocks before
+    the cut and the flatten, so the head sees their output unpooled (``--unfreeze N --unpooled K``)."""
+
+    def __init__(self, backbone: str, unfreeze: int, device: str = "auto", flag: str = "--unfreeze",
+                 unpooled: int | None = None):
         self.base = BackboneExtractor(backbone, device=device)
         runner = self.base.runner
         if not hasattr(runner.network, "module") or not hasattr(runner.network.module, "body"):
@@ -83,11 +88,19 @@ class FrozenPart(Extractor):
             self.chain = chain_of(backbone, self.module.body)
         except NoBlocks as exc:
             raise BackboneError(str(exc)) from None
-        if unfreeze > self.chain.count:
-            raise BackboneError(f"{flag} {unfreeze}: {backbone} has {self.chain.count} "
-                                f"{describe_blocks(backbone)}; give at most {self.chain.count}.")
-        self.unfreeze = unfreeze
-        self.frozen, self.trainable = self.chain.split(unfreeze)
+        count, split_from = self.chain.count, self.chain
+        if unpooled is not None:
+            if unfreeze + unpooled > count:
+                raise BackboneError(f"--unfreeze {unfreeze} --unpooled {unpooled}: {backbone} has {count} "
+                                    f"{describe_blocks(backbone)}; the two together may be at most {count}.")
+            self.base.key()  # before the cut: random weights are identified by what the whole network computes
+            self.module.body, split_from = unpooled_chain(backbone, self.module.body, unpooled)
+        elif unfreeze > count:
+            raise BackboneError(f"{flag} {unfreeze}: {backbone} has {count} "
+                                f"{describe_blocks(backbone)}; give at most {count}.")
+        self.unfreeze, self.unpooled = unfreeze, unpooled
+        self.frozen_blocks = unfreeze + (unpooled or 0)  # the frozen part: all blocks but the last this many
+        self.frozen, self.trainable = split_from.split(unfreeze)
         self.frozen.eval()
         size = runner.spec.preprocess.size
         side = (size, size) if isinstance(size, int) else tuple(size)
@@ -97,13 +110,19 @@ class FrozenPart(Extractor):
         self._frozen = copy.deepcopy(self.frozen).to(memory_format=self._format)
         with torch.inference_mode():
             probe = self.activations(torch.zeros(1, 3, *side, device=self.device))
-        self.shape = tuple(int(s) for s in probe.shape[1:])
-        self.feature_dim = int(np.prod(self.shape))
-        self.name = f"{backbone}-frozen-but-{unfreeze}"
+            self.shape = tuple(int(s) for s in probe.shape[1:])
+            self.feature_dim = int(np.prod(self.shape))
+            if unpooled is None:  # the trainable part's output: the backbone's pooled features
+                self.out_dim, self.out_shape = int(runner.feature_dim), (int(runner.feature_dim),)
+            else:  # the blocks before the cut, unpooled: the shape they give, flattened
+                mapped = self.trainable[:-1](probe) if unfreeze else probe
+                self.out_shape = tuple(int(s) for s in mapped.shape[1:])
+                self.out_dim = int(np.prod(self.out_shape))
+        self.name = f"{backbone}-frozen-but-{self.frozen_blocks}"
 
-    def key(self) -> dict[str, Any]:
-        return {**self.base.key(), "activations": f"all but the last {self.unfreeze} {describe_blocks(self.base.name)}",
-                "shape": list(self.shape)}
+    def key(self) -> dict[str, Any]:  # the same activations as --unfreeze / --unpooled of frozen_blocks share a key
+        return {**self.base.key(), "activations": f"all but the last {self.frozen_blocks} "
+                                                  f"{describe_blocks(self.base.name)}", "shape": list(self.shape)}
 
     def inputs(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         return torch.from_numpy(preprocess_batch(list(images), self.runner.spec.preprocess)).to(self.device)
@@ -197,7 +216,7 @@ class _Trainer:
         self.views = views  # [V, N, D]: the cached activations of V augmented views of each training image
         self.train_images, self.classes = train_images, classes
         self.start_blocks = copy.deepcopy(part.trainable.state_dict())
-        self.feature_dim = int(part.runner.feature_dim)
+        self.feature_dim = part.out_dim
         with torch.no_grad():  # the head standardises with the pre-trained features' mean and std
             feats = self.features(acts["train"], grad=False)
         self.train_features = feats  # --head-epochs: the head alone trains on these first
@@ -373,11 +392,21 @@ def _check_out(cfg: TrainConfig) -> None:
         (cfg.out / name).unlink(missing_ok=True)
 
 
-def unfreeze_run(cfg: TrainConfig) -> RunSummary:
-    """Train ``cfg.unfreeze`` blocks of ``cfg.backbone`` with a head; write the model and report in ``cfg.out``."""
+def model_identity(out: Path, part: FrozenPart, head: Any, feature_dim: int, **cut: Any) -> dict[str, Any]:
+    """What a model run's model.json (``vfm.models.published``) says of the model, whichever flags made it: name, base,
+    labels, preprocessing, head, ``cut`` (unfreeze, unpooled, activations_shape), the base weights' digest, when."""
     from datetime import datetime, timezone
 
     from vfm import __version__
+
+    return {"name": out.name, "base": part.base.name, "task": "classify", "labels": list(head.labels),
+            "preprocess": part.runner.spec.preprocess.to_json(), "feature_dim": feature_dim, "head": head.config(),
+            **cut, "base_weights_sha256": part.base.key()["weights_sha256"],
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "vfm_version": __version__}
+
+
+def unfreeze_run(cfg: TrainConfig) -> RunSummary:
+    """Train ``cfg.unfreeze`` blocks of ``cfg.backbone`` with a head; write the model and report in ``cfg.out``."""
     from vfm.models.published import write_model
 
     assert cfg.unfreeze and cfg.settings is not None
@@ -388,7 +417,7 @@ def unfreeze_run(cfg: TrainConfig) -> RunSummary:
     if cfg.classes:
         data = data.select_classes(cfg.classes)
     splits = make_splits(data, cfg.split, cfg.seed, cfg.limit)
-    part = FrozenPart(cfg.backbone, cfg.unfreeze, cfg.features.device)
+    part = FrozenPart(cfg.backbone, cfg.unfreeze, cfg.features.device, unpooled=cfg.unpooled)
     union = splits.union()
     feats = extract_features(data.source.subset(union), part, cfg.features.cache_folder(),
                              cfg.features.extract_batch_size, cfg.features.progress)
@@ -417,7 +446,16 @@ def unfreeze_run(cfg: TrainConfig) -> RunSummary:
         states.append((blocks, head))
     if all(r.best_epoch < 0 for r in runs):
         raise RuntimeError("every run diverged (its loss became infinite); use smaller --lr / --backbone-lr values.")
-    chosen = choose_best(runs)
+    for hr, (blocks, head) in zip(runs, states):  # a rate too high can also leave the loss finite and the model flat
+        if hr.best_epoch >= 0 and len(classes) > 1:
+            part.trainable.load_state_dict(blocks)
+            if len(np.unique(trainer.evaluate(head, "val")[2])) == 1:
+                hr.stopped = "collapsed"
+    usable = [i for i, r in enumerate(runs) if r.best_epoch >= 0 and r.stopped != "collapsed"]
+    if not usable:
+        raise RuntimeError("every run collapsed (its best state answers one class for every validation image) or "
+                           "diverged; use smaller --lr / --backbone-lr values.")
+    chosen = usable[choose_best([runs[i] for i in usable])]
     summaries = []
     for hr, (blocks, head) in zip(runs, states):
         part.trainable.load_state_dict(blocks)
@@ -443,16 +481,14 @@ def unfreeze_run(cfg: TrainConfig) -> RunSummary:
                 **s.to_json()}
     metrics = {"val_accuracy": summaries[chosen].val_accuracy, "test_accuracy": ev.accuracy, "test_error": ev.error,
                "test_k": ev.k, "delta": ev.delta, "test_error_bound": ev.bound, "bound": ev.bound_sentence()}
-    meta = {"name": cfg.out.name, "base": cfg.backbone, "task": "classify", "labels": list(classes),
-            "preprocess": part.runner.spec.preprocess.to_json(), "feature_dim": trainer.feature_dim,
-            "head": head.config(), "unfreeze": cfg.unfreeze, "base_weights_sha256": part.base.key()["weights_sha256"],
+    cut = {} if cfg.unpooled is None else {"unpooled": cfg.unpooled, "activations_shape": list(part.out_shape)}
+    meta = {**model_identity(cfg.out, part, head, trainer.feature_dim, unfreeze=cfg.unfreeze, **cut),
             "training": training, "metrics": metrics,
             "data": {"spec": cfg.data, "fingerprint": fingerprint, "counts": counts, "split": list(cfg.split),
                      "limit": cfg.limit, "classes": list(cfg.classes) if cfg.classes else None,
-                     "skipped_unreadable": feats.stats.skipped},
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "vfm_version": __version__}
+                     "skipped_unreadable": feats.stats.skipped}}
     write_model(cfg.out, part.module.state_dict(), to_jsonable(meta))
-    run_json = {"config": {"backbone": cfg.backbone, "data": cfg.data, "unfreeze": cfg.unfreeze,
+    run_json = {"config": {"backbone": cfg.backbone, "data": cfg.data, "unfreeze": cfg.unfreeze, "unpooled": cfg.unpooled,
                            "backbone_lr": cfg.backbone_lr, "augment": cfg.augment, "views": cfg.views,
                            "label_smoothing": cfg.label_smoothing, "batch_norm": cfg.batch_norm, "head_epochs": cfg.head_epochs,
                            "mixup": cfg.mixup, "split": list(cfg.split),
@@ -466,8 +502,14 @@ def unfreeze_run(cfg: TrainConfig) -> RunSummary:
                 "seconds": time.perf_counter() - t0}
     atomic_write_bytes(cfg.out / "run.json", (json.dumps(to_jsonable(run_json), indent=2) + "\n").encode())
     st = feats.stats
-    facts = [("model", f"`{cfg.backbone}`, last {cfg.unfreeze} of {part.chain.count} {describe_blocks(cfg.backbone)} "
-                       f"trained with a {s.head} head (model.json + model.safetensors)"),
+    kind, count = describe_blocks(cfg.backbone), part.chain.count
+    if cfg.unpooled:
+        what = (f"cut before its last {cfg.unpooled} of {count} {kind}, the {cfg.unfreeze} before the cut trained with a "
+                f"{s.head} head on their output unpooled ({'x'.join(map(str, part.out_shape))})")
+    else:
+        what = (f"last {cfg.unfreeze} of {count} {kind} trained with a {s.head} head" + (
+            "" if cfg.unpooled is None else f" on their output unpooled ({'x'.join(map(str, part.out_shape))})"))
+    facts = [("model", f"`{cfg.backbone}`, {what} (model.json + model.safetensors)"),
              ("data", f"`{cfg.data}` ({len(classes)} classes; data fingerprint `{fingerprint[:16]}`)"),
              ("examples", f"train {counts['train']}, val {counts['val']}, test {counts['test']}"),
              ("frozen activations", f"{st.total} images, {st.cached} from cache, {st.computed} computed; shape "
@@ -484,9 +526,52 @@ def unfreeze_run(cfg: TrainConfig) -> RunSummary:
     notes = ["The blocks train in eval mode: batch-norm statistics stay the pre-trained ones." if cfg.batch_norm ==
              "frozen" else "The blocks' batch norm trains on batch statistics (and updates the running ones).",
              f"Publish: `vfm finetune publish {cfg.out} --name NAME`; then `vfm predict NAME IMAGE`."]
-    write_report(cfg.out, RunReport(f"Fine-tuning run {cfg.out.name} (--unfreeze {cfg.unfreeze})", facts, summaries,
+    flags = f"--unfreeze {cfg.unfreeze}" + ("" if cfg.unpooled is None else f" --unpooled {cfg.unpooled}")
+    write_report(cfg.out, RunReport(f"Fine-tuning run {cfg.out.name} ({flags})", facts, summaries,
                                     chosen, ev, notes))
     return RunSummary(cfg.out, summaries[chosen].name, ev, summaries, feats.stats, counts, None)
+
+
+def model_part(folder: Path, device: str = "auto") -> tuple[FrozenPart, torch.nn.Module, dict[str, Any]]:
+    """The model in ``folder`` (an ``--unfreeze`` / ``--unpooled`` run, or a published model) as (a FrozenPart with
+    its trained blocks loaded, its head, model.json): ``head(part.trainable(acts))`` is the model's logits on the
+    part's activations, which are cached and shared with the training runs of the same base and cut."""
+    from vfm.models.checkpoints import load_into
+    from vfm.models.errors import WeightsUnavailable
+    from vfm.models.published import TENSORS_NAME, InvalidModel, head_module, read_meta
+
+    meta = read_meta(folder)
+    unfreeze, unpooled = meta.get("unfreeze"), meta.get("unpooled")
+    for key, value in (("unfreeze", unfreeze), ("unpooled", unpooled)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise InvalidModel(f"{folder / 'model.json'}: {key}: give a whole number of blocks, not {value!r}")
+    if unpooled is None and not unfreeze:
+        raise InvalidModel(f"{folder / 'model.json'} says neither which blocks were trained (unfreeze) nor where the "
+                           "body is cut (unpooled).")
+    part = FrozenPart(meta["base"], unfreeze or 0, device, unpooled=unpooled)
+    digest = meta.get("base_weights_sha256")
+    if digest and part.base.key()["weights_sha256"] != digest:  # the frozen part computes with this machine's weights
+        raise BackboneError(f"the model in {folder} was trained on {meta['base']} weights {digest[:12]}... but this "
+                            f"machine's are {part.base.key()['weights_sha256'][:12]}...; its scores would mean nothing.")
+    head = head_module(meta)
+    part.module.head = head
+    try:
+        load_into(part.module, folder / TENSORS_NAME, folder.name)
+    except WeightsUnavailable as exc:
+        raise InvalidModel(str(exc)) from None
+    part.trainable.eval()
+    head.eval().to(part.device)
+    return part, head, meta
+
+
+def model_logits(part: FrozenPart, head: torch.nn.Module, acts: np.ndarray) -> np.ndarray:
+    """The model's logits on ``acts`` (the part's flattened activations), ``_EVAL_CHUNK`` rows at a time."""
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(acts), _EVAL_CHUNK):
+            chunk = torch.from_numpy(acts[i:i + _EVAL_CHUNK]).to(part.device).view(-1, *part.shape)
+            out.append(head(part.trainable(chunk)).float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, len(getattr(head, "labels", ()))), np.float32)
 
 
 def cmd_publish_model(args: argparse.Namespace) -> int:

@@ -141,12 +141,21 @@ def chain_of(model: str, body: Any) -> Chain:
 
 
 def unpooled_body(model: str, body: Any, n: int) -> Any:
-    """``model``'s body cut before its last ``n`` blocks, its output flattened: the module of a model made by
-    ``vfm finetune train --unpooled N`` (the same chain of stages, so the state dict's keys match)."""
+    """``model``'s body cut before its last ``n`` blocks (0: after its last block, before the pooling), its output
+    flattened: the module of a model made by ``vfm finetune train --unpooled N`` (the same chain of stages, so the
+    state dict's keys match)."""
+    return unpooled_chain(model, body, n)[0]
+
+
+def unpooled_chain(model: str, body: Any, n: int) -> tuple[Any, Chain]:
+    """(``unpooled_body(model, body, n)``, its chain): the stages up to the cut then the flatten, the blocks left
+    before the cut as its blocks, so ``split(m)`` of it gives what ``--unfreeze M --unpooled N`` freezes and trains."""
     from torch import nn
 
-    frozen, _ = chain_of(model, body).split(n)
-    return nn.Sequential(frozen, nn.Flatten(1))
+    chain = chain_of(model, body)
+    frozen, _ = chain.split(n)
+    cut = nn.Sequential(frozen, nn.Flatten(1))
+    return cut, Chain([*frozen, cut[1]], chain.first, chain.count - n)
 
 
 def describe_blocks(model: str) -> str:

@@ -140,9 +140,13 @@ def published_spec(folder: str | Path) -> ModelSpec:
     meta = read_meta(folder)
     metrics = meta.get("metrics") or {}
     acc = metrics.get("test_accuracy")
-    what = (f"cut before its last {meta['unpooled']} block(s), a {meta['head'].get('type')} head on the unpooled "
-            "activations" if meta.get("unpooled") else
-            f"fine-tuned (last {meta.get('unfreeze', '?')} block(s) + {meta['head'].get('type')} head)")
+    head, unpooled, unfreeze = meta["head"].get("type"), meta.get("unpooled"), meta.get("unfreeze")
+    if unpooled is None:
+        what = f"fine-tuned (last {unfreeze if unfreeze is not None else '?'} block(s) + {head} head)"
+    else:
+        what = (f"cut before its last {unpooled} block(s)" if unpooled else "cut before its pooling") \
+            + (f", the {unfreeze} block(s) before the cut fine-tuned with" if unfreeze else ",") \
+            + f" a {head} head on the unpooled activations"
     description = (f"{meta['base']} {what} on {(meta.get('data') or {}).get('spec', '?')}"
                    + (f", test accuracy {acc:.4f}" if isinstance(acc, (int, float)) else "") + f"; published in {folder}")
     return ModelSpec(name=folder.name, task="classify", family="classification", builder=build_published,
@@ -178,8 +182,8 @@ def network_module(meta: dict[str, Any]) -> Any:
 
         n = meta["unpooled"]
         try:
-            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-                raise ValueError(f"give a whole number of blocks, at least 1, not {n!r}")
+            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                raise ValueError(f"give a whole number of blocks, at least 0, not {n!r}")
             module.body = unpooled_body(meta["base"], module.body, n)
         except (NoBlocks, ValueError) as exc:
             raise InvalidModel(f"model.json: unpooled: {exc}") from None

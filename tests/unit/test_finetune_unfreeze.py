@@ -99,6 +99,10 @@ def test_the_published_model_loads_by_name_and_predicts_as_in_the_run(runs, tmp_
     assert np.allclose([p["score"] for p in answer], [t.score for t in expected], atol=1e-6)
 
 
+def test_finetune_eval_scores_the_unfreeze_run_as_its_model_does(runs, eval_agrees_with_the_model) -> None:
+    eval_agrees_with_the_model(runs[2].out)
+
+
 def test_the_onnx_export_of_a_published_model_matches_pytorch(runs, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     from vfm.finetune.data import open_dataset
@@ -314,3 +318,28 @@ def test_head_epochs_start_the_blocks_under_a_fitted_head(runs, tmp_path: Path) 
     meta = json.loads((tmp_path / "warm" / "model.json").read_text())
     assert meta["training"]["head_epochs"] == 10
     assert "the head alone 10 epochs first" in (tmp_path / "warm" / "report.md").read_text()
+
+
+def test_a_rate_that_collapses_the_model_to_one_class_is_reported_and_not_chosen(tmp_path: Path,
+                                                                                capsys: pytest.CaptureFixture[str]):
+    """0.03 leaves the loss finite but the model answering one class (seen on efficientnet_lite0 with a linear head
+    at 0.03 too): it is marked collapsed, and the run keeps the rate that learned."""
+    out = tmp_path / "run"
+    assert main(["finetune", "train", "--backbone", "tiny_cnn", "--data", FASHION, "--limit", "300", "--quiet",
+                 "--no-cache", "--unfreeze", "1", "--unpooled", "0", "--head", "linear", "--lr", "0.01,0.03",
+                 "--epochs", "4", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "(collapsed: it answers one class for every validation image; try a smaller --lr" in printed
+    run = json.loads((out / "run.json").read_text())
+    stopped = {h["name"].split("_")[3]: h["stopped"] for h in run["heads"]}
+    assert stopped["lr0.03"] == "collapsed" and stopped["lr0.01"] != "collapsed"
+    assert "_lr0.01_" in run["chosen"]
+
+
+def test_when_every_rate_collapses_no_model_is_written(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    code = main(["finetune", "train", "--backbone", "tiny_cnn", "--data", FASHION, "--limit", "300", "--quiet",
+                 "--no-cache", "--unfreeze", "1", "--head", "mlp", "--lr", "1,3", "--epochs", "2", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1 and "every run collapsed" in err, err
+    assert not (out / "model.json").exists()

@@ -1,6 +1,7 @@
 """`vfm finetune train --unpooled N`: a head on the activations that enter the backbone's last N blocks, unpooled and
 flattened; the result is a model (the backbone cut there, then the head) that `vfm finetune publish` puts where
-`load_model`, `vfm predict` and `vfm export` find it by name.
+`load_model`, `vfm predict` and `vfm export` find it by name. With `--unfreeze M` the M blocks before the cut train
+with that head (`--unfreeze 1 --unpooled 0`: the last block, its output unpooled).
 
 Real data (300 Fashion-MNIST images), the real tiny_cnn, real files; a few seconds per run.
 """
@@ -29,6 +30,36 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("unpooled-trained") / "run"
+    assert main([*TRAIN, "--unfreeze", "1", "--unpooled", "0", "--head", "linear", "--lr", "0.01", "--epochs", "4",
+                 "--out", str(out), "--no-cache"]) == 0
+    return out
+
+
+def test_unfreeze_with_unpooled_trains_the_last_block_under_a_head_on_its_map(trained_run: Path) -> None:
+    from safetensors.torch import load_file
+
+    from vfm.models import load_model
+
+    meta = json.loads((trained_run / "model.json").read_text())
+    assert meta["unfreeze"] == 1 and meta["unpooled"] == 0 and meta["head"]["type"] == "linear"
+    c, h, w = meta["activations_shape"]
+    assert meta["feature_dim"] == c * h * w > 1000 and h > 1  # the last conv layer's map, not pooled
+    tensors = load_file(str(trained_run / "model.safetensors"))
+    base = load_model("tiny_cnn", device="cpu").state_dict()
+    # the first two conv layers frozen, the third trained; nothing after it (tiny_cnn's pooling) in the model
+    assert np.array_equal(tensors["body.0.0.0.weight"].numpy(), base["conv0.weight"].numpy())
+    assert np.array_equal(tensors["body.0.1.0.weight"].numpy(), base["conv1.weight"].numpy())
+    assert tensors["body.0.2.0.weight"].shape == base["conv2.weight"].shape
+    assert not np.allclose(tensors["body.0.2.0.weight"].numpy(), base["conv2.weight"].numpy())
+    assert not any(key.startswith("body.0.3.") for key in tensors)
+    assert tensors["head.net.0.weight"].shape == (10, meta["feature_dim"])
+    history = json.loads((trained_run / "run.json").read_text())["heads"][0]["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
 def test_the_run_is_a_model_cut_before_the_last_block(run: Path) -> None:
     from safetensors.torch import load_file
 
@@ -48,7 +79,9 @@ def test_the_run_is_a_model_cut_before_the_last_block(run: Path) -> None:
     assert tensors["head.net.0.weight"].shape == (10, meta["feature_dim"])
 
 
-def test_the_published_model_predicts_as_in_the_run_on_pytorch_and_onnx(run: Path, tmp_path: Path,
+@pytest.mark.parametrize("which", ["run", "trained_run"])
+def test_the_published_model_predicts_as_in_the_run_on_pytorch_and_onnx(which: str, request: pytest.FixtureRequest,
+                                                                       tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch,
                                                                        capsys: pytest.CaptureFixture[str]) -> None:
     from PIL import Image
@@ -57,10 +90,12 @@ def test_the_published_model_predicts_as_in_the_run_on_pytorch_and_onnx(run: Pat
     from vfm.finetune.splits import make_splits
     from vfm.models import get_spec, load_model
 
+    run = request.getfixturevalue(which)
     monkeypatch.setenv("VFM_MODELS_DIR", str(tmp_path / "models"))
     assert main(["finetune", "publish", str(run), "--name", "fashion_tiny_unpooled"]) == 0
     assert "as model fashion_tiny_unpooled" in capsys.readouterr().out
-    assert "unpooled" in get_spec("fashion_tiny_unpooled").description
+    description = get_spec("fashion_tiny_unpooled").description
+    assert "unpooled" in description and ("fine-tuned" in description) == (which == "trained_run")
 
     # The run's test split, classified by the model loaded by name: the run's test accuracy again.
     data = open_dataset(FASHION)
@@ -85,12 +120,18 @@ def test_the_published_model_predicts_as_in_the_run_on_pytorch_and_onnx(run: Pat
     assert np.allclose(logits_onnx, logits, atol=1e-4) and np.allclose(features_onnx, features, atol=1e-4)
 
 
+@pytest.mark.parametrize("which", ["run", "trained_run"])
+def test_finetune_eval_scores_the_model_run_as_the_model_does(which: str, request: pytest.FixtureRequest,
+                                                              eval_agrees_with_the_model) -> None:
+    eval_agrees_with_the_model(request.getfixturevalue(which))
+
+
 def test_a_damaged_unpooled_entry_is_refused_in_one_line(run: Path, tmp_path: Path) -> None:
     import shutil
 
     from vfm.models.published import InvalidModel, network_module, read_meta
 
-    for bad, message in ((0, "at least 1, not 0"), (4, "between 0 and 3, got 4"), ("1", "at least 1, not '1'")):
+    for bad, message in ((-1, "at least 0, not -1"), (4, "between 0 and 3, got 4"), ("1", "at least 0, not '1'")):
         folder = tmp_path / f"bad{bad}"
         shutil.copytree(run, folder)
         meta = json.loads((folder / "model.json").read_text())
@@ -101,9 +142,11 @@ def test_a_damaged_unpooled_entry_is_refused_in_one_line(run: Path, tmp_path: Pa
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--unpooled", "0"], "--unpooled must be >= 1"),
+    (["--unpooled", "-1"], "--unpooled must be >= 0"),
     (["--unpooled", "4"], "tiny_cnn has 3 conv layers; give at most 3"),
-    (["--unpooled", "1", "--unfreeze", "1"], "--unpooled trains a head on frozen activations, --unfreeze trains"),
+    (["--unpooled", "2", "--unfreeze", "2"], "tiny_cnn has 3 conv layers; the two together may be at most 3"),
+    (["--unpooled", "0", "--unfreeze", "1", "--head", "knn"], "--unpooled writes a model with a trained head"),
+    (["--unpooled", "0", "--unfreeze", "1", "--backend", "onnx"], "--backend does not apply with --unpooled"),
     (["--unpooled", "1", "--head", "knn"], "--unpooled writes a model with a trained head"),
     (["--unpooled", "1", "--backend", "onnx"], "--backend does not apply with --unpooled"),
     (["--unpooled", "1", "--normalize"], "--normalize does not apply with --unpooled"),
