@@ -285,9 +285,11 @@ def _facts(cfg: TrainConfig, prep: Prepared, counts: dict[str, int], chosen: str
     speed = f"{st.computed / st.compute_seconds:.1f} images/s" if st.computed and st.compute_seconds else "all cached"
     cut = prep.extractor
     facts = [("backbone", f"`{cfg.backbone}`" + (" (L2-normalised embed)" if cfg.normalize else "")
-              + (f", cut before its last {cfg.unpooled} of {cut.chain.count} {describe_blocks(cfg.backbone)}: the "
-                 f"head takes their input unpooled ({'x'.join(map(str, cut.shape))}); the run is a model "
-                 "(model.json + model.safetensors)" if cfg.unpooled is not None else "")),
+              + ((f", cut before its last {cfg.unpooled} of {cut.chain.count} {describe_blocks(cfg.backbone)}: the "
+                  "head takes their input" if cfg.unpooled else f", cut after its last of {cut.chain.count} "
+                  f"{describe_blocks(cfg.backbone)}: the head takes its output")
+                 + f" unpooled ({'x'.join(map(str, cut.shape))}); the run is a model (model.json + model.safetensors)"
+                 if cfg.unpooled is not None else "")),
              ("data", f"`{cfg.data}` ({len(prep.data.classes)} classes; data fingerprint `{prep.fingerprint[:16]}`)"),
              ("examples", f"train {counts['train']}, val {counts['val']}, test {counts['test']}"
                           + (f"; {st.skipped} unreadable skipped" if st.skipped else "")),

@@ -101,17 +101,18 @@ def _eval_model(cfg: EvalConfig) -> EvalResult:
 
     from .unfreeze import model_logits, model_part
 
+    feat = cfg.features
+    if feat.backend != "torch" or feat.ray is not None:
+        given = f"--backend {feat.backend}" if feat.backend != "torch" else "--ray-address"
+        raise DataError(f"{given} does not apply to a model run: it is evaluated on PyTorch, in this process (its "
+                        "frozen part's activations, then its blocks and head); serve its `vfm export` for ONNX Runtime.")
     try:
-        part, head, meta = model_part(cfg.run, cfg.features.device)
+        part, head, meta = model_part(cfg.run, feat.device)
     except InvalidModel as exc:
         raise DataError(str(exc)) from None
-    if cfg.features.backend != "torch":
-        raise DataError(f"--backend {cfg.features.backend}: a model run is evaluated on PyTorch (its frozen part's "
-                        "activations); `vfm export` it and serve it to use ONNX Runtime.")
     data = open_dataset(cfg.data)
     labels = _relabel(data, head)
     idx, subset = _eval_indices(cfg, data, labels)
-    feat = cfg.features
     acts = extract_features(data.source.subset(idx), part, feat.cache_folder(), feat.extract_batch_size,
                             feat.progress, workers=feat.workers)
     ok = acts.valid

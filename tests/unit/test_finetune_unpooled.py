@@ -126,6 +126,20 @@ def test_finetune_eval_scores_the_model_run_as_the_model_does(which: str, reques
     eval_agrees_with_the_model(request.getfixturevalue(which))
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--backend", "onnx"], "--backend onnx does not apply to a model run"),
+    (["--ray-address", "local"], "--ray-address does not apply to a model run"),
+])
+def test_eval_of_a_model_run_refuses_what_does_not_apply_in_one_line(run: Path, argv: list[str], message: str,
+                                                                     tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["finetune", "eval", str(run), "--data", FASHION, "--limit", "20", "--quiet", "--no-cache",
+                 "--out", str(tmp_path / "eval"), *argv])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "eval").exists()
+
+
 def test_a_damaged_unpooled_entry_is_refused_in_one_line(run: Path, tmp_path: Path) -> None:
     import shutil
 
@@ -167,3 +181,29 @@ def test_a_backbone_without_known_blocks_is_refused_in_one_line(tmp_path: Path,
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "tiny_vit" in err
     assert not (tmp_path / "run" / "model.json").exists()
+
+
+@pytest.mark.parametrize("name", ["tiny_cnn", "efficientnet_lite0"])
+def test_the_frozen_part_then_the_blocks_before_the_cut_is_the_cut_body(name: str) -> None:
+    """`--unfreeze N --unpooled K`: the cached activations through the trainable part are what the model's cut body
+    computes (the blocks before the cut, flattened), for every N that fits, and the last blocks are not run."""
+    import torch
+
+    from vfm.finetune.unfreeze import FrozenPart
+    from vfm.models import load_model
+    from vfm.models.blocks import chain_of, unpooled_body
+
+    size = load_model(name, device="cpu").spec.preprocess.size
+    x = torch.randn(2, 3, size, size)
+    count = chain_of(name, load_model(name, device="cpu").network.module.body).count
+    for unpooled in (0, 1):
+        body = unpooled_body(name, load_model(name, device="cpu").network.module.body, unpooled)
+        with torch.no_grad():
+            whole = body(x)
+        for unfreeze in (1, count - unpooled) if name == "tiny_cnn" else (1,):  # all of lite0's 16: slow, no news
+            part = FrozenPart(name, unfreeze, "cpu", unpooled=unpooled)
+            with torch.no_grad():
+                out = part.trainable(part.activations(x))
+            assert out.shape == whole.shape and torch.allclose(out, whole, rtol=1e-4, atol=1e-4)  # channels-last
+            assert part.out_dim == whole.shape[1] == int(np.prod(part.out_shape))
+            assert len(part.out_shape) == 3 and part.out_shape[1] > 1  # a map, not pooled
