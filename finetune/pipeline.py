@@ -205,7 +205,9 @@ def _trained_summary(cfg: TrainConfig, run: Any, head: Any, prep: Prepared) -> H
     if s.optimizer == "lbfgs" or len(s.weight_decay) > 1:
         parts.append(f"wd {run.weight_decay:g}")
     setting = ", ".join(parts)
-    if run.best_epoch < 1:  # never scored: its weights are whatever the divergence left
+    # never scored: its weights are whatever the divergence left. (An lbfgs fit warm-started at a point that already
+    # meets the gradient tolerance is scored at iteration 0: its best_epoch is 0, and it converged.)
+    if run.best_val_accuracy < 0:
         return HeadSummary(run.name, setting, None, None, None, None, run.stopped, run.history)
     val_loss = run.best_val_loss if np.isfinite(run.best_val_loss) else None
     return HeadSummary(run.name, setting, run.best_epoch, run.best_val_accuracy, val_loss,

@@ -46,14 +46,26 @@ def test_a_diverged_learning_rate_is_reported_as_diverged(digits, tmp_path, caps
 
 
 def test_a_diverged_lbfgs_fit_names_its_own_remedy() -> None:
-    """lbfgs has no --lr: a fit whose loss became infinite (a weak weight decay on separable features) is told to
-    use a larger weight decay."""
+    """lbfgs has no --lr: a fit whose loss became infinite is told to use a larger weight decay."""
     from vfm.finetune.cli import head_outcome
     from vfm.finetune.report import HeadSummary
 
     line = head_outcome(HeadSummary("linear_ce_lbfgs_wd3.7e-05", "wd 3.7e-05", None, None, None, None, "diverged",
                                     [{}]))
     assert line == "diverged at epoch 1 (its loss became infinite; try a larger weight decay (a smaller --C))"
+
+
+def test_an_lbfgs_fit_that_starts_at_its_solution_is_scored_not_called_diverged(digits, tmp_path, capsys):
+    """Each C starts from the previous one's solution; when that already meets the gradient tolerance the fit runs
+    no iteration, converged at its start. It was once reported "diverged at epoch 1 (its loss became infinite)"."""
+    assert train(["--head", "linear", "--optimizer", "lbfgs", "--C", "1,1.00001"], digits / "train", tmp_path / "run",
+                 tmp_path / "cache") == 0
+    lines = [text for text in capsys.readouterr().out.splitlines() if text.lstrip(" *").startswith("linear_ce_lbfgs")]
+    assert len(lines) == 2 and all("diverged" not in text and "val " in text for text in lines), lines
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    second = run["heads"][1]
+    assert second["stopped"] == "converged" and second["best_epoch"] == 0 and second["val_accuracy"] is not None
+    assert second["history"][-1]["iterations"] == 0 and np.isfinite(second["history"][-1]["train_loss"])
 
 
 def test_eval_update_records_the_new_metrics_where_the_service_reads_them(digits, tmp_path, capsys):
