@@ -108,14 +108,6 @@ def run_flags(args: argparse.Namespace) -> str:
     return f"--unfreeze {args.unfreeze}" + ("" if args.unpooled is None else f" --unpooled {args.unpooled}")
 
 
-def through_blocks(part: Any, acts: Any) -> Any:
-    """``part``'s trainable blocks (as they are now) on flattened cached activations, 256 at a time: the features."""
-    import torch
-
-    with torch.no_grad():
-        return torch.cat([part.trainable(acts[i:i + 256].view(-1, *part.shape)) for i in range(0, len(acts), 256)])
-
-
 def frozen_mlp(args: argparse.Namespace, cache: Path, hidden: tuple[int, ...]) -> tuple[float, float, str, Any, Any]:
     """The frozen-feature MLP on the same split: (test accuracy, seconds, chosen head's name, the head, the
     FrozenPart it was trained through)."""
@@ -127,7 +119,7 @@ def frozen_mlp(args: argparse.Namespace, cache: Path, hidden: tuple[int, ...]) -
     from vfm.finetune.features import extract_features
     from vfm.finetune.splits import make_splits
     from vfm.finetune.train import TrainSettings, train_heads
-    from vfm.finetune.unfreeze import FrozenPart
+    from vfm.finetune.unfreeze import FrozenPart, part_outputs
 
     t0 = time.perf_counter()
     data = open_dataset(args.data)
@@ -136,7 +128,7 @@ def frozen_mlp(args: argparse.Namespace, cache: Path, hidden: tuple[int, ...]) -
     part = FrozenPart(args.backbone, frozen_blocks(args), args.device)
     acts = extract_features(data.source.subset(union), part, cache, progress=False)
     assert acts.stats.cached == len(union), "the --unfreeze run should have cached every activation"
-    feats = through_blocks(part, torch.from_numpy(acts.features)).numpy()
+    feats = part_outputs(part, acts.features).numpy()  # the untouched last blocks: the backbone's features
     pos = {int(i): p for p, i in enumerate(union)}
     x = {name: torch.from_numpy(feats[[pos[int(i)] for i in idx]]) for name, idx in splits.items()}
     y = {name: torch.from_numpy(data.labels[idx]) for name, idx in splits.items()}
@@ -170,17 +162,15 @@ def unpooled_run(args: argparse.Namespace, cache: Path, out: Path) -> tuple[floa
 def whole_test_split(args: argparse.Namespace, cache: Path, part: Any, frozen_head: Any, map_head: Any,
                      run: Path) -> tuple[float, float, float, int]:
     """(frozen MLP's accuracy, the --unfreeze run's model's accuracy, the --unpooled run's accuracy, images) on every image
-    of the data's own test split, all through ``part``'s cached activations: the frozen MLP on the untouched last
-    blocks, the --unpooled head on the activations themselves, then the run's model.safetensors loaded into ``part`` (its
-    trained blocks and head)."""
+    of the data's own test split, all from ``part``'s cached activations: the frozen MLP on the untouched last
+    blocks, the --unpooled head on the activations themselves, and the run's model as `vfm finetune eval` runs it
+    (``unfreeze.model_part``: its trained blocks and head, on the same activations)."""
     import numpy as np
     import torch
 
     from vfm.finetune.data import open_dataset
     from vfm.finetune.features import extract_features
-    from vfm.finetune.unfreeze import FrozenPart
-    from vfm.models.checkpoints import load_into
-    from vfm.models.published import TENSORS_NAME, head_module, read_meta
+    from vfm.finetune.unfreeze import model_logits, model_part, part_outputs
 
     data = open_dataset(args.data)
     if data.given_split is None or not (data.given_split == 2).any():
@@ -188,19 +178,14 @@ def whole_test_split(args: argparse.Namespace, cache: Path, part: Any, frozen_he
     idx = np.flatnonzero(data.given_split == 2)
     print(f"\nthe whole test split: {len(idx)} images' activations (cached in {cache})")
     acts = extract_features(data.source.subset(idx), part, cache, progress=True)
-    x = torch.from_numpy(acts.features[acts.valid])
+    x = acts.features[acts.valid]
     y = data.labels[idx][acts.valid]
-    frozen_acc = float(np.mean(frozen_head.predict(through_blocks(part, x).numpy()) == y))
+    frozen_acc = float(np.mean(frozen_head.predict(part_outputs(part, x).numpy()) == y))
     with torch.no_grad():
-        map_acc = float(np.mean(map_head(x).argmax(dim=1).numpy() == y))
-    if args.unpooled is not None:  # the model's body is cut (its frozen part's activations are the same ones)
-        part = FrozenPart(args.backbone, args.unfreeze, args.device, unpooled=args.unpooled)
-    head = head_module(read_meta(run))
-    part.module.head = head
-    load_into(part.module, run / TENSORS_NAME, run.name)  # the trained blocks (part.trainable's modules) and head
-    head.eval()
-    with torch.no_grad():
-        unfrozen_acc = float(np.mean(head(through_blocks(part, x)).argmax(dim=1).numpy() == y))
+        map_acc = float(np.mean(map_head(torch.from_numpy(x)).argmax(dim=1).numpy() == y))
+    model, head, _ = model_part(run, args.device)
+    assert model.key() == part.key(), "the run's frozen part computes other activations"
+    unfrozen_acc = float(np.mean(model_logits(model, head, x).argmax(axis=1) == y))
     return frozen_acc, unfrozen_acc, map_acc, len(y)
 
 

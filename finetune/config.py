@@ -376,9 +376,10 @@ class TrainConfig:
             raise ConfigError("--unfreeze trains the blocks with the head by sgd on the ce loss: use --head linear "
                               "or mlp, --optimizer sgd, --loss ce")
         for name, given in (("resume", self.resume), ("normalize", self.normalize),
-                            ("ray_address", self.features.ray_address)):
+                            ("ray_address", self.features.ray_address), ("backend", self.features.backend != "torch")):
             if given:
-                raise ConfigError(f"{flag(name)} does not apply with --unfreeze")
+                raise ConfigError(f"{flag(name)} does not apply with --unfreeze (the blocks train on PyTorch)"
+                                  if name == "backend" else f"{flag(name)} does not apply with --unfreeze")
         if self.settings.weight_decay is not None and len(self.settings.weight_decay) > 1:
             raise ConfigError("--unfreeze trains with one --weight-decay; give a single value")
 

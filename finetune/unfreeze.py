@@ -38,7 +38,6 @@ import json
 import logging
 import math
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -188,6 +187,20 @@ class ViewPart(Extractor):
         return self.part.head_meta()
 
 
+def part_outputs(part: FrozenPart, acts: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """``part.trainable`` as it is now, in eval mode (``--batch-norm train``: the running statistics) and without
+    gradients, on flattened activations ``acts``, ``_EVAL_CHUNK`` rows at a time: the features its head takes."""
+    acts = torch.from_numpy(acts) if isinstance(acts, np.ndarray) else acts
+    out = []
+    training = part.trainable.training
+    part.trainable.eval()
+    with torch.no_grad():
+        for i in range(0, len(acts), _EVAL_CHUNK):
+            out.append(part.trainable(acts[i:i + _EVAL_CHUNK].to(part.device).view(-1, *part.shape)).float().cpu())
+    part.trainable.train(training)
+    return torch.cat(out) if out else torch.zeros(0, part.out_dim)
+
+
 def _make_head(cfg: TrainConfig, labels: Sequence[str], dim: int) -> torch.nn.Module:
     s = cfg.settings
     if s.head == "linear":
@@ -218,7 +231,7 @@ class _Trainer:
         self.start_blocks = copy.deepcopy(part.trainable.state_dict())
         self.feature_dim = part.out_dim
         with torch.no_grad():  # the head standardises with the pre-trained features' mean and std
-            feats = self.features(acts["train"], grad=False)
+            feats = self.features(acts["train"])
         self.train_features = feats  # --head-epochs: the head alone trains on these first
         self.mean = feats.mean(dim=0)
         # Floored at a tenth of the typical std: a nearly constant feature divided by its tiny std would
@@ -226,22 +239,13 @@ class _Trainer:
         std = feats.std(dim=0, unbiased=False)
         self.std = std.clamp_min(max(float(std.mean()) * 0.1, 1e-6))
 
-    def features(self, acts: torch.Tensor, grad: bool) -> torch.Tensor:
-        out = []
-        training = self.part.trainable.training
-        if not grad:
-            self.part.trainable.eval()  # --batch-norm train: evaluated with the running statistics
-        with nullcontext() if grad else torch.no_grad():
-            for i in range(0, len(acts), _EVAL_CHUNK):
-                chunk = acts[i:i + _EVAL_CHUNK].to(self.part.device).view(-1, *self.part.shape)
-                out.append(self.part.trainable(chunk))
-        self.part.trainable.train(training)
-        return torch.cat(out).float().cpu()
+    def features(self, acts: torch.Tensor) -> torch.Tensor:
+        return part_outputs(self.part, acts)
 
     def evaluate(self, head: torch.nn.Module, split: str) -> tuple[float, float, np.ndarray]:
         head.eval()
         with torch.no_grad():
-            logits = head(self.features(self.acts[split], grad=False))
+            logits = head(self.features(self.acts[split]).to(self.part.device)).float().cpu()
             loss = float(torch.nn.functional.cross_entropy(logits, self.y[split]))
         pred = logits.argmax(dim=1).numpy()
         return loss, float(np.mean(pred == self.y[split].numpy())), pred
@@ -564,14 +568,12 @@ def model_part(folder: Path, device: str = "auto") -> tuple[FrozenPart, torch.nn
     return part, head, meta
 
 
-def model_logits(part: FrozenPart, head: torch.nn.Module, acts: np.ndarray) -> np.ndarray:
-    """The model's logits on ``acts`` (the part's flattened activations), ``_EVAL_CHUNK`` rows at a time."""
-    out = []
+def model_logits(part: FrozenPart, head: torch.nn.Module, acts: np.ndarray | torch.Tensor) -> np.ndarray:
+    """The model's logits on ``acts`` (the part's flattened activations)."""
+    head.eval()
+    device = next(head.parameters()).device
     with torch.no_grad():
-        for i in range(0, len(acts), _EVAL_CHUNK):
-            chunk = torch.from_numpy(acts[i:i + _EVAL_CHUNK]).to(part.device).view(-1, *part.shape)
-            out.append(head(part.trainable(chunk)).float().cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, len(getattr(head, "labels", ()))), np.float32)
+        return head(part_outputs(part, acts).to(device)).float().cpu().numpy()
 
 
 def cmd_publish_model(args: argparse.Namespace) -> int:

@@ -161,6 +161,7 @@ def test_a_published_model_is_listed_without_importing_torch(runs, tmp_path: Pat
     (["--mixup", "0.2"], "--mixup needs --unfreeze N"),
     (["--unfreeze", "1", "--mixup", "-1"], "--mixup must be >= 0, got -1"),
     (["--unfreeze", "1", "--mixup", "nan"], "--mixup"),
+    (["--unfreeze", "1", "--backend", "onnx"], "--backend does not apply with --unfreeze (the blocks train on PyTorch)"),
 ])
 def test_bad_unfreeze_flags_are_one_line_usage_errors(argv: list[str], message: str, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
