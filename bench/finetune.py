@@ -42,19 +42,17 @@ from typing import Any, Callable
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _args import OneLineParser  # noqa: E402
 
 FASHION = "idx:/usr/share/datasets/fashion-mnist"
 HEAD_THREADS = [1]  # --head-threads
 HEAD_REPEATS = [1]  # --repeats
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (argparse's own prints the usage first)
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def get_args_parser() -> argparse.ArgumentParser:
-    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--data", default=FASHION)
     p.add_argument("--limit", type=int, default=1000, help="images in all (default 1000)")

@@ -47,18 +47,16 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _args import OneLineParser  # noqa: E402
 
 FASHION = "idx:/usr/share/datasets/fashion-mnist"
 GOAL_POINTS, GOAL_SECONDS = 0.03, 15 * 60
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (argparse's own prints the usage first)
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def get_args_parser() -> argparse.ArgumentParser:
-    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--data", default=FASHION)
     p.add_argument("--limit", type=int, default=3500, help="images in all (default 3500)")
