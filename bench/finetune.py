@@ -3,7 +3,7 @@ our heads beside scikit-learn on the same cached features, side by side in one r
 
     .venv/bin/python bench/finetune.py [--backbone efficientnet_lite0] [--limit 1000] [--device cpu]
                                        [--epochs 30] [--threads N] [--workers N] [--no-onnx]
-                                       [--repository DIR] [--cache-dir DIR]
+                                       [--repository DIR] [--cache-dir DIR] [--pairs N]
     .venv/bin/python bench/finetune.py --heads-only [--cache-dir DIR]    # the heads part alone, on cached features
 
 Fashion-MNIST (Debian's dataset-fashion-mnist), a stratified subset of --limit images split as
@@ -26,7 +26,9 @@ chosen on validation; the MLP at its default rates 0.01,0.1, at 0.01 alone, and 
 patience 10) against LogisticRegression (lbfgs, C=1), LogisticRegressionCV (the same C grid, chosen by
 5-fold cross-validation on train: the path's like-for-like row) and MLPClassifier (adam, same hidden
 sizes, batch and epochs), all trained on the same training split, on standardised features and the
-same thread count (--head-threads): test accuracy, fit time, and the ratios. --slow-rows adds MLPs
+same thread count (--head-threads): test accuracy, fit time, and the ratios. Then --pairs N fits of our default
+lbfgs linear head and of LogisticRegression in turn, and the median of the paired time ratios: both fit in
+50-80 ms, where best-of-3 rows move by 30%. --slow-rows adds MLPs
 with weight-decay grids (sgd and lbfgs).
 """
 from __future__ import annotations
@@ -71,6 +73,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "other on a busy machine)")
     p.add_argument("--repeats", type=int, default=3, help="fits of each head; each row shows the least wall and "
                    "CPU time (default 3)")
+    p.add_argument("--pairs", type=int, default=20, help="after the table, this many fits of our default lbfgs linear "
+                   "head and of LogisticRegression,\ninterleaved, and the median of their paired time ratios (fits of "
+                   "~50 ms: best-of-3 rows move by 30%%) (default 20; 0: off)")
     p.add_argument("--workers", type=int, help="DataLoader workers of the pipeline (default: the pipeline's)")
     p.add_argument("--slow-rows", action="store_true", help="also the MLP rows with weight-decay grids (sgd and "
                    "lbfgs): about a minute each")
@@ -84,7 +89,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
     """Refuse bad values and combinations in one line (exit 2) before anything is loaded."""
     for name, low in (("limit", 3), ("epochs", 1), ("head_threads", 1), ("rounds", 1), ("threads", 1), ("repeats", 1),
-                      ("workers", 0)):
+                      ("workers", 0), ("pairs", 0)):
         value = getattr(args, name)
         if value is not None and value < low:
             p.error(f"--{name.replace('_', '-')} {value}: give {low} or more")
@@ -330,7 +335,36 @@ def main(args: argparse.Namespace) -> int:
     for row, ref in pairs:
         print(f"  {row[0]:52s} vs {ref[0].split(' (')[0]:30s}: time x{row[2] / ref[2]:.2f}, cpu x{row[3] / ref[3]:.2f}, "
               f"accuracy {row[1] - ref[1]:+.4f}")
+    if args.pairs:
+        paired_lbfgs(x, y, classes, args.pairs)
     return 0
+
+
+def paired_lbfgs(x: dict[str, np.ndarray], y: dict[str, np.ndarray], classes: list[str], pairs: int) -> None:
+    """Our default lbfgs linear head and LogisticRegression fitted in turn ``pairs`` times: the median of the paired
+    wall-time ratios and its quartiles (a pair shares the machine's state, so load moves both sides alike)."""
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
+
+    from vfm.finetune.train import TrainSettings, train_heads
+
+    settings = TrainSettings(head="linear", threads=HEAD_THREADS[0], optimizer="lbfgs")
+    t = {k: torch.from_numpy(v) for k, v in x.items()}
+    yt = {k: torch.from_numpy(v) for k, v in y.items()}
+    ratios = []
+    with warnings.catch_warnings(), threadpool_limits(HEAD_THREADS[0]):
+        warnings.simplefilter("ignore")
+        for _ in range(pairs):
+            _, ours_s = timed(lambda: train_heads(settings, t["train"], yt["train"], t["val"], yt["val"], len(classes)))
+            _, sk_s = timed(lambda: make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+                            .fit(x["train"], y["train"]))
+            ratios.append(ours_s / sk_s)
+    q1, median, q3 = np.quantile(ratios, (0.25, 0.5, 0.75))
+    print(f"\n{pairs} interleaved pairs, ours linear lbfgs C=1 / LogisticRegression C=1: median time ratio x{median:.2f} "
+          f"(quartiles x{q1:.2f}-x{q3:.2f})")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
     ("finetune.py", ["--head-threads", "0"], "--head-threads 0: give 1 or more"),
     ("finetune.py", ["--hidden", "512,x"], "--hidden '512,x': give widths of 1 or more"),
     ("finetune.py", ["--repeats", "many"], "argument --repeats: invalid int value: 'many'"),
+    ("finetune.py", ["--pairs", "-1"], "--pairs -1: give 0 or more"),
     ("finetune_unfreeze.py", ["--seeds", "0,x"], "--seeds '0,x': give comma-separated integers"),
     ("finetune_unfreeze.py", ["--seeds", "1,1"], "--seeds '1,1': give one or more distinct integers"),
     ("finetune_unfreeze.py", ["--seeds", ","], "--seeds ',': give one or more distinct integers"),
