@@ -375,11 +375,7 @@ class TrainConfig:
         if self.head == "knn" or self.settings.optimizer != "sgd" or self.settings.loss != "ce":
             raise ConfigError("--unfreeze trains the blocks with the head by sgd on the ce loss: use --head linear "
                               "or mlp, --optimizer sgd, --loss ce")
-        for name, given in (("resume", self.resume), ("normalize", self.normalize),
-                            ("ray_address", self.features.ray_address), ("backend", self.features.backend != "torch")):
-            if given:
-                raise ConfigError(f"{flag(name)} does not apply with --unfreeze (the blocks train on PyTorch)"
-                                  if name == "backend" else f"{flag(name)} does not apply with --unfreeze")
+        self._refuse_with("--unfreeze", "the blocks train on PyTorch")
         if self.settings.weight_decay is not None and len(self.settings.weight_decay) > 1:
             raise ConfigError("--unfreeze trains with one --weight-decay; give a single value")
 
@@ -389,11 +385,15 @@ class TrainConfig:
             return
         if self.head == "knn":
             raise ConfigError("--unpooled writes a model with a trained head: use --head linear or mlp")
+        self._refuse_with("--unpooled", "its activations come from PyTorch")
+
+    def _refuse_with(self, option: str, why_not_onnx: str) -> None:
+        """--resume, --normalize, --ray-address and --backend onnx do not apply with ``option`` (a model run)."""
         for name, given in (("resume", self.resume), ("normalize", self.normalize),
                             ("ray_address", self.features.ray_address), ("backend", self.features.backend != "torch")):
             if given:
-                raise ConfigError(f"{flag(name)} does not apply with --unpooled (its activations come from PyTorch)"
-                                  if name == "backend" else f"{flag(name)} does not apply with --unpooled")
+                raise ConfigError(f"{flag(name)} does not apply with {option}"
+                                  + (f" ({why_not_onnx})" if name == "backend" else ""))
 
     def _refuse_what_does_not_apply(self, optimizer: str | None) -> None:
         for name, (heads, optimizers) in _APPLIES.items():
