@@ -542,13 +542,10 @@ def model_part(folder: Path, device: str = "auto") -> tuple[FrozenPart, torch.nn
     part's activations, which are cached and shared with the training runs of the same base and cut."""
     from vfm.models.checkpoints import load_into
     from vfm.models.errors import WeightsUnavailable
-    from vfm.models.published import TENSORS_NAME, InvalidModel, head_module, read_meta
+    from vfm.models.published import TENSORS_NAME, InvalidModel, blocks_entry, head_module, read_meta
 
     meta = read_meta(folder)
-    unfreeze, unpooled = meta.get("unfreeze"), meta.get("unpooled")
-    for key, value in (("unfreeze", unfreeze), ("unpooled", unpooled)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-            raise InvalidModel(f"{folder / 'model.json'}: {key}: give a whole number of blocks, not {value!r}")
+    unfreeze, unpooled = blocks_entry(meta, "unfreeze"), blocks_entry(meta, "unpooled")
     if unpooled is None and not unfreeze:
         raise InvalidModel(f"{folder / 'model.json'} says neither which blocks were trained (unfreeze) nor where the "
                            "body is cut (unpooled).")

@@ -168,6 +168,14 @@ def head_module(meta: dict[str, Any]) -> Any:
     raise InvalidModel(f"model.json: head type {head.get('type')!r} is not linear or mlp.")
 
 
+def blocks_entry(meta: dict[str, Any], key: str) -> int | None:
+    """model.json's ``unfreeze`` or ``unpooled``: a whole number of blocks, or None when absent."""
+    n = meta.get(key)
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
+        raise InvalidModel(f"model.json: {key}: give a whole number of blocks, at least 0, not {n!r}")
+    return n
+
+
 def network_module(meta: dict[str, Any]) -> Any:
     """The base's ``features_and_logits`` module with a random init and the head of ``meta``."""
     from .families import build_torch_runner  # importing the families registers the zoo
@@ -177,13 +185,11 @@ def network_module(meta: dict[str, Any]) -> Any:
         raise InvalidModel(f"model.json: base {meta['base']!r} is not a model of this vfm's zoo.")
     runner = build_torch_runner(base, "cpu", "random")
     module = runner.network.module
-    if meta.get("unpooled") is not None:  # `vfm finetune train --unpooled N`: the body stops before its last N blocks
+    n = blocks_entry(meta, "unpooled")
+    if n is not None:  # `vfm finetune train --unpooled N`: the body stops before its last N blocks
         from .blocks import NoBlocks, unpooled_body
 
-        n = meta["unpooled"]
         try:
-            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-                raise ValueError(f"give a whole number of blocks, at least 0, not {n!r}")
             module.body = unpooled_body(meta["base"], module.body, n)
         except (NoBlocks, ValueError) as exc:
             raise InvalidModel(f"model.json: unpooled: {exc}") from None
