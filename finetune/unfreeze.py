@@ -450,22 +450,20 @@ def unfreeze_run(cfg: TrainConfig) -> RunSummary:
         states.append((blocks, head))
     if all(r.best_epoch < 0 for r in runs):
         raise RuntimeError("every run diverged (its loss became infinite); use smaller --lr / --backbone-lr values.")
-    for hr, (blocks, head) in zip(runs, states):  # a rate too high can also leave the loss finite and the model flat
-        if hr.best_epoch >= 0 and len(classes) > 1:
-            part.trainable.load_state_dict(blocks)
-            if len(np.unique(trainer.evaluate(head, "val")[2])) == 1:
-                hr.stopped = "collapsed"
+    summaries = []
+    for hr, (blocks, head) in zip(runs, states):
+        part.trainable.load_state_dict(blocks)
+        # a rate too high can also leave the loss finite and the model flat: one class for every validation image
+        if hr.best_epoch >= 0 and len(classes) > 1 and len(np.unique(trainer.evaluate(head, "val")[2])) == 1:
+            hr.stopped = "collapsed"
+        summaries.append(HeadSummary(hr.name, f"lr {hr.lr:g}", hr.best_epoch, hr.best_val_accuracy,
+                                     hr.best_val_loss if math.isfinite(hr.best_val_loss) else None,
+                                     trainer.evaluate(head, "test")[1], hr.stopped, hr.history))
     usable = [i for i, r in enumerate(runs) if r.best_epoch >= 0 and r.stopped != "collapsed"]
     if not usable:
         raise RuntimeError("every run collapsed (its best state answers one class for every validation image) or "
                            "diverged; use smaller --lr / --backbone-lr values.")
     chosen = usable[choose_best([runs[i] for i in usable])]
-    summaries = []
-    for hr, (blocks, head) in zip(runs, states):
-        part.trainable.load_state_dict(blocks)
-        summaries.append(HeadSummary(hr.name, f"lr {hr.lr:g}", hr.best_epoch, hr.best_val_accuracy,
-                                     hr.best_val_loss if math.isfinite(hr.best_val_loss) else None,
-                                     trainer.evaluate(head, "test")[1], hr.stopped, hr.history))
     blocks, head = states[chosen]
     part.trainable.load_state_dict(blocks)
     _, _, pred = trainer.evaluate(head, "test")
