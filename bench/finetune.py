@@ -226,8 +226,9 @@ def torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def ours(x: dict[str, np.ndarray], y: dict[str, np.ndarray], classes: list[str], head: str,
-         hidden: tuple[int, ...], epochs: int | None = None, **options: Any) -> tuple[float, float, str]:
+def our_fit(x: dict[str, np.ndarray], y: dict[str, np.ndarray], classes: list[str], head: str,
+            hidden: tuple[int, ...], epochs: int | None = None, **options: Any) -> Callable[[], Any]:
+    """One fit of our heads on the training split (scored on validation), as a call to time."""
     import torch
 
     from vfm.finetune.train import TrainSettings, train_heads
@@ -235,8 +236,12 @@ def ours(x: dict[str, np.ndarray], y: dict[str, np.ndarray], classes: list[str],
     settings = TrainSettings(head=head, hidden=hidden, epochs=epochs, threads=HEAD_THREADS[0], **options)
     t = {k: torch.from_numpy(v) for k, v in x.items()}
     yt = {k: torch.from_numpy(v) for k, v in y.items()}
-    result, seconds, cpu = best_of(lambda: train_heads(settings, t["train"], yt["train"], t["val"], yt["val"],
-                                                      len(classes)))
+    return lambda: train_heads(settings, t["train"], yt["train"], t["val"], yt["val"], len(classes))
+
+
+def ours(x: dict[str, np.ndarray], y: dict[str, np.ndarray], classes: list[str], head: str,
+         hidden: tuple[int, ...], epochs: int | None = None, **options: Any) -> tuple[float, float, str]:
+    result, seconds, cpu = best_of(our_fit(x, y, classes, head, hidden, epochs, **options))
     chosen = result.model.unstack(result.best, classes, result.mean, result.std)
     return float(np.mean(chosen.predict(x["test"]) == y["test"])), seconds, cpu, result.runs[result.best].name
 
@@ -343,24 +348,19 @@ def main(args: argparse.Namespace) -> int:
 def paired_lbfgs(x: dict[str, np.ndarray], y: dict[str, np.ndarray], classes: list[str], pairs: int) -> None:
     """Our default lbfgs linear head and LogisticRegression fitted in turn ``pairs`` times: the median of the paired
     wall-time ratios and its quartiles (a pair shares the machine's state, so load moves both sides alike)."""
-    import torch
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     from threadpoolctl import threadpool_limits
 
-    from vfm.finetune.train import TrainSettings, train_heads
-
-    settings = TrainSettings(head="linear", threads=HEAD_THREADS[0], optimizer="lbfgs")
-    t = {k: torch.from_numpy(v) for k, v in x.items()}
-    yt = {k: torch.from_numpy(v) for k, v in y.items()}
+    fit = our_fit(x, y, classes, "linear", (), optimizer="lbfgs")
+    pipe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))  # refitted from scratch each time
     ratios = []
     with warnings.catch_warnings(), threadpool_limits(HEAD_THREADS[0]):
         warnings.simplefilter("ignore")
         for _ in range(pairs):
-            _, ours_s = timed(lambda: train_heads(settings, t["train"], yt["train"], t["val"], yt["val"], len(classes)))
-            _, sk_s = timed(lambda: make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
-                            .fit(x["train"], y["train"]))
+            _, ours_s = timed(fit)
+            _, sk_s = timed(lambda: pipe.fit(x["train"], y["train"]))
             ratios.append(ours_s / sk_s)
     q1, median, q3 = np.quantile(ratios, (0.25, 0.5, 0.75))
     print(f"\n{pairs} interleaved pairs, ours linear lbfgs C=1 / LogisticRegression C=1: median time ratio x{median:.2f} "
